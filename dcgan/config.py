@@ -1,0 +1,307 @@
+"""Typed run configuration: one dataclass per section, YAML (safe loader) + ``a.b=value``.
+
+``load_config(path, overrides)`` is the only way a run gets its settings, so every key a
+user can set is declared below with its meaning. Validation happens on construction
+(``__post_init__``) and the loader turns every mistake into a ``ConfigError`` that names
+the key and the file; ``dcgan.train`` prints it and exits with code 2 before any work.
+
+Why not OmegaConf / pydantic: the coercion we need (YAML scalars and ``a.b=value``
+strings into the annotated types, unknown keys rejected) is ~80 lines here, and owning it
+keeps the error text in one format: ``<file>: <key>: <problem>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message names the key (and the file, once known)."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class AugmentConfig:
+    """Per-sample augmentation, applied to decoded uint8 images in the data workers."""
+
+    hflip: bool = False  # random horizontal flip with probability 0.5
+    degrees: float = 0.0  # affine rotation drawn from [-degrees, degrees]
+    translate: tuple[float, float] = (0.0, 0.0)  # max shift as a fraction of width, height
+    scale: tuple[float, float] = (1.0, 1.0)  # zoom factor drawn from [lo, hi]
+    shear: float = 0.0  # x shear in degrees drawn from [-shear, shear]
+
+    def __post_init__(self) -> None:
+        _check(self.degrees >= 0, "degrees", "must be >= 0")
+        _check(all(0 <= t < 1 for t in self.translate), "translate", "fractions must lie in [0, 1)")
+        _check(0 < self.scale[0] <= self.scale[1], "scale", "needs 0 < lo <= hi")
+        _check(self.shear >= 0, "shear", "must be >= 0")
+
+    @property
+    def affine(self) -> bool:
+        return (self.degrees, self.translate, self.scale, self.shear) != (0.0, (0.0, 0.0), (1.0, 1.0), 0.0)
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and how they are read."""
+
+    # A folder written by `python -m dcgan.shards` (holds manifest.json), a brace pattern
+    # such as "data/x/shard-{000000..000009}.tar", or "pipe:" URLs.
+    shards: str = ""
+    # Samples in each shard; only needed when `shards` is a pattern with no manifest.json
+    # beside it (the last shard may hold fewer).
+    samples_per_shard: int = 0
+    workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
+    shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.samples_per_shard >= 0, "samples_per_shard", "must be >= 0")
+        _check(self.workers >= 0, "workers", "must be >= 0")
+        _check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """Which seed architecture, at which widths. See dcgan/models.py for the layer lists."""
+
+    arch: str = "celeba"  # celeba | pumpkins | mnist | pokemon | kmnist
+    image_size: int = 64  # must be the arch's native size (64 for RGB seeds, 28 for digits)
+    channels: int = 3  # image channels (1 grey, 3 RGB); decoded images are converted to it
+    nz: int = 100  # latent size
+    ngf: int = 64  # generator base width
+    ndf: int = 64  # discriminator base width
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "channels", "nz", "ngf", "ndf"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+
+
+@dataclass
+class AdamConfig:
+    """Adam settings of one network."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    g: AdamConfig = field(default_factory=AdamConfig)  # generator
+    d: AdamConfig = field(default_factory=AdamConfig)  # discriminator
+
+
+@dataclass
+class TrainConfig:
+    name: str = ""  # run name; default: the config file's stem. Run folder: out_dir/name
+    out_dir: str = "runs"
+    steps: int = 1000  # optimisation steps (one D update + one G update each)
+    batch_size: int = 128  # per process; the global batch is batch_size x world size
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"  # autocast dtype; fp16 adds grad scaling
+    seed: int = 0
+    sync_bn: bool = True  # SyncBatchNorm when world size > 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    # "auto": continue from the newest checkpoint in the run folder if there is one;
+    # "never": start fresh; anything else: a checkpoint file to start from.
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "steps", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check("/" not in self.name, "name", "must not contain '/'")
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # a metrics line every N steps
+    samples_every: int = 500  # a grid of G(fixed noise) every N steps (and at the end)
+    num_samples: int = 64  # images in that grid
+
+    def __post_init__(self) -> None:
+        for name in ("every", "samples_every", "num_samples"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # a checkpoint every N steps (and at the end)
+    keep: int = 3  # newest checkpoints kept in the run folder
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "every", "must be >= 1")
+        _check(self.keep >= 1, "keep", "must be >= 1")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        from dcgan.models import ARCH_IMAGE_SIZE  # models.py imports nothing from here
+
+        if self.model.arch not in ARCH_IMAGE_SIZE:
+            raise ConfigError(f"model.arch: {self.model.arch!r} is not one of {', '.join(ARCH_IMAGE_SIZE)}")
+        native = ARCH_IMAGE_SIZE[self.model.arch]
+        if self.model.image_size != native:
+            raise ConfigError(
+                f"model.image_size: arch {self.model.arch!r} makes {native}x{native} images "
+                f"(its seed's layer list); {self.model.image_size} is impossible"
+            )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.out_dir) / self.train.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists for tuples): goes into YAML files and checkpoints."""
+        return _plain(dataclasses.asdict(self))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``a.b=value`` overrides, validate; raise ConfigError."""
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read config: {e.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{where}: override {item!r} is not of the form a.b=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "", where)
+    try:
+        cfg = _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if not cfg.train.name:
+        cfg.train.name = Path(path).stem if path is not None else "run"
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])}: is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, coercing each field to its annotation."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<top>'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{prefix}{key}: unknown key (known here: {known})")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        raise ConfigError(f"{prefix}{e.key}: {e.problem}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {hint!r} for {key}")  # a bug here, not user input
+
+
+class _FieldError(ConfigError):
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise _FieldError(key, problem)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

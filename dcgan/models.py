@@ -1,0 +1,166 @@
+"""The five seed DCGANs (shared/seeds), each a pair of plain ``nn.Sequential`` layer lists.
+
+Every list keeps its seed's layers, widths, kernel/stride/padding, bias flags and
+norm/activation order. One change for all: the discriminator ends in a logit (no
+Sigmoid) and training uses BCE-with-logits, which is the seeds' Sigmoid + BCELoss maths in
+a form autocast accepts. Generators take ``z`` of shape (B, nz, 1, 1) and return images
+in [-1, 1] of shape (B, channels, S, S).
+
+Init is the seeds' DCGAN init: conv and transposed-conv weights ~ N(0, 0.02), batch-norm
+weights ~ N(1, 0.02) and biases 0. As in the seeds, conv biases (MNIST's D is the only
+net with any) and Linear layers keep PyTorch's default init: the seed's ``weights_init``
+matches class names on "Conv" / "BatchNorm" and touches weights only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from dcgan.config import Config, ModelConfig
+
+
+def _up(cin: int, cout: int, k: int = 4, s: int = 2, p: int = 1) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(cin, cout, k, s, p, bias=False)
+
+
+def _down(cin: int, cout: int, k: int = 4, s: int = 2, p: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, s, p, bias=False)
+
+
+def _lrelu() -> nn.LeakyReLU:
+    return nn.LeakyReLU(0.2, inplace=True)
+
+
+# 001 CelebA: Radford et al. / pytorch examples. 003 Pokemon (d2l) uses the same generator.
+def celeba_generator(nz: int, ngf: int, nc: int) -> nn.Sequential:
+    return nn.Sequential(
+        _up(nz, ngf * 8, 4, 1, 0), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),  # 4x4
+        _up(ngf * 8, ngf * 4), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),  # 8x8
+        _up(ngf * 4, ngf * 2), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),  # 16x16
+        _up(ngf * 2, ngf), nn.BatchNorm2d(ngf), nn.ReLU(True),  # 32x32
+        _up(ngf, nc), nn.Tanh(),  # 64x64
+    )  # fmt: skip
+
+
+def celeba_discriminator(ndf: int, nc: int) -> nn.Sequential:
+    return nn.Sequential(
+        _down(nc, ndf), _lrelu(),  # 32x32
+        _down(ndf, ndf * 2), nn.BatchNorm2d(ndf * 2), _lrelu(),  # 16x16
+        _down(ndf * 2, ndf * 4), nn.BatchNorm2d(ndf * 4), _lrelu(),  # 8x8
+        _down(ndf * 4, ndf * 8), nn.BatchNorm2d(ndf * 8), _lrelu(),  # 4x4
+        _down(ndf * 8, 1, 4, 1, 0),  # 1x1 logit
+    )  # fmt: skip
+
+
+# 003 Pokemon: batch norm in every D block, the first one too.
+def pokemon_discriminator(ndf: int, nc: int) -> nn.Sequential:
+    return nn.Sequential(
+        _down(nc, ndf), nn.BatchNorm2d(ndf), _lrelu(),  # 32x32
+        _down(ndf, ndf * 2), nn.BatchNorm2d(ndf * 2), _lrelu(),  # 16x16
+        _down(ndf * 2, ndf * 4), nn.BatchNorm2d(ndf * 4), _lrelu(),  # 8x8
+        _down(ndf * 4, ndf * 8), nn.BatchNorm2d(ndf * 8), _lrelu(),  # 4x4
+        _down(ndf * 8, 1, 4, 1, 0),  # 1x1 logit
+    )  # fmt: skip
+
+
+# 000 Pumpkins: G widths ngf*32 .. ngf*4; D widths ndf, ndf, 2ndf, 4ndf.
+def pumpkins_generator(nz: int, ngf: int, nc: int) -> nn.Sequential:
+    return nn.Sequential(
+        _up(nz, ngf * 32, 4, 1, 0), nn.BatchNorm2d(ngf * 32), nn.ReLU(True),  # 4x4
+        _up(ngf * 32, ngf * 16), nn.BatchNorm2d(ngf * 16), nn.ReLU(True),  # 8x8
+        _up(ngf * 16, ngf * 8), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),  # 16x16
+        _up(ngf * 8, ngf * 4), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),  # 32x32
+        _up(ngf * 4, nc), nn.Tanh(),  # 64x64
+    )  # fmt: skip
+
+
+def pumpkins_discriminator(ndf: int, nc: int) -> nn.Sequential:
+    return nn.Sequential(
+        _down(nc, ndf), _lrelu(),  # 32x32
+        _down(ndf, ndf), nn.BatchNorm2d(ndf), _lrelu(),  # 16x16
+        _down(ndf, ndf * 2), nn.BatchNorm2d(ndf * 2), _lrelu(),  # 8x8
+        _down(ndf * 2, ndf * 4), nn.BatchNorm2d(ndf * 4), _lrelu(),  # 4x4
+        _down(ndf * 4, 1, 4, 1, 0),  # 1x1 logit
+    )  # fmt: skip
+
+
+# 002 MNIST (pyimagesearch): transposed conv -> ReLU -> BN; D is two biased convs and two
+# fully connected layers (hidden 512 at ndf=32, so 16 * ndf).
+def mnist_generator(nz: int, ngf: int, nc: int) -> nn.Sequential:
+    return nn.Sequential(
+        _up(nz, ngf * 4, 4, 2, 0), nn.ReLU(), nn.BatchNorm2d(ngf * 4),  # 4x4
+        _up(ngf * 4, ngf * 2, 3, 2, 1), nn.ReLU(), nn.BatchNorm2d(ngf * 2),  # 7x7
+        _up(ngf * 2, ngf), nn.ReLU(), nn.BatchNorm2d(ngf),  # 14x14
+        _up(ngf, nc), nn.Tanh(),  # 28x28
+    )  # fmt: skip
+
+
+def mnist_discriminator(ndf: int, nc: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(nc, ndf, 4, 2, 1), _lrelu(),  # 14x14
+        nn.Conv2d(ndf, ndf * 2, 4, 2, 1), _lrelu(),  # 7x7
+        nn.Flatten(),
+        nn.Linear(ndf * 2 * 7 * 7, ndf * 16), _lrelu(),
+        nn.Linear(ndf * 16, 1),  # logit
+    )  # fmt: skip
+
+
+# 004 Kuzushiji-MNIST (R torch): widths from the image size (ngf = ndf = 28 -> 112, 56, 28)
+# and a padding-2 transposed conv for 8x8 -> 14x14.
+def kmnist_generator(nz: int, ngf: int, nc: int) -> nn.Sequential:
+    return nn.Sequential(
+        _up(nz, ngf * 4, 4, 1, 0), nn.BatchNorm2d(ngf * 4), nn.ReLU(),  # 4x4
+        _up(ngf * 4, ngf * 2), nn.BatchNorm2d(ngf * 2), nn.ReLU(),  # 8x8
+        _up(ngf * 2, ngf, 4, 2, 2), nn.BatchNorm2d(ngf), nn.ReLU(),  # 14x14
+        _up(ngf, nc), nn.Tanh(),  # 28x28
+    )  # fmt: skip
+
+
+def kmnist_discriminator(ndf: int, nc: int) -> nn.Sequential:
+    return nn.Sequential(
+        _down(nc, ndf), _lrelu(),  # 14x14
+        _down(ndf, ndf * 2), nn.BatchNorm2d(ndf * 2), _lrelu(),  # 7x7
+        _down(ndf * 2, ndf * 4), nn.BatchNorm2d(ndf * 4), _lrelu(),  # 3x3
+        _down(ndf * 4, 1),  # 1x1 logit
+    )  # fmt: skip
+
+
+# arch -> (generator(nz, ngf, nc), discriminator(ndf, nc), native image size)
+ARCHS: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module], int]] = {
+    "celeba": (celeba_generator, celeba_discriminator, 64),
+    "pumpkins": (pumpkins_generator, pumpkins_discriminator, 64),
+    "mnist": (mnist_generator, mnist_discriminator, 28),
+    "pokemon": (celeba_generator, pokemon_discriminator, 64),
+    "kmnist": (kmnist_generator, kmnist_discriminator, 28),
+}
+ARCH_IMAGE_SIZE = {arch: size for arch, (_, _, size) in ARCHS.items()}
+
+
+def dcgan_init_(module: nn.Module) -> None:
+    """The seeds' weights_init, applied to every submodule."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def build_models(cfg: Config | ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """(G, D) for ``cfg.model`` (or a ModelConfig), DCGAN-initialised, on the CPU."""
+    m = getattr(cfg, "model", cfg)
+    make_g, make_d, _ = ARCHS[m.arch]
+    generator = make_g(m.nz, m.ngf, m.channels)
+    discriminator = make_d(m.ndf, m.channels)
+    dcgan_init_(generator)
+    dcgan_init_(discriminator)
+    return generator, discriminator
+
+
+def sample_latent(n: int, nz: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None):
+    """Latent codes as the seeds draw them: N(0, 1) of shape (n, nz, 1, 1)."""
+    return torch.randn(n, nz, 1, 1, device=device, generator=generator)
