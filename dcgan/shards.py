@@ -1,0 +1,378 @@
+"""python -m dcgan.shards SOURCE OUT_DIR: images -> webdataset tar shards + manifest.json.
+
+SOURCE is one of
+  * a folder of images, searched recursively, any format PIL reads; the first level of
+    sub-folders names the classes (sorted, as torchvision's ImageFolder does);
+  * MNIST-family IDX files, gzipped or not: one ``*-images-idx3-ubyte[.gz]`` file, or a
+    folder holding several (all are written, e.g. train + t10k = 70k for Fashion-MNIST),
+    with labels from the matching ``*-labels-idx1-ubyte[.gz]`` beside each;
+  * a ``.npy`` array or ``.npz`` archive of N images (N,H,W), (N,H,W,C) or (N,C,H,W),
+    uint8, or float in [0, 1] or [-1, 1]; labels from an ``y``/``labels`` array if present.
+
+Each sample is ``<key>.<png|jpg|npy>`` plus ``<key>.cls`` (the label, when there is one),
+written with webdataset's ShardWriter to ``OUT_DIR/shard-NNNNNN.tar``. The source order
+is shuffled first (``--seed``) so every shard holds a mix of classes. ``--size S``
+resizes the shorter side to S and centre-crops S x S, as the seeds' transforms do, so
+training decodes small images and never resizes. Unreadable images are named, counted
+and skipped. ``manifest.json`` is written last: a folder without one is unfinished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from dcgan.progress import progress
+
+log = logging.getLogger("dcgan.shards")
+
+MANIFEST = "manifest.json"
+SHARD_PATTERN = "shard-%06d.tar"
+IMAGE_EXTENSIONS = {"png", "jpg", "jpeg", "webp", "npy"}  # member suffixes the data pipeline decodes
+
+
+class SourceError(ValueError):
+    """SOURCE cannot be read as any supported kind; the message names the path."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Item:
+    """One image to write: either a file to open or pixels already in memory."""
+
+    name: str  # shown in error messages: a path, or "<file>[index]"
+    label: int  # -1: no label
+    path: str | None = None
+    pixels: np.ndarray | None = None  # uint8, (H, W) or (H, W, C)
+
+
+@dataclass
+class Source:
+    kind: str  # "folder" | "idx" | "array"
+    items: list[Item]
+    classes: list[str]
+    channels: int  # native channels; --channels may override
+
+
+def open_source(path: Path) -> Source:
+    if path.is_dir():
+        idx_files = sorted(p for p in path.iterdir() if _is_idx_images(p))
+        return _idx_source(idx_files) if idx_files else _folder_source(path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or folder")
+    if path.suffix in (".npy", ".npz"):
+        return _array_source(path)
+    if _is_idx_images(path):
+        return _idx_source([path])
+    raise SourceError(f"{path}: not a folder, an IDX images file or a .npy/.npz array")
+
+
+def _is_idx_images(path: Path) -> bool:
+    return path.is_file() and re.search(r"idx3-ubyte(\.gz)?$", path.name) is not None
+
+
+def _folder_source(root: Path) -> Source:
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    if not files:
+        raise SourceError(f"{root}: no image files found (looked recursively for {len(extensions)} PIL formats)")
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    class_index = {c: i for i, c in enumerate(classes)}
+    items = []
+    for p in files:
+        parts = p.relative_to(root).parts
+        label = class_index[parts[0]] if len(parts) > 1 else -1
+        items.append(Item(name=str(p), label=label, path=str(p)))
+    return Source("folder", items, classes, channels=3)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (http://yann.lecun.com/exdb/mnist/ format), gzipped or not, as an array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise SourceError(f"{path}: cannot read IDX file: {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise SourceError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise SourceError(f"{path}: holds {body.size} bytes of data, header says {dims} (truncated?)")
+    return body.reshape(dims)
+
+
+def _idx_source(image_files: list[Path]) -> Source:
+    items: list[Item] = []
+    for images_path in image_files:
+        images = read_idx(images_path)
+        if images.ndim != 3:
+            raise SourceError(f"{images_path}: expected N x H x W images, got shape {images.shape}")
+        labels_path = images_path.with_name(images_path.name.replace("images-idx3", "labels-idx1"))
+        labels = read_idx(labels_path) if labels_path.exists() else None
+        if labels is not None and labels.shape != (len(images),):
+            raise SourceError(f"{labels_path}: {labels.shape[0]} labels for {len(images)} images")
+        for i, img in enumerate(images):
+            label = int(labels[i]) if labels is not None else -1
+            items.append(Item(name=f"{images_path}[{i}]", label=label, pixels=img))
+    has_labels = any(it.label >= 0 for it in items)
+    classes = [str(c) for c in range(max(it.label for it in items) + 1)] if has_labels else []
+    return Source("idx", items, classes, channels=1)
+
+
+def _array_source(path: Path) -> Source:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path}: cannot read array file: {e}") from None
+    labels = None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        arrays = {k: loaded[k] for k in loaded.files}
+        image_key = next((k for k in ("x", "images", "X", "arr_0") if k in arrays), None)
+        if image_key is None:
+            image_key = next((k for k, a in arrays.items() if a.ndim >= 3), None)
+        if image_key is None:
+            raise SourceError(f"{path}: no image array (keys: {', '.join(arrays)})")
+        images = arrays[image_key]
+        label_key = next((k for k in ("y", "labels", "label", "targets") if k in arrays), None)
+        labels = arrays[label_key] if label_key else None
+    else:
+        images = loaded
+    images = _to_uint8_hwc(images, path)
+    if labels is not None and labels.shape != (len(images),):
+        raise SourceError(f"{path}: {labels.shape} labels for {len(images)} images")
+    items = [
+        Item(name=f"{path}[{i}]", label=int(labels[i]) if labels is not None else -1, pixels=img)
+        for i, img in enumerate(images)
+    ]
+    classes = [str(c) for c in range(int(labels.max()) + 1)] if labels is not None else []
+    channels = 1 if images.ndim == 3 else images.shape[-1]
+    return Source("array", items, classes, channels)
+
+
+def _to_uint8_hwc(images: np.ndarray, path: Path) -> np.ndarray:
+    if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+        images = images.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
+        raise SourceError(f"{path}: expected images (N,H,W), (N,H,W,C) or (N,C,H,W), got {images.shape}")
+    if images.dtype == np.uint8:
+        return images
+    if np.issubdtype(images.dtype, np.floating):
+        lo, hi = float(images.min()), float(images.max())
+        if lo >= 0 and hi <= 1:
+            return np.round(images * 255).astype(np.uint8)
+        if lo >= -1 and hi <= 1:
+            return np.round((images + 1) * 127.5).astype(np.uint8)
+        raise SourceError(f"{path}: float images must lie in [0, 1] or [-1, 1], found [{lo}, {hi}]")
+    if np.issubdtype(images.dtype, np.integer) and images.min() >= 0 and images.max() <= 255:
+        return images.astype(np.uint8)
+    raise SourceError(f"{path}: unsupported pixel type {images.dtype}")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    size: int | None
+    channels: int
+    image_format: str  # png | jpg | npy
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size) + CenterCrop(size) on a PIL image, as the seeds apply them."""
+    w, h = img.size
+    if min(w, h) != size:
+        w, h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        img = img.resize((w, h), Image.BILINEAR)
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def encode_item(item: Item, opts: EncodeOptions) -> tuple[bytes | None, str]:
+    """Encoded image bytes, or (None, reason) when the image cannot be read."""
+    try:
+        if item.path is not None:
+            with Image.open(item.path) as opened:
+                img = opened.convert("L" if opts.channels == 1 else "RGB")
+        else:
+            img = Image.fromarray(item.pixels).convert("L" if opts.channels == 1 else "RGB")
+        if opts.size is not None:
+            img = resize_center_crop(img, opts.size)
+        buf = io.BytesIO()
+        if opts.image_format == "npy":
+            np.save(buf, np.asarray(img), allow_pickle=False)
+        elif opts.image_format == "jpg":
+            img.save(buf, format="JPEG", quality=95)
+        else:
+            img.save(buf, format="PNG")
+        return buf.getvalue(), ""
+    except Exception as e:  # PIL raises many types for bad files; all mean "skip this one"
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _encode_star(args: tuple[Item, EncodeOptions]) -> tuple[bytes | None, str]:
+    return encode_item(*args)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_shards(
+    source: Source, out_dir: Path, *, opts: EncodeOptions, per_shard: int, max_shard_bytes: float,
+    shuffle: bool, seed: int, workers: int, source_name: str,
+) -> dict[str, Any]:
+    """Write ``source`` as shards into ``out_dir`` and return the manifest (also on disk)."""
+    order = np.arange(len(source.items))
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(len(source.items))
+    items = [source.items[i] for i in order]
+
+    counts: dict[str, int] = {}
+    skipped: list[dict[str, str]] = []
+    written = 0
+    shape: set[tuple[int, ...]] = set()
+    jobs = ((it, opts) for it in items)
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    encoded = pool.imap(_encode_star, jobs, chunksize=64) if pool else map(_encode_star, jobs)
+    try:
+        with wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=per_shard, maxsize=max_shard_bytes, verbose=0) as sink:
+            for item, (data, error) in progress(zip(items, encoded), len(items), "shards", "img", log):
+                if data is None:
+                    skipped.append({"name": item.name, "error": error})
+                    log.warning("skipped unreadable image %s (%s)", item.name, error)
+                    continue
+                sample = {"__key__": f"{written:09d}", opts.image_format: data}
+                if item.label >= 0:
+                    sample["cls"] = str(item.label).encode()
+                sink.write(sample)
+                name = os.path.basename(sink.fname)
+                counts[name] = counts.get(name, 0) + 1
+                written += 1
+                if opts.size is None and len(shape) < 2:
+                    shape.add(_decoded_shape(data, opts.image_format))
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    # ShardWriter opens its first tar before any write; drop it if nothing went in.
+    for tar in out_dir.glob("shard-*.tar"):
+        if tar.name not in counts:
+            tar.unlink()
+    if written == 0:
+        raise SourceError(f"{source_name}: none of the {len(items)} images could be read")
+
+    if opts.size is not None:
+        image_size: int | None = opts.size
+    else:  # unresized: a size only if the first images agree and are square
+        (only,) = shape if len(shape) == 1 else (None,)
+        image_size = only[0] if only and only[0] == only[1] else None
+    manifest = {
+        "format_version": 1,
+        "shards": sorted(counts),
+        "shard_samples": [counts[n] for n in sorted(counts)],
+        "samples": written,
+        "image_size": image_size,
+        "channels": opts.channels,
+        "image_format": opts.image_format,
+        "classes": source.classes,
+        "source": source_name,
+        "source_kind": source.kind,
+        "shuffled_with_seed": seed if shuffle else None,
+        "skipped": len(skipped),
+        "skipped_items": skipped[:1000],
+    }
+    _write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _decoded_shape(data: bytes, image_format: str) -> tuple[int, ...]:
+    if image_format == "npy":
+        return np.load(io.BytesIO(data), allow_pickle=False).shape[:2]
+    with Image.open(io.BytesIO(data)) as img:
+        return (img.height, img.width)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a manifest is for everyone who reads the shards
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = list(out_dir.glob("shard-*.tar")) + list(out_dir.glob(MANIFEST))
+    if old and not overwrite:
+        raise SourceError(f"{out_dir}: already holds shards or a manifest; pass --overwrite to replace them")
+    for p in old:
+        p.unlink()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcgan.shards", description=__doc__.split("\n")[0])
+    parser.add_argument("source", type=Path, help="image folder, IDX file or folder, .npy or .npz")
+    parser.add_argument("out_dir", type=Path, help="folder for shard-NNNNNN.tar and manifest.json")
+    parser.add_argument("--size", type=int, help="resize shorter side + centre crop to SIZE x SIZE")
+    parser.add_argument("--format", dest="image_format", choices=["png", "jpg", "npy"], default="png")
+    parser.add_argument("--channels", type=int, choices=[1, 3], help="1 grey, 3 RGB (default: the source's)")
+    parser.add_argument("--per-shard", type=int, default=10000, help="samples per shard (default 10000)")
+    parser.add_argument("--max-shard-bytes", type=float, default=1e9, help="start a new shard past this size")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the write-order shuffle")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="encoding processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+    if args.size is not None and args.size < 1:
+        parser.error("--size must be >= 1")
+    if args.per_shard < 1:
+        parser.error("--per-shard must be >= 1")
+    try:
+        source = open_source(args.source)
+        prepare_out_dir(args.out_dir, args.overwrite)
+        opts = EncodeOptions(size=args.size, channels=args.channels or source.channels, image_format=args.image_format)
+        manifest = write_shards(
+            source, args.out_dir, opts=opts, per_shard=args.per_shard, max_shard_bytes=args.max_shard_bytes,
+            shuffle=not args.no_shuffle, seed=args.seed, workers=max(1, args.workers), source_name=str(args.source),
+        )
+    except SourceError as e:
+        print(f"dcgan.shards: error: {e}", file=sys.stderr)
+        return 2
+    log.info(
+        "wrote %d samples in %d shards to %s (%d skipped)",
+        manifest["samples"], len(manifest["shards"]), args.out_dir, manifest["skipped"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
