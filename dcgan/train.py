@@ -1,0 +1,282 @@
+"""python -m dcgan.train --config configs/celeba.yaml [a.b=value ...]
+
+Alone, or under ``torchrun --nproc_per_node=N`` (DDP, one process per GPU or CPU slot).
+The loop below is the whole algorithm, in the seeds' order: D on a real batch, D on a
+fake batch (separate batches, so batch norm never mixes them), one D update, then a G
+update through the frozen D. Run folder: ``<train.out_dir>/<train.name>/`` with
+config.yaml, train.log, metrics.jsonl, samples/ and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dcgan import checkpoint, distributed
+from dcgan.checkpoint import TrainState
+from dcgan.config import Config, ConfigError, load_config, save_config
+from dcgan.data import Loader, ShardSet, derive_seed, resolve_shards, steps_per_epoch
+from dcgan.distributed import DistInfo
+from dcgan.models import build_models, sample_latent
+from dcgan.sync_batchnorm import convert_sync_batchnorm
+from dcgan.tracking import Tracker
+
+log = logging.getLogger("dcgan.train")
+
+# torch 2.14 renamed DDP's broadcast_buffers; older releases know only the old name.
+NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters
+    else {"broadcast_buffers": False}
+)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+STAT_NAMES = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "d_fake_after")
+
+
+def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, nn.Module]:
+    """(state, G as trained, D as trained): the bare nets live in ``state``; the trained
+    ones are their DDP wrappers when there are several processes."""
+    torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
+    G, D = build_models(cfg)
+    if dist.distributed and cfg.train.sync_bn:
+        G = convert_sync_batchnorm(G, dist.device)
+        D = convert_sync_batchnorm(D, dist.device)
+    G, D = G.to(dist.device), D.to(dist.device)
+    o = cfg.optim
+    opt_g = torch.optim.Adam(G.parameters(), lr=o.g.lr, betas=o.g.betas, weight_decay=o.g.weight_decay)
+    opt_d = torch.optim.Adam(D.parameters(), lr=o.d.lr, betas=o.d.betas, weight_decay=o.d.weight_decay)
+    # One scaler per network: their gradients live on different scales (fp16 only).
+    fp16 = cfg.train.precision == "fp16"
+    state = TrainState(
+        G, D, opt_g, opt_d,
+        torch.amp.GradScaler(dist.device.type, enabled=fp16),
+        torch.amp.GradScaler(dist.device.type, enabled=fp16),
+    )
+    if not dist.distributed:
+        return state, G, D
+    # No buffer broadcast at each forward: BN statistics are SyncBN's business, and
+    # rebroadcasting them between D's two forwards breaks autograd (pitfalls.md 3).
+    return state, DDP(G, **NO_FORWARD_BUFFER_SYNC), DDP(D, **NO_FORWARD_BUFFER_SYNC)
+
+
+def gan_step(state: TrainState, g_train: nn.Module, d_train: nn.Module, real: torch.Tensor, nz: int, amp_dtype) -> torch.Tensor:
+    """One D update and one G update; returns the STAT_NAMES values as a tensor on the
+    device (no host sync here: the caller reads them only at log steps)."""
+    G, D = state.generator, state.discriminator
+    amp = torch.autocast(real.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    n = real.shape[0]
+    ones = torch.ones(n, device=real.device)
+    zeros = torch.zeros(n, device=real.device)
+
+    # D on real, then on fake: two backward passes, one gradient all-reduce (the second).
+    state.opt_d.zero_grad(set_to_none=True)
+    with d_train.no_sync() if isinstance(d_train, DDP) else contextlib.nullcontext():
+        with amp:
+            out_real = d_train(real).view(-1).float()
+        loss_d_real = F.binary_cross_entropy_with_logits(out_real, ones)
+        state.scaler_d.scale(loss_d_real).backward()
+    z = sample_latent(n, nz, real.device)
+    with amp:
+        fake = g_train(z)
+        out_fake = d_train(fake.detach()).view(-1).float()
+    loss_d_fake = F.binary_cross_entropy_with_logits(out_fake, zeros)
+    state.scaler_d.scale(loss_d_fake).backward()
+    state.scaler_d.step(state.opt_d)
+    state.scaler_d.update()
+
+    # G through the bare, frozen D: no D gradients, no D all-reduce (pitfalls.md 5).
+    state.opt_g.zero_grad(set_to_none=True)
+    D.requires_grad_(False)
+    with amp:
+        out_g = D(fake).view(-1).float()
+    loss_g = F.binary_cross_entropy_with_logits(out_g, ones)
+    state.scaler_g.scale(loss_g).backward()
+    state.scaler_g.step(state.opt_g)
+    state.scaler_g.update()
+    D.requires_grad_(True)
+
+    with torch.no_grad():
+        return torch.stack([
+            loss_d_real, loss_d_fake, loss_g,
+            out_real.sigmoid().mean(), out_fake.sigmoid().mean(), out_g.sigmoid().mean(),
+        ])  # fmt: skip
+
+
+@torch.no_grad()
+def generate_grid(G: nn.Module, noise: torch.Tensor) -> torch.Tensor:
+    """G(noise) in eval mode: running BN statistics, so no SyncBN collective (rank 0 alone)."""
+    was_training = G.training
+    G.eval()
+    images = G(noise)
+    G.train(was_training)
+    return images
+
+
+def find_resume_checkpoint(cfg: Config) -> Path | None:
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    existing = checkpoint.list_checkpoints(ckpt_dir)
+    if cfg.train.resume == "never":
+        if existing:
+            raise ConfigError(
+                f"train.resume: 'never', but {ckpt_dir} already holds {len(existing)} checkpoint(s); "
+                "pick another train.name or remove the folder"
+            )
+        return None
+    if cfg.train.resume == "auto":
+        return existing[-1] if existing else None
+    path = Path(cfg.train.resume)
+    if not path.is_file():
+        raise ConfigError(f"train.resume: {path} is not a file")
+    return path
+
+
+def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | None) -> None:
+    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    tracker = Tracker(run_dir, enabled=dist.is_main)
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.getLogger().handlers[0].formatter)
+        logging.getLogger().addHandler(handler)
+    t = cfg.train
+    amp_dtype = AMP_DTYPES[t.precision]
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    state, g_train, d_train = build_training(cfg, dist)
+    if resume_from is not None:
+        state.load_state_dict(checkpoint.load(resume_from, map_location=dist.device))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch, state.batch_in_epoch)
+    loader = Loader(
+        shards, cfg.data, rank=dist.rank, world_size=dist.world_size, batch_size=t.batch_size,
+        image_size=cfg.model.image_size, channels=cfg.model.channels, seed=t.seed, device=dist.device,
+    )
+    if state.batch_in_epoch >= loader.steps_per_epoch:  # e.g. resumed with more processes
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    # Each rank draws its own latents; the fixed grid noise is the same everywhere.
+    torch.manual_seed(derive_seed(t.seed, dist.rank, state.step, 1))
+    fixed_noise = sample_latent(cfg.log.num_samples, cfg.model.nz, generator=torch.Generator().manual_seed(t.seed))
+    fixed_noise = fixed_noise.to(dist.device)
+
+    global_batch = t.batch_size * dist.world_size
+    log.info(
+        "training %s: arch %s, %d process(es) on %s, batch %d x %d, %s, %d steps "
+        "(%d per epoch of %d samples), G %.2fM params, D %.2fM params",
+        t.name, cfg.model.arch, dist.world_size, dist.device.type, t.batch_size, dist.world_size, t.precision,
+        t.steps, loader.steps_per_epoch, shards.total,
+        sum(p.numel() for p in state.generator.parameters()) / 1e6,
+        sum(p.numel() for p in state.discriminator.parameters()) / 1e6,
+    )
+    stats_sum = torch.zeros(len(STAT_NAMES), device=dist.device)
+    stats_steps, data_wait = 0, 0.0
+    t_start = t_log = time.perf_counter()
+    start_step = state.step
+
+    while state.step < t.steps:
+        t_fetch = time.perf_counter()
+        for real in loader.epoch(state.epoch, state.batch_in_epoch):
+            data_wait += time.perf_counter() - t_fetch
+            if state.step == 0:
+                tracker.grid(real[: cfg.log.num_samples], "real")
+
+            stats_sum += gan_step(state, g_train, d_train, real, cfg.model.nz, amp_dtype)
+            stats_steps += 1
+            state.step += 1
+            state.batch_in_epoch += 1
+            state.samples_seen += global_batch
+            step = state.step
+
+            if step % cfg.log.every == 0 or step == t.steps:
+                values = dict(zip(STAT_NAMES, (stats_sum / stats_steps).tolist()))  # the one host sync
+                elapsed = time.perf_counter() - t_log
+                values.update(
+                    epoch=state.epoch, img_per_s=stats_steps * global_batch / elapsed,
+                    data_wait=data_wait / elapsed, corrupt_samples=loader.corrupt_samples,
+                )
+                tracker.metrics(step, values, (
+                    f"step {step}/{t.steps} | epoch {state.epoch} | "
+                    f"loss_D {values['loss_d_real'] + values['loss_d_fake']:.3f} | loss_G {values['loss_g']:.3f} | "
+                    f"D(x) {values['d_real']:.3f} | D(G(z)) {values['d_fake']:.3f} -> {values['d_fake_after']:.3f} | "
+                    f"{values['img_per_s']:.0f} img/s | data wait {100 * values['data_wait']:.0f}%"
+                ))  # fmt: skip
+                stats_sum.zero_()
+                stats_steps, data_wait, t_log = 0, 0.0, time.perf_counter()
+            if dist.is_main and (step % cfg.log.samples_every == 0 or step == t.steps):
+                tracker.grid(generate_grid(state.generator, fixed_noise), f"step_{step:08d}")
+            if dist.is_main and (step % cfg.checkpoint.every == 0 or step == t.steps):
+                path = checkpoint.save(state.state_dict(cfg.to_dict()), ckpt_dir, step, cfg.checkpoint.keep)
+                log.info("checkpoint %s", path)
+            if step >= t.steps:
+                break
+            t_fetch = time.perf_counter()
+        if state.batch_in_epoch >= loader.steps_per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    wall = time.perf_counter() - t_start
+    done = state.step - start_step
+    log.info(
+        "done: %d steps in %.1fs (%.2f steps/s, %.0f img/s); corrupt samples %d, unreadable shards %d (this rank)",
+        done, wall, done / wall, done * global_batch / wall, loader.corrupt_samples, loader.corrupt_shards,
+    )
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        force=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dcgan.train", description="Train a DCGAN (alone or under torchrun).")
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/celeba.yaml")
+    parser.add_argument("overrides", nargs="*", help="a.b=value settings applied after the file")
+    args = parser.parse_args(argv)
+    env = distributed.read_env()
+    setup_logging(env.rank)
+
+    # Everything a user can get wrong is checked here, before any process group or model.
+    try:
+        cfg = load_config(args.config, args.overrides)
+        shards = resolve_shards(cfg.data)
+        if steps_per_epoch(shards.total, env.world_size, cfg.train.batch_size) == 0:
+            raise ConfigError(
+                f"train.batch_size: {shards.total} samples cannot fill one batch of {cfg.train.batch_size} "
+                f"on each of {env.world_size} processes"
+            )
+        if shards.image_size not in (None, cfg.model.image_size):
+            log.warning(
+                "shards hold %dx%d images, model.image_size is %d: every image is resized while training "
+                "(write shards with --size %d to avoid that)",
+                shards.image_size, shards.image_size, cfg.model.image_size, cfg.model.image_size,
+            )
+        resume_from = find_resume_checkpoint(cfg)
+    except ConfigError as e:
+        where = "" if str(e).startswith(str(args.config)) else f"{args.config}: "
+        print(f"dcgan.train: config error: {where}{e}", file=sys.stderr)
+        return 2
+
+    if env.rank == 0:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    dist = distributed.setup(cfg.train.device)
+    try:
+        train(cfg, shards, dist, resume_from)
+    finally:
+        distributed.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
