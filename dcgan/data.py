@@ -26,7 +26,7 @@ Starting an epoch at batch k (resume) gives worker w the slot ``(k + w) % W`` an
 skips what that slot already delivered, so the rest of the epoch is the same batches,
 in the same order, as an uninterrupted run with the same world size and worker count.
 
-Decoding never unpickles: PNG/JPEG/WebP through torchvision.io and ``.npy`` with
+Decoding never unpickles: PNG/JPEG/WebP through PIL and ``.npy`` with
 ``allow_pickle=False``; other members (``.pth``, ``.pickle``) are never decoded.
 """
 
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 
 from dcgan.config import AugmentConfig, ConfigError, DataConfig
 from dcgan.shards import IMAGE_EXTENSIONS, MANIFEST
@@ -79,6 +79,8 @@ def resolve_shards(cfg: DataConfig) -> ShardSet:
         raise ConfigError("data.shards: not set (a folder made by `python -m dcgan.shards`, or a brace pattern)")
     is_local = not spec.startswith("pipe:") and "://" not in spec
     path = Path(spec)
+    if is_local and "{" not in spec and not path.exists():
+        raise ConfigError(f"data.shards: {spec} does not exist")
     if is_local and (path.is_dir() or path.name == MANIFEST):
         manifest_path = path / MANIFEST if path.is_dir() else path
         if not manifest_path.exists():
@@ -88,9 +90,14 @@ def resolve_shards(cfg: DataConfig) -> ShardSet:
             )
         manifest = _read_manifest(manifest_path)
         urls = [str(manifest_path.parent / name) for name in manifest["shards"]]
-        shard_set = ShardSet(tuple(urls), tuple(manifest["shard_samples"]), manifest.get("image_size"), manifest.get("channels"))
+        shard_set = ShardSet(
+            tuple(urls), tuple(manifest["shard_samples"]), manifest.get("image_size"), manifest.get("channels")
+        )
     else:
         urls = wds.shardlists.expand_urls(spec)
+        for url in urls if is_local else ():
+            if not Path(url).exists():
+                raise ConfigError(f"data.shards: shard {url} does not exist")
         counts = None
         if is_local:
             beside = Path(urls[0]).parent / MANIFEST
@@ -107,10 +114,9 @@ def resolve_shards(cfg: DataConfig) -> ShardSet:
                 )
             counts = [cfg.samples_per_shard] * len(urls)
         shard_set = ShardSet(tuple(urls), tuple(counts))
-    if is_local:
-        for url in shard_set.urls:
-            if not Path(url).exists():
-                raise ConfigError(f"data.shards: shard {url} does not exist")
+    for url in shard_set.urls if is_local else ():
+        if not Path(url).exists():
+            raise ConfigError(f"data.shards: shard {url} (listed in the manifest) does not exist")
     if not shard_set.urls or shard_set.total == 0:
         raise ConfigError(f"data.shards: {spec} holds no samples")
     return shard_set
@@ -159,22 +165,19 @@ def decode_sample(sample: dict, channels: int, image_size: int) -> torch.Tensor:
     if ext is None:
         members = sorted(k for k in sample if not k.startswith("__"))
         raise ValueError(f"no image member (has {members})")
-    data = sample[ext]
     if ext == "npy":
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        array = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
         if array.dtype != np.uint8 or array.ndim not in (2, 3):
             raise ValueError(f"npy image must be uint8 (H,W) or (H,W,C), got {array.dtype} {array.shape}")
-        image = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1).copy()).permute(2, 0, 1)
-        if image.shape[0] == 1 and channels == 3:
-            image = image.expand(3, -1, -1)
-        elif image.shape[0] == 3 and channels == 1:
-            image = TF.rgb_to_grayscale(image)
+        image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
     else:
-        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-    if image.shape[-2:] != (image_size, image_size):
-        image = TF.center_crop(TF.resize(image, image_size, antialias=True), image_size)
-    return image.contiguous()
+        image = Image.open(io.BytesIO(sample[ext]))
+    with image:
+        pixels = np.array(image.convert("L" if channels == 1 else "RGB"))
+    tensor = torch.from_numpy(pixels).reshape(pixels.shape[0], pixels.shape[1], channels).permute(2, 0, 1)
+    if tensor.shape[-2:] != (image_size, image_size):
+        tensor = TF.center_crop(TF.resize(tensor, image_size, antialias=True), image_size)
+    return tensor.contiguous()
 
 
 def sample_label(sample: dict) -> int:
@@ -216,8 +219,16 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(
-        self, shards: ShardSet, cfg: DataConfig, *, rank: int, world_size: int, batch_size: int,
-        image_size: int, channels: int, seed: int,
+        self,
+        shards: ShardSet,
+        cfg: DataConfig,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        image_size: int,
+        channels: int,
+        seed: int,
     ):
         self.shards, self.cfg = shards, cfg
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -261,7 +272,9 @@ class ShardStream(IterableDataset):
                     consecutive_bad += 1
                     log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), e)
                     if consecutive_bad > max(1000, self.shards.total):
-                        raise DataError(f"no decodable sample in {consecutive_bad} tries; shards: {self.shards.urls[:3]}...")
+                        raise DataError(
+                            f"no decodable sample in {consecutive_bad} tries; shards: {self.shards.urls[:3]}..."
+                        ) from e
             if j < first:
                 bad_samples_at_start += bad
                 continue  # delivered before the resume point: only its effect on the stream matters
@@ -318,15 +331,31 @@ def _chain(first: Iterator, then: Iterator) -> Iterator:
 
 
 class Loader:
-    """A rank's data: ``epoch(e, start_batch)`` yields float batches in [-1, 1] on ``device``."""
+    """A rank's data: ``epoch(e, start_batch)`` yields ``(images, labels)`` on ``device``:
+    float images in [-1, 1] of shape (B, C, S, S) and int64 labels (-1 where unlabelled)."""
 
     def __init__(
-        self, shards: ShardSet, cfg: DataConfig, *, rank: int, world_size: int, batch_size: int,
-        image_size: int, channels: int, seed: int, device: torch.device,
+        self,
+        shards: ShardSet,
+        cfg: DataConfig,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        image_size: int,
+        channels: int,
+        seed: int,
+        device: torch.device,
     ):
         self.stream = ShardStream(
-            shards, cfg, rank=rank, world_size=world_size, batch_size=batch_size,
-            image_size=image_size, channels=channels, seed=seed,
+            shards,
+            cfg,
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size,
+            image_size=image_size,
+            channels=channels,
+            seed=seed,
         )
         self.workers = cfg.workers
         self.device = device
@@ -339,15 +368,19 @@ class Loader:
         self.corrupt_samples = 0  # totals over this process's life, for the log
         self.corrupt_shards = 0
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.stream.epoch, self.stream.start_batch = epoch, start_batch
         loader = DataLoader(
-            self.stream, batch_size=None, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None,
+            self.stream,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None,
         )
-        for expected, (images, _labels, index, bad_samples, bad_shards) in enumerate(loader, start_batch):
+        for expected, (images, labels, index, bad_samples, bad_shards) in enumerate(loader, start_batch):
             if index != expected:  # the round-robin order the plan relies on did not hold
                 raise RuntimeError(f"data order broken: got batch {index}, expected {expected}")
             self.corrupt_samples += bad_samples
             self.corrupt_shards += bad_shards
-            yield images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+            images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+            yield images, labels.to(self.device, non_blocking=True)

@@ -13,7 +13,11 @@ T = TypeVar("T")
 
 
 def progress(
-    items: Iterable[T], total: int | None, desc: str, unit: str = "it", log: logging.Logger | None = None,
+    items: Iterable[T],
+    total: int | None,
+    desc: str,
+    unit: str = "it",
+    log: logging.Logger | None = None,
     every_s: float = 30.0,
 ) -> Iterator[T]:
     """Yield ``items``; show a bar when stderr is a terminal, else log a line every ``every_s``."""

@@ -31,7 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import webdataset as wds
@@ -240,8 +240,16 @@ def _encode_star(args: tuple[Item, EncodeOptions]) -> tuple[bytes | None, str]:
 
 
 def write_shards(
-    source: Source, out_dir: Path, *, opts: EncodeOptions, per_shard: int, max_shard_bytes: float,
-    shuffle: bool, seed: int, workers: int, source_name: str,
+    source: Source,
+    out_dir: Path,
+    *,
+    opts: EncodeOptions,
+    per_shard: int,
+    max_shard_bytes: float,
+    shuffle: bool,
+    seed: int,
+    workers: int,
+    source_name: str,
 ) -> dict[str, Any]:
     """Write ``source`` as shards into ``out_dir`` and return the manifest (also on disk)."""
     order = np.arange(len(source.items))
@@ -257,7 +265,9 @@ def write_shards(
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     encoded = pool.imap(_encode_star, jobs, chunksize=64) if pool else map(_encode_star, jobs)
     try:
-        with wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=per_shard, maxsize=max_shard_bytes, verbose=0) as sink:
+        with wds.ShardWriter(
+            str(out_dir / SHARD_PATTERN), maxcount=per_shard, maxsize=max_shard_bytes, verbose=0
+        ) as sink:
             for item, (data, error) in progress(zip(items, encoded), len(items), "shards", "img", log):
                 if data is None:
                     skipped.append({"name": item.name, "error": error})
@@ -361,15 +371,25 @@ def main(argv: list[str] | None = None) -> int:
         prepare_out_dir(args.out_dir, args.overwrite)
         opts = EncodeOptions(size=args.size, channels=args.channels or source.channels, image_format=args.image_format)
         manifest = write_shards(
-            source, args.out_dir, opts=opts, per_shard=args.per_shard, max_shard_bytes=args.max_shard_bytes,
-            shuffle=not args.no_shuffle, seed=args.seed, workers=max(1, args.workers), source_name=str(args.source),
+            source,
+            args.out_dir,
+            opts=opts,
+            per_shard=args.per_shard,
+            max_shard_bytes=args.max_shard_bytes,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+            workers=max(1, args.workers),
+            source_name=str(args.source),
         )
     except SourceError as e:
         print(f"dcgan.shards: error: {e}", file=sys.stderr)
         return 2
     log.info(
         "wrote %d samples in %d shards to %s (%d skipped)",
-        manifest["samples"], len(manifest["shards"]), args.out_dir, manifest["skipped"],
+        manifest["samples"],
+        len(manifest["shards"]),
+        args.out_dir,
+        manifest["skipped"],
     )
     return 0
 

@@ -58,7 +58,10 @@ def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, 
     # One scaler per network: their gradients live on different scales (fp16 only).
     fp16 = cfg.train.precision == "fp16"
     state = TrainState(
-        G, D, opt_g, opt_d,
+        G,
+        D,
+        opt_g,
+        opt_d,
         torch.amp.GradScaler(dist.device.type, enabled=fp16),
         torch.amp.GradScaler(dist.device.type, enabled=fp16),
     )
@@ -69,10 +72,12 @@ def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, 
     return state, DDP(G, **NO_FORWARD_BUFFER_SYNC), DDP(D, **NO_FORWARD_BUFFER_SYNC)
 
 
-def gan_step(state: TrainState, g_train: nn.Module, d_train: nn.Module, real: torch.Tensor, nz: int, amp_dtype) -> torch.Tensor:
+def gan_step(
+    state: TrainState, g_train: nn.Module, d_train: nn.Module, real: torch.Tensor, nz: int, amp_dtype
+) -> torch.Tensor:
     """One D update and one G update; returns the STAT_NAMES values as a tensor on the
     device (no host sync here: the caller reads them only at log steps)."""
-    G, D = state.generator, state.discriminator
+    D = state.discriminator
     amp = torch.autocast(real.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     n = real.shape[0]
     ones = torch.ones(n, device=real.device)
@@ -156,10 +161,23 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
     state, g_train, d_train = build_training(cfg, dist)
     if resume_from is not None:
         state.load_state_dict(checkpoint.load(resume_from, map_location=dist.device))
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch, state.batch_in_epoch)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            resume_from,
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+        )
     loader = Loader(
-        shards, cfg.data, rank=dist.rank, world_size=dist.world_size, batch_size=t.batch_size,
-        image_size=cfg.model.image_size, channels=cfg.model.channels, seed=t.seed, device=dist.device,
+        shards,
+        cfg.data,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        batch_size=t.batch_size,
+        image_size=cfg.model.image_size,
+        channels=cfg.model.channels,
+        seed=t.seed,
+        device=dist.device,
     )
     if state.batch_in_epoch >= loader.steps_per_epoch:  # e.g. resumed with more processes
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -172,8 +190,16 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
     log.info(
         "training %s: arch %s, %d process(es) on %s, batch %d x %d, %s, %d steps "
         "(%d per epoch of %d samples), G %.2fM params, D %.2fM params",
-        t.name, cfg.model.arch, dist.world_size, dist.device.type, t.batch_size, dist.world_size, t.precision,
-        t.steps, loader.steps_per_epoch, shards.total,
+        t.name,
+        cfg.model.arch,
+        dist.world_size,
+        dist.device.type,
+        t.batch_size,
+        dist.world_size,
+        t.precision,
+        t.steps,
+        loader.steps_per_epoch,
+        shards.total,
         sum(p.numel() for p in state.generator.parameters()) / 1e6,
         sum(p.numel() for p in state.discriminator.parameters()) / 1e6,
     )
@@ -184,7 +210,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
 
     while state.step < t.steps:
         t_fetch = time.perf_counter()
-        for real in loader.epoch(state.epoch, state.batch_in_epoch):
+        for real, _ in loader.epoch(state.epoch, state.batch_in_epoch):
             data_wait += time.perf_counter() - t_fetch
             if state.step == 0:
                 tracker.grid(real[: cfg.log.num_samples], "real")
@@ -200,8 +226,10 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
                 values = dict(zip(STAT_NAMES, (stats_sum / stats_steps).tolist()))  # the one host sync
                 elapsed = time.perf_counter() - t_log
                 values.update(
-                    epoch=state.epoch, img_per_s=stats_steps * global_batch / elapsed,
-                    data_wait=data_wait / elapsed, corrupt_samples=loader.corrupt_samples,
+                    epoch=state.epoch,
+                    img_per_s=stats_steps * global_batch / elapsed,
+                    data_wait=data_wait / elapsed,
+                    corrupt_samples=loader.corrupt_samples,
                 )
                 tracker.metrics(step, values, (
                     f"step {step}/{t.steps} | epoch {state.epoch} | "
@@ -226,7 +254,12 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
     done = state.step - start_step
     log.info(
         "done: %d steps in %.1fs (%.2f steps/s, %.0f img/s); corrupt samples %d, unreadable shards %d (this rank)",
-        done, wall, done / wall, done * global_batch / wall, loader.corrupt_samples, loader.corrupt_shards,
+        done,
+        wall,
+        done / wall,
+        done * global_batch / wall,
+        loader.corrupt_samples,
+        loader.corrupt_shards,
     )
 
 
@@ -240,7 +273,9 @@ def setup_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcgan.train", description="Train a DCGAN (alone or under torchrun).")
+    parser = argparse.ArgumentParser(
+        prog="python -m dcgan.train", description="Train a DCGAN (alone or under torchrun)."
+    )
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/celeba.yaml")
     parser.add_argument("overrides", nargs="*", help="a.b=value settings applied after the file")
     args = parser.parse_args(argv)
@@ -260,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(
                 "shards hold %dx%d images, model.image_size is %d: every image is resized while training "
                 "(write shards with --size %d to avoid that)",
-                shards.image_size, shards.image_size, cfg.model.image_size, cfg.model.image_size,
+                shards.image_size,
+                shards.image_size,
+                cfg.model.image_size,
+                cfg.model.image_size,
             )
         resume_from = find_resume_checkpoint(cfg)
     except ConfigError as e:
