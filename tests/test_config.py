@@ -1,0 +1,84 @@
+"""Bad configs are rejected before any work, naming the key and the file; good ones load."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_module, write_config
+from dcgan.config import ConfigError, load_config
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(REPO / "configs/pumpkins.yaml", ["optim.g.lr=1e-3", "train.steps=7", "data.augment.hflip=false",
+                                                       "optim.d.betas=[0.0, 0.9]", "train.name=x"])  # fmt: skip
+    assert cfg.optim.g.lr == 1e-3 and isinstance(cfg.optim.g.lr, float)
+    assert cfg.train.steps == 7 and cfg.data.augment.hflip is False
+    assert cfg.optim.d.betas == (0.0, 0.9)
+    assert cfg.data.augment.translate == (0.05, 0.025)  # untouched keys keep the file's values
+    assert cfg.run_dir == Path("runs/x")
+    assert load_config(REPO / "configs/pumpkins.yaml").train.name == "pumpkins"  # default: the file's stem
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.stepz=3"], "train.stepz: unknown key"),
+        (["train.steps=many"], "train.steps: expected an integer"),
+        (["train.steps=0"], "train.steps: must be >= 1"),
+        (["train.precision=fp8"], "train.precision: 'fp8' is not one of"),
+        (["model.image_size=32"], "model.image_size: arch 'kmnist' makes 28x28"),
+        (["model.arch=resnet"], "model.arch: 'resnet' is not one of"),
+        (["optim.g.betas=[0.5]"], "optim.g.betas: expected a list of 2"),
+        (["data.augment.scale=[1.2, 1.0]"], "data.augment.scale: needs 0 < lo <= hi"),
+        (["train.sync_bn=yes please"], "train.sync_bn: expected true or false"),
+        (["train.steps"], "not of the form a.b=value"),
+    ],
+)
+def test_bad_values_name_key_and_file(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs/fashion-mnist.yaml", overrides)
+    assert key in str(err.value)
+    assert str(err.value).startswith(str(REPO / "configs/fashion-mnist.yaml"))
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"train: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+    assert not marker.exists()
+
+
+def test_wrong_type_in_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  ngf: sixty-four\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: model.ngf: expected an integer"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.shards=/nonexistent/shards", "data.shards: /nonexistent/shards does not exist"),
+        ("data.shards=/nonexistent/s-{0..3}.tar", "data.shards: shard /nonexistent/s-0.tar does not exist"),
+        ("train.batch_size=100000", "train.batch_size: 512 samples cannot fill one batch"),
+        ("model.ngf=-1", "model.ngf: must be >= 1"),
+    ],
+)
+def test_cli_rejects_bad_config_with_exit_2(tmp_path, digit_shards, override, message):
+    config = write_config(tmp_path / "tiny.yaml", digit_shards)
+    result = run_module("dcgan.train", "--config", str(config), override, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert str(config) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_missing_shard_file_is_named(tmp_path, digit_shards):
+    config = write_config(tmp_path / "tiny.yaml", digit_shards)
+    pattern = f"{digit_shards}/shard-{{000000..000009}}.tar"  # only 6 of these exist
+    result = run_module("dcgan.train", "--config", str(config), f"data.shards={pattern}", timeout=120)
+    assert result.returncode == 2
+    assert f"data.shards: shard {digit_shards}/shard-000006.tar does not exist" in result.stderr
