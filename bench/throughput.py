@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dcgan.config import load_config
-from dcgan.data import Loader, resolve_shards
+from dcgan.data import Loader, ShardStream, resolve_shards
 from dcgan.distributed import DistInfo
 from dcgan.shards import main as shards_main
 from dcgan.train import AMP_DTYPES, build_training, gan_step
@@ -103,10 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     amp_dtype = AMP_DTYPES[cfg.train.precision]
 
     state, g_train, d_train = build_training(cfg, dist)
-    loader = Loader(
+    stream = ShardStream(
         resolve_shards(cfg.data), cfg.data, rank=0, world_size=1, batch_size=args.batch,
-        image_size=cfg.model.image_size, channels=cfg.model.channels, seed=0, device=device,
+        image_size=cfg.model.image_size, channels=cfg.model.channels, seed=0,
     )  # fmt: skip
+    loader = Loader(stream, device)
 
     def step(real: torch.Tensor) -> None:
         gan_step(state, g_train, d_train, real, cfg.model.nz, amp_dtype)

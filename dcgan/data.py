@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -136,7 +137,14 @@ def _read_manifest(path: Path) -> dict:
 
 
 def steps_per_epoch(total: int, world_size: int, batch_size: int) -> int:
-    return total // (world_size * batch_size)
+    """Batches per rank per epoch; ConfigError when the data cannot fill one."""
+    steps = total // (world_size * batch_size)
+    if steps == 0:
+        raise ConfigError(
+            f"train.batch_size: {total} samples cannot fill one batch of {batch_size} on each of "
+            f"{world_size} processes (lower train.batch_size or use more data)"
+        )
+    return steps
 
 
 def epoch_layout(counts: tuple[int, ...], seed: int, epoch: int) -> tuple[np.ndarray, int]:
@@ -254,9 +262,9 @@ class ShardStream(IterableDataset):
         raw = self._read_from((offset + slot_start) % self.shards.total, order)
         own = wds.filters.shuffle(
             self.cfg.shuffle_buffer, self.cfg.shuffle_buffer, seed=derive_seed(self.seed, self.epoch, self.rank, slot)
-        )(_take(raw, n_batches * B))
+        )(itertools.islice(raw, n_batches * B))
         # After its own run, a slot keeps reading the sequence: replacements for bad samples.
-        samples = _chain(own, raw)
+        samples = itertools.chain(own, raw)
         self.bad_shards = 0  # counted by _read_from, reported with the next batch
         bad_samples_at_start = consecutive_bad = 0
         for j in range(n_batches):
@@ -317,16 +325,6 @@ def _tar_samples(url: str) -> Iterator[dict]:
         yield from wds.tariterators.group_by_keys(files)
 
 
-def _take(it: Iterator, n: int) -> Iterator:
-    for _, item in zip(range(n), it):
-        yield item
-
-
-def _chain(first: Iterator, then: Iterator) -> Iterator:
-    yield from first
-    yield from then
-
-
 # --------------------------------------------------------------------------- the loader
 
 
@@ -334,37 +332,11 @@ class Loader:
     """A rank's data: ``epoch(e, start_batch)`` yields ``(images, labels)`` on ``device``:
     float images in [-1, 1] of shape (B, C, S, S) and int64 labels (-1 where unlabelled)."""
 
-    def __init__(
-        self,
-        shards: ShardSet,
-        cfg: DataConfig,
-        *,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        image_size: int,
-        channels: int,
-        seed: int,
-        device: torch.device,
-    ):
-        self.stream = ShardStream(
-            shards,
-            cfg,
-            rank=rank,
-            world_size=world_size,
-            batch_size=batch_size,
-            image_size=image_size,
-            channels=channels,
-            seed=seed,
-        )
-        self.workers = cfg.workers
+    def __init__(self, stream: ShardStream, device: torch.device):
+        self.stream = stream
+        self.workers = stream.cfg.workers
         self.device = device
-        self.steps_per_epoch = self.stream.steps
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"data.shards: {shards.total} samples cannot fill one batch of {batch_size} on each of "
-                f"{world_size} processes (lower train.batch_size or use more data)"
-            )
+        self.steps_per_epoch = stream.steps
         self.corrupt_samples = 0  # totals over this process's life, for the log
         self.corrupt_shards = 0
 

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dcgan import checkpoint, distributed
 from dcgan.checkpoint import TrainState
 from dcgan.config import Config, ConfigError, load_config, save_config
-from dcgan.data import Loader, ShardSet, derive_seed, resolve_shards, steps_per_epoch
+from dcgan.data import Loader, ShardSet, ShardStream, derive_seed, resolve_shards, steps_per_epoch
 from dcgan.distributed import DistInfo
 from dcgan.models import build_models, sample_latent
 from dcgan.sync_batchnorm import convert_sync_batchnorm
@@ -73,7 +73,12 @@ def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, 
 
 
 def gan_step(
-    state: TrainState, g_train: nn.Module, d_train: nn.Module, real: torch.Tensor, nz: int, amp_dtype
+    state: TrainState,
+    g_train: nn.Module,
+    d_train: nn.Module,
+    real: torch.Tensor,
+    nz: int,
+    amp_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     """One D update and one G update; returns the STAT_NAMES values as a tensor on the
     device (no host sync here: the caller reads them only at log steps)."""
@@ -151,7 +156,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
         handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.getLogger().handlers[0].formatter)
+        handler.setFormatter(logging.Formatter(log_format(dist.rank), LOG_DATE_FORMAT))
         logging.getLogger().addHandler(handler)
     t = cfg.train
     amp_dtype = AMP_DTYPES[t.precision]
@@ -168,17 +173,11 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
             state.epoch,
             state.batch_in_epoch,
         )
-    loader = Loader(
-        shards,
-        cfg.data,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        batch_size=t.batch_size,
-        image_size=cfg.model.image_size,
-        channels=cfg.model.channels,
-        seed=t.seed,
-        device=dist.device,
-    )
+    stream = ShardStream(
+        shards, cfg.data, rank=dist.rank, world_size=dist.world_size, batch_size=t.batch_size,
+        image_size=cfg.model.image_size, channels=cfg.model.channels, seed=t.seed,
+    )  # fmt: skip
+    loader = Loader(stream, dist.device)
     if state.batch_in_epoch >= loader.steps_per_epoch:  # e.g. resumed with more processes
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     # Each rank draws its own latents; the fixed grid noise is the same everywhere.
@@ -263,13 +262,17 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
     )
 
 
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def log_format(rank: int) -> str:
+    return f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
+
+
 def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        force=True,
-    )
+    """Timestamped lines on stderr; INFO from rank 0, only warnings from the others."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=log_format(rank), datefmt=LOG_DATE_FORMAT, force=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,11 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         shards = resolve_shards(cfg.data)
-        if steps_per_epoch(shards.total, env.world_size, cfg.train.batch_size) == 0:
-            raise ConfigError(
-                f"train.batch_size: {shards.total} samples cannot fill one batch of {cfg.train.batch_size} "
-                f"on each of {env.world_size} processes"
-            )
+        steps_per_epoch(shards.total, env.world_size, cfg.train.batch_size)  # the data fills a batch per process
+        if cfg.train.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device: 'cuda', but torch sees no CUDA device here")
         if shards.image_size not in (None, cfg.model.image_size):
             log.warning(
                 "shards hold %dx%d images, model.image_size is %d: every image is resized while training "

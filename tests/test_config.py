@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, run_module, write_config
 from dcgan.config import ConfigError, load_config
@@ -64,6 +65,11 @@ def test_wrong_type_in_file(tmp_path):
         ("data.shards=/nonexistent/s-{0..3}.tar", "data.shards: shard /nonexistent/s-0.tar does not exist"),
         ("train.batch_size=100000", "train.batch_size: 512 samples cannot fill one batch"),
         ("model.ngf=-1", "model.ngf: must be >= 1"),
+        pytest.param(
+            "train.device=cuda",
+            "train.device: 'cuda', but torch sees no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
     ],
 )
 def test_cli_rejects_bad_config_with_exit_2(tmp_path, digit_shards, override, message):

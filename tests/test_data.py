@@ -12,7 +12,7 @@ import webdataset as wds
 
 from conftest import make_shards
 from dcgan.config import AugmentConfig, ConfigError, DataConfig
-from dcgan.data import DataError, Loader, augment_batch, resolve_shards
+from dcgan.data import DataError, Loader, ShardStream, augment_batch, resolve_shards
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,9 @@ def indexed_shards(tmp_path_factory, real_images):
 
 def make_loader(shards, rank=0, world_size=1, batch_size=4, workers=2, **data):
     cfg = DataConfig(shards=str(shards), workers=workers, shuffle_buffer=data.pop("shuffle_buffer", 8), **data)
-    return Loader(resolve_shards(cfg), cfg, rank=rank, world_size=world_size, batch_size=batch_size,
-                  image_size=28, channels=1, seed=0, device=torch.device("cpu"))  # fmt: skip
+    stream = ShardStream(resolve_shards(cfg), cfg, rank=rank, world_size=world_size, batch_size=batch_size,
+                         image_size=28, channels=1, seed=0)  # fmt: skip
+    return Loader(stream, torch.device("cpu"))
 
 
 def epoch_labels(loader, epoch, start_batch=0):
