@@ -66,7 +66,6 @@ class ShardSet:
     urls: tuple[str, ...]
     counts: tuple[int, ...]  # samples per shard (from the manifest, or data.samples_per_shard)
     image_size: int | None = None  # from the manifest, when it knows
-    channels: int | None = None
 
     @property
     def total(self) -> int:
@@ -91,9 +90,7 @@ def resolve_shards(cfg: DataConfig) -> ShardSet:
             )
         manifest = _read_manifest(manifest_path)
         urls = [str(manifest_path.parent / name) for name in manifest["shards"]]
-        shard_set = ShardSet(
-            tuple(urls), tuple(manifest["shard_samples"]), manifest.get("image_size"), manifest.get("channels")
-        )
+        shard_set = ShardSet(tuple(urls), tuple(manifest["shard_samples"]), manifest.get("image_size"))
     else:
         urls = wds.shardlists.expand_urls(spec)
         for url in urls if is_local else ():

@@ -31,7 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import webdataset as wds
@@ -43,7 +43,9 @@ log = logging.getLogger("dcgan.shards")
 
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-%06d.tar"
-IMAGE_EXTENSIONS = {"png", "jpg", "jpeg", "webp", "npy"}  # member suffixes the data pipeline decodes
+# Member suffixes the data pipeline decodes, in order of preference (a tuple: a set's
+# order would change with each process's string hashing).
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "npy")
 
 
 class SourceError(ValueError):
@@ -210,8 +212,14 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def encode_item(item: Item, opts: EncodeOptions) -> tuple[bytes | None, str]:
-    """Encoded image bytes, or (None, reason) when the image cannot be read."""
+class Encoded(NamedTuple):
+    data: bytes | None  # None: the image could not be read
+    size: tuple[int, int] | None  # (height, width) of what was encoded
+    error: str
+
+
+def encode_item(item: Item, opts: EncodeOptions) -> Encoded:
+    """The item's encoded bytes and size, or the reason it cannot be read."""
     try:
         if item.path is not None:
             with Image.open(item.path) as opened:
@@ -227,12 +235,12 @@ def encode_item(item: Item, opts: EncodeOptions) -> tuple[bytes | None, str]:
             img.save(buf, format="JPEG", quality=95)
         else:
             img.save(buf, format="PNG")
-        return buf.getvalue(), ""
+        return Encoded(buf.getvalue(), (img.height, img.width), "")
     except Exception as e:  # PIL raises many types for bad files; all mean "skip this one"
-        return None, f"{type(e).__name__}: {e}"
+        return Encoded(None, None, f"{type(e).__name__}: {e}")
 
 
-def _encode_star(args: tuple[Item, EncodeOptions]) -> tuple[bytes | None, str]:
+def _encode_star(args: tuple[Item, EncodeOptions]) -> Encoded:
     return encode_item(*args)
 
 
@@ -260,7 +268,7 @@ def write_shards(
     counts: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
     written = 0
-    shape: set[tuple[int, ...]] = set()
+    sizes: set[tuple[int, int]] = set()
     jobs = ((it, opts) for it in items)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     encoded = pool.imap(_encode_star, jobs, chunksize=64) if pool else map(_encode_star, jobs)
@@ -268,7 +276,7 @@ def write_shards(
         with wds.ShardWriter(
             str(out_dir / SHARD_PATTERN), maxcount=per_shard, maxsize=max_shard_bytes, verbose=0
         ) as sink:
-            for item, (data, error) in progress(zip(items, encoded), len(items), "shards", "img", log):
+            for item, (data, size, error) in progress(zip(items, encoded), len(items), "shards", "img", log):
                 if data is None:
                     skipped.append({"name": item.name, "error": error})
                     log.warning("skipped unreadable image %s (%s)", item.name, error)
@@ -280,8 +288,7 @@ def write_shards(
                 name = os.path.basename(sink.fname)
                 counts[name] = counts.get(name, 0) + 1
                 written += 1
-                if opts.size is None and len(shape) < 2:
-                    shape.add(_decoded_shape(data, opts.image_format))
+                sizes.add(size)
     finally:
         if pool:
             pool.close()
@@ -293,11 +300,9 @@ def write_shards(
     if written == 0:
         raise SourceError(f"{source_name}: none of the {len(items)} images could be read")
 
-    if opts.size is not None:
-        image_size: int | None = opts.size
-    else:  # unresized: a size only if the first images agree and are square
-        (only,) = shape if len(shape) == 1 else (None,)
-        image_size = only[0] if only and only[0] == only[1] else None
+    # A size only when every image has it (always so with --size) and is square.
+    (only,) = sizes if len(sizes) == 1 else (None,)
+    image_size = only[0] if only and only[0] == only[1] else None
     manifest = {
         "format_version": 1,
         "shards": sorted(counts),
@@ -315,13 +320,6 @@ def write_shards(
     }
     _write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
-
-
-def _decoded_shape(data: bytes, image_format: str) -> tuple[int, ...]:
-    if image_format == "npy":
-        return np.load(io.BytesIO(data), allow_pickle=False).shape[:2]
-    with Image.open(io.BytesIO(data)) as img:
-        return (img.height, img.width)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
