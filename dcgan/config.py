@@ -13,6 +13,7 @@ keeps the error text in one format: ``<file>: <key>: <problem>``.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad key or value; the message names the key (and the file, once known)."""
+
+
+_CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
 
 
 # --------------------------------------------------------------------------- sections
@@ -80,10 +84,14 @@ class ModelConfig:
     nz: int = 100  # latent size
     ngf: int = 64  # generator base width
     ndf: int = 64  # discriminator base width
+    # Decay of the moving average of G's weights (the EMA generator used for sample
+    # grids); it ramps up as min(decay, (1 + step) / (10 + step)). 0 disables it.
+    ema_decay: float = 0.999
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "nz", "ngf", "ndf"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
+        _check(0 <= self.ema_decay < 1, "ema_decay", "must lie in [0, 1) (0 disables the EMA generator)")
 
 
 @dataclass
@@ -116,14 +124,29 @@ class TrainConfig:
     seed: int = 0
     sync_bn: bool = True  # SyncBatchNorm when world size > 1
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
-    # "auto": continue from the newest checkpoint in the run folder if there is one;
+    # "auto": continue from the newest valid checkpoint in the run folder if there is one;
     # "never": start fresh; anything else: a checkpoint file to start from.
     resume: str = "auto"
+    # With resume "never": wipe a run folder that already holds checkpoints (otherwise refused).
+    overwrite: bool = False
+    # Signals that mean "checkpoint and stop" (Slurm sends SIGTERM at the time limit and
+    # the signal of --signal=... before it). Exit code then: dcgan.preemption.EXIT_PREEMPTED.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    # Ranks compare stop requests every N steps (one tiny host-side all-reduce); a signal
+    # is acted on at most N steps late.
+    stop_check_every: int = 1
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "steps", "must be >= 1")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check("/" not in self.name, "name", "must not contain '/'")
+        _check(self.stop_check_every >= 1, "stop_check_every", "must be >= 1")
+        for name in self.stop_signals:
+            _check(
+                name in _CATCHABLE_SIGNALS,
+                "stop_signals",
+                f"{name!r} is not a signal name a process can catch (e.g. SIGTERM, SIGUSR1, SIGUSR2)",
+            )
 
 
 @dataclass
@@ -259,6 +282,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], key)
+    if origin is list:
+        (arg,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

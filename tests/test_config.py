@@ -11,12 +11,14 @@ from dcgan.config import ConfigError, load_config
 
 def test_overrides_are_typed(tmp_path):
     cfg = load_config(REPO / "configs/pumpkins.yaml", ["optim.g.lr=1e-3", "train.steps=7", "data.augment.hflip=false",
-                                                       "optim.d.betas=[0.0, 0.9]", "train.name=x"])  # fmt: skip
+                                                       "optim.d.betas=[0.0, 0.9]", "train.name=x",
+                                                       "train.stop_signals=[SIGUSR2]", "model.ema_decay=0"])  # fmt: skip
     assert cfg.optim.g.lr == 1e-3 and isinstance(cfg.optim.g.lr, float)
     assert cfg.train.steps == 7 and cfg.data.augment.hflip is False
     assert cfg.optim.d.betas == (0.0, 0.9)
     assert cfg.data.augment.translate == (0.05, 0.025)  # untouched keys keep the file's values
     assert cfg.run_dir == Path("runs/x")
+    assert cfg.train.stop_signals == ["SIGUSR2"] and cfg.model.ema_decay == 0.0
     assert load_config(REPO / "configs/pumpkins.yaml").train.name == "pumpkins"  # default: the file's stem
 
 
@@ -33,6 +35,9 @@ def test_overrides_are_typed(tmp_path):
         (["data.augment.scale=[1.2, 1.0]"], "data.augment.scale: needs 0 < lo <= hi"),
         (["train.sync_bn=yes please"], "train.sync_bn: expected true or false"),
         (["train.steps"], "not of the form a.b=value"),
+        (["train.stop_signals=[SIGKILL]"], "train.stop_signals: 'SIGKILL' is not a signal name a process can catch"),
+        (["train.stop_signals=SIGTERM"], "train.stop_signals: expected a list"),
+        (["model.ema_decay=1"], "model.ema_decay: must lie in [0, 1)"),
     ],
 )
 def test_bad_values_name_key_and_file(overrides, key):
