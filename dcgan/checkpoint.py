@@ -1,35 +1,50 @@
 """What a run's state is, and how it reaches the disk and comes back.
 
-``TrainState`` is the one object holding everything a restart needs; ``save`` writes it
-atomically (temp file in the same folder, fsync, rename, fsync of the folder), so a
-crash mid-write never leaves a half-written ``step_*.pt``; ``load`` reads with
-``weights_only=True`` (tensors, numbers, strings and containers only: no unpickling of
-arbitrary objects).
+``TrainState`` is the one object holding everything a restart needs (nothing else holds
+hidden state); ``capture_rng_state`` adds each rank's random generators. On disk a
+checkpoint is two files in ``<run>/checkpoints/``:
+
+* ``step_<step>.pt``: the state, written atomically (temp file in the same folder,
+  fsync, rename, fsync of the folder), so a crash mid-write never leaves a half-written
+  ``step_*.pt``; read back with ``weights_only=True`` (tensors, numbers, strings and
+  containers only: nothing arbitrary is unpickled).
+* ``step_<step>.pt.json``: its record (size in bytes and SHA-256), written after the
+  ``.pt`` is in place. A checkpoint counts only when its record exists and matches, so a
+  file truncated or damaged later (a full disk, a copy cut short, a bad block) is
+  detected before anything is loaded from it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import random
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 log = logging.getLogger("dcgan.checkpoint")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+RECORD_SUFFIX = ".json"  # step_X.pt -> step_X.pt.json
+CORRUPT_SUFFIX = ".corrupt"  # a rejected checkpoint is renamed aside, never deleted
 
 
 @dataclass
 class TrainState:
     generator: nn.Module  # bare modules (not DDP): their state dicts load into any world size
     discriminator: nn.Module
+    generator_ema: nn.Module | None  # moving average of G's weights; None when model.ema_decay is 0
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     scaler_g: torch.amp.GradScaler
@@ -38,28 +53,38 @@ class TrainState:
     epoch: int = 0  # data epoch in progress
     batch_in_epoch: int = 0  # batches of that epoch already consumed (per rank)
     samples_seen: int = 0  # real images consumed, all ranks together
+    wandb_run_id: str | None = None  # set by tracking, so a restart continues the same W&B run
 
-    def state_dict(self, config: dict[str, Any]) -> dict[str, Any]:
+    def state_dict(self, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+        """Everything to restart from; ``rng`` holds one ``capture_rng_state()`` per rank."""
         return {
             "format_version": FORMAT_VERSION,
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "samples_seen": self.samples_seen,
+            "world_size": world_size,  # batch_in_epoch is a position in this world size's split
             "generator": self.generator.state_dict(),
             "discriminator": self.discriminator.state_dict(),
+            "generator_ema": None if self.generator_ema is None else self.generator_ema.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "scaler_g": self.scaler_g.state_dict(),
             "scaler_d": self.scaler_d.state_dict(),
+            "rng": rng,
+            "wandb_run_id": self.wandb_run_id,
             "config": config,
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore nets, optimisers and counters (RNG states: ``restore_rng_state``)."""
         if sd.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"checkpoint format {sd.get('format_version')!r}, this code reads {FORMAT_VERSION}")
         self.generator.load_state_dict(sd["generator"])
         self.discriminator.load_state_dict(sd["discriminator"])
+        if self.generator_ema is not None:
+            # Turned on for a run whose checkpoint has none: start the average from G.
+            self.generator_ema.load_state_dict(sd["generator_ema"] or sd["generator"])
         self.opt_g.load_state_dict(sd["opt_g"])
         self.opt_d.load_state_dict(sd["opt_d"])
         if sd["scaler_g"]:  # empty when saved with grad scaling off
@@ -67,42 +92,190 @@ class TrainState:
             self.scaler_d.load_state_dict(sd["scaler_d"])
         self.step, self.epoch = sd["step"], sd["epoch"]
         self.batch_in_epoch, self.samples_seen = sd["batch_in_epoch"], sd["samples_seen"]
+        self.wandb_run_id = sd["wandb_run_id"]
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generators (python, numpy, torch CPU and, on a GPU, CUDA) as plain
+    containers and tensors, so ``weights_only=True`` loads them."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": [version, list(mt), gauss],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937",
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })  # fmt: skip
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_rng(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every GPU) from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- files
 
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return ckpt_dir / f"step_{step:08d}.pt"
 
 
+def record_path(path: Path) -> Path:
+    return path.with_name(path.name + RECORD_SUFFIX)
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Checkpoints in ``ckpt_dir``, oldest first (by step)."""
+    """``step_*.pt`` files in ``ckpt_dir``, oldest first (by step), valid or not."""
     if not ckpt_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
-def save(state_dict: dict[str, Any], ckpt_dir: Path, step: int, keep: int) -> Path:
-    """Write ``step_<step>.pt`` atomically, then drop all but the newest ``keep``."""
+class Saved(NamedTuple):
+    path: Path
+    bytes: int
+    seconds: float
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through it (one pass over the bytes)."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save(state_dict: dict[str, Any], ckpt_dir: Path, step: int, keep: int) -> Saved:
+    """Write ``step_<step>.pt`` and its record atomically, then drop all but the newest
+    ``keep``. On any failure (full disk, I/O error) the temp file is removed and the
+    exception propagates: older checkpoints are untouched."""
+    t0 = time.perf_counter()
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(ckpt_dir, step)
+    record_path(path).unlink(missing_ok=True)  # a stale record must never vouch for new bytes
     fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as raw:
+            f = _HashingFile(raw)
             torch.save(state_dict, f)
-            f.flush()
-            os.fsync(f.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
+        _write_atomic(
+            record_path(path),
+            json.dumps({"file": path.name, "step": step, "bytes": f.bytes, "sha256": f.sha256.hexdigest()}),
+        )
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(ckpt_dir)
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
-    return path
+        record_path(old).unlink(missing_ok=True)
+    return Saved(path, f.bytes, time.perf_counter() - t0)
+
+
+def verify(path: Path) -> str | None:
+    """Why ``path`` cannot be trusted (no record, truncated, checksum mismatch), or None."""
+    try:
+        record = json.loads(record_path(path).read_text())
+        expected_bytes, expected_sha = int(record["bytes"]), str(record["sha256"])
+    except FileNotFoundError:
+        return f"no size/checksum record {record_path(path).name} (the write was cut short?)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable record {record_path(path).name}: {e}"
+    try:
+        size = path.stat().st_size
+        if size != expected_bytes:
+            return f"{size} bytes, its record says {expected_bytes} (truncated or overwritten)"
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)
+    except OSError as e:
+        return f"unreadable: {e}"
+    if sha.hexdigest() != expected_sha:
+        return "SHA-256 differs from its record (the file is damaged)"
+    return None
+
+
+def latest_valid(ckpt_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest checkpoint that verifies, [(newer rejected ones, reason)])."""
+    rejected = []
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        reason = verify(path)
+        if reason is None:
+            return path, rejected
+        rejected.append((path, reason))
+    return None, rejected
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a rejected checkpoint (and its record) out of the way: kept for a look,
+    never loaded, never counted by ``list_checkpoints`` or pruned."""
+    aside = path.with_name(path.name + CORRUPT_SUFFIX)
+    path.replace(aside)
+    if record_path(path).exists():
+        record_path(path).replace(record_path(aside))
+    return aside
+
+
+def remove_temp_files(ckpt_dir: Path) -> list[Path]:
+    """Delete temp files left by a save that was killed mid-write (call when no save runs)."""
+    stale = list(ckpt_dir.glob(".step_*.tmp")) if ckpt_dir.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
