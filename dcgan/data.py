@@ -39,7 +39,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -329,8 +329,9 @@ class Loader:
     """A rank's data: ``epoch(e, start_batch)`` yields ``(images, labels)`` on ``device``:
     float images in [-1, 1] of shape (B, C, S, S) and int64 labels (-1 where unlabelled)."""
 
-    def __init__(self, stream: ShardStream, device: torch.device):
+    def __init__(self, stream: ShardStream, device: torch.device, worker_init_fn: Callable[[int], None] | None = None):
         self.stream = stream
+        self.worker_init_fn = worker_init_fn  # runs first in each worker process (a picklable callable)
         self.workers = stream.cfg.workers
         self.device = device
         self.steps_per_epoch = stream.steps
@@ -345,6 +346,11 @@ class Loader:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.workers else None,
+            worker_init_fn=self.worker_init_fn,
+            # Its own generator: a new iterator draws a seed from it, and a draw from the
+            # global RNG would shift the latents of a run resumed mid-epoch (our workers
+            # seed themselves from (seed, epoch, rank, slot) and ignore it anyway).
+            generator=torch.Generator().manual_seed(0),
         )
         for expected, (images, labels, index, bad_samples, bad_shards) in enumerate(loader, start_batch):
             if index != expected:  # the round-robin order the plan relies on did not hold
