@@ -3,6 +3,11 @@
 ``setup()`` reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun; a plain
 ``python -m dcgan.train`` is rank 0 of 1), picks the device and initialises the process
 group (env://: MASTER_ADDR / MASTER_PORT): NCCL on CUDA, gloo on the CPU.
+
+The small helpers below (``broadcast_object``, ``gather_objects``, ``min_over_ranks``) are
+the host-side agreements the trainer needs: which checkpoint to resume from, every
+rank's RNG state, whether any rank was asked to stop. They run on a gloo group even
+in NCCL runs, so they never wait on the GPU stream; with one process they are no-ops.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -25,6 +30,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    control_group: Any = None  # gloo group for host-side agreements (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -65,15 +71,23 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
         dev = torch.device("cpu")
 
     if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        # torchrun keeps one store across --max-restarts; without a per-attempt prefix a
+        # restarted group can read the dead group's addresses and fail to connect.
+        store = dist.PrefixStore(f"dcgan/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            init_method="env://",
+            store=store,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if use_cuda else None,
         )
-    info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+    # NCCL collectives need device tensors (a sync with the GPU stream); small host-side
+    # agreements get their own gloo group instead.
+    control = dist.new_group(backend="gloo") if world_size > 1 and use_cuda else None
+    info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, control_group=control)
     log.debug("process %d/%d (local %d) on %s", rank, world_size, local_rank, dev)
     return info
 
@@ -81,3 +95,30 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable objects)."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=info.control_group)
+    return box[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere)."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0, group=info.control_group)
+    return out
+
+
+def min_over_ranks(value: float, info: DistInfo) -> float:
+    """The smallest ``value`` over all ranks."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=info.control_group)
+    return t.item()
