@@ -14,6 +14,7 @@ matches class names on "Conv" / "BatchNorm" and touches weights only.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -164,3 +165,30 @@ def build_models(cfg: Config | ModelConfig) -> tuple[nn.Module, nn.Module]:
 def sample_latent(n: int, nz: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None):
     """Latent codes as the seeds draw them: N(0, 1) of shape (n, nz, 1, 1)."""
     return torch.randn(n, nz, 1, 1, device=device, generator=generator)
+
+
+# --------------------------------------------------------------------------- EMA generator
+# A moving average of G's weights makes steadier samples than G itself. Written out here
+# rather than with torch.optim.swa_utils.AveragedModel: that hands its averaging function
+# the update count as a device tensor (a decay ramp would cost a host sync per step) and
+# prefixes every state-dict key with "module.", so the EMA would no longer load into a
+# plain generator.
+
+
+def ema_copy(generator: nn.Module) -> nn.Module:
+    """A frozen copy of ``generator`` to hold the average (build it before any SyncBN
+    conversion: the copy is only ever run on its own, in eval mode)."""
+    ema = copy.deepcopy(generator).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, generator: nn.Module, step: int, decay: float) -> None:
+    """ema <- d * ema + (1 - d) * G with d = min(decay, (1 + step) / (10 + step)): the ramp
+    keeps early samples from averaging in the random init. Buffers (BN running statistics)
+    are copied, as in stylegan2-ada."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in generator.parameters()], 1 - d)
+    for b_ema, b in zip(ema.buffers(), generator.buffers()):
+        b_ema.copy_(b)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -32,6 +33,17 @@ class Tracker:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
 
+    def rewind(self, step: int) -> None:
+        """On resume from ``step``: drop metrics the stopped run logged after it (those
+        steps are about to be trained again), so metrics.jsonl has each step once."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.enabled or not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]  # a line cut by a kill goes too
+        if len(kept) != len(lines):
+            path.write_text("".join(kept))
+
     def grid(self, images: torch.Tensor, name: str, nrow: int = 8) -> Path | None:
         """Save images in [-1, 1] as one PNG grid ``samples/<name>.png``."""
         if not self.enabled:
@@ -39,3 +51,10 @@ class Tracker:
         path = self.samples_dir / f"{name}.png"
         vutils.save_image(images.detach().float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1))
         return path
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,8 @@ from dcgan.checkpoint import TrainState
 from dcgan.config import Config, ConfigError, load_config, save_config
 from dcgan.data import Loader, ShardSet, ShardStream, derive_seed, resolve_shards, steps_per_epoch
 from dcgan.distributed import DistInfo
-from dcgan.models import build_models, sample_latent
+from dcgan.models import build_models, ema_copy, sample_latent, update_ema
+from dcgan.preemption import EXIT_PREEMPTED, StopRequest, ignore_in_worker
 from dcgan.sync_batchnorm import convert_sync_batchnorm
 from dcgan.tracking import Tracker
 
@@ -39,6 +43,10 @@ NO_FORWARD_BUFFER_SYNC = (
     if "forward_sync_buffers" in inspect.signature(DDP).parameters
     else {"broadcast_buffers": False}
 )
+# Exit codes. EXIT_PREEMPTED (75): stopped on a signal with the state saved; run the same
+# command again (launchers requeue on it). EXIT_FAILED: the final or stop checkpoint could
+# not be written, or no checkpoint of the run folder is usable.
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 STAT_NAMES = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "d_fake_after")
 
@@ -48,6 +56,7 @@ def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, 
     ones are their DDP wrappers when there are several processes."""
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     G, D = build_models(cfg)
+    G_ema = ema_copy(G).to(dist.device) if cfg.model.ema_decay > 0 else None
     if dist.distributed and cfg.train.sync_bn:
         G = convert_sync_batchnorm(G, dist.device)
         D = convert_sync_batchnorm(D, dist.device)
@@ -60,6 +69,7 @@ def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, 
     state = TrainState(
         G,
         D,
+        G_ema,
         opt_g,
         opt_d,
         torch.amp.GradScaler(dist.device.type, enabled=fp16),
@@ -132,63 +142,172 @@ def generate_grid(G: nn.Module, noise: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def find_resume_checkpoint(cfg: Config) -> Path | None:
-    ckpt_dir = cfg.run_dir / "checkpoints"
-    existing = checkpoint.list_checkpoints(ckpt_dir)
+def check_resume_setting(cfg: Config) -> None:
+    """The parts of train.resume a user can get wrong, checked before any process starts."""
+    existing = checkpoint.list_checkpoints(cfg.run_dir / "checkpoints")
+    if cfg.train.resume == "never" and existing and not cfg.train.overwrite:
+        raise ConfigError(
+            f"train.resume: 'never', but {existing[0].parent} already holds {len(existing)} checkpoint(s); "
+            "pick another train.name, or add train.overwrite=true to wipe that run folder"
+        )
+    if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_file():
+        raise ConfigError(f"train.resume: {cfg.train.resume} is not a file")
+
+
+def choose_checkpoint(cfg: Config) -> Path | None:
+    """Rank 0 only: the checkpoint to resume from (None: start fresh). Rejected ones are
+    reported and set aside; raises ResumeError when checkpoints exist but none is usable."""
+    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    for tmp in checkpoint.remove_temp_files(ckpt_dir):
+        log.warning("removed %s, left by a checkpoint write that was cut short", tmp)
     if cfg.train.resume == "never":
-        if existing:
-            raise ConfigError(
-                f"train.resume: 'never', but {ckpt_dir} already holds {len(existing)} checkpoint(s); "
-                "pick another train.name or remove the folder"
-            )
+        if checkpoint.list_checkpoints(ckpt_dir):  # train.overwrite=true (checked before start)
+            log.warning("train.overwrite: wiping %s to start afresh (train.log is kept)", run_dir)
+            for child in run_dir.iterdir():
+                if child.name != "train.log":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         return None
-    if cfg.train.resume == "auto":
-        return existing[-1] if existing else None
-    path = Path(cfg.train.resume)
-    if not path.is_file():
-        raise ConfigError(f"train.resume: {path} is not a file")
+    if cfg.train.resume != "auto":
+        path = Path(cfg.train.resume)
+        reason = checkpoint.verify(path)
+        if reason is not None and checkpoint.record_path(path).exists():
+            raise ResumeError(f"train.resume: {path}: {reason}")
+        if reason is not None:
+            log.warning("%s has no size/checksum record beside it: loading it unverified", path)
+        return path
+    path, rejected = checkpoint.latest_valid(ckpt_dir)
+    for bad, reason in rejected:
+        aside = checkpoint.set_aside(bad)
+        log.warning("checkpoint %s is unusable: %s; moved aside to %s, trying the one before", bad, reason, aside.name)
+    if path is None and rejected:
+        raise ResumeError(
+            f"no usable checkpoint in {ckpt_dir} (all {len(rejected)} rejected, see above); "
+            "to start again from scratch: train.resume=never train.overwrite=true"
+        )
     return path
 
 
-def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | None) -> None:
-    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
-    tracker = Tracker(run_dir, enabled=dist.is_main)
+class ResumeError(RuntimeError):
+    pass
+
+
+def restore_position(sd: dict, state: TrainState, cfg: Config, dist: DistInfo, loader: Loader, total: int) -> None:
+    """Put each rank's RNG and data position where the checkpoint left them. Exact when
+    the world size and batch are the ones it was written with; otherwise the epoch goes
+    on at the same fraction under the new split, with per-rank RNG derived afresh."""
+    saved_world, saved_batch = sd["world_size"], sd["config"]["train"]["batch_size"]
+    if (saved_world, saved_batch) == (dist.world_size, cfg.train.batch_size):
+        checkpoint.restore_rng_state(sd["rng"][dist.rank], dist.device)
+        return
+    saved_steps = steps_per_epoch(total, saved_world, saved_batch)
+    batch = round(state.batch_in_epoch * loader.steps_per_epoch / saved_steps)
+    log.warning(
+        "world size %d -> %d, batch per process %d -> %d: the data is split afresh; epoch %d goes on at batch %d "
+        "of %d (was %d of %d) and each rank's RNG is derived from the seed again. Exact resume needs the same "
+        "world size and batch.",
+        saved_world,
+        dist.world_size,
+        saved_batch,
+        cfg.train.batch_size,
+        state.epoch,
+        batch,
+        loader.steps_per_epoch,
+        state.batch_in_epoch,
+        saved_steps,
+    )
+    state.batch_in_epoch = batch
+    checkpoint.seed_rng(derive_seed(cfg.train.seed, dist.rank, state.step, 1))
+
+
+def save_checkpoint(state: TrainState, cfg: Config, dist: DistInfo) -> bool:
+    """Collective: every rank hands rank 0 its RNG state, rank 0 writes, all ranks wait
+    for the outcome (so no rank exits, and no launcher kills rank 0, mid-write). A
+    failed write is reported and leaves the previous checkpoints as they were."""
+    rng = distributed.gather_objects(checkpoint.capture_rng_state(dist.device), dist)
+    ok = True
     if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        ckpt_dir = cfg.run_dir / "checkpoints"
+        try:
+            saved = checkpoint.save(
+                state.state_dict(cfg.to_dict(), rng, dist.world_size), ckpt_dir, state.step, cfg.checkpoint.keep
+            )
+            log.info("checkpoint %s (%.1f MB in %.3fs)", saved.path, saved.bytes / 2**20, saved.seconds)
+        except Exception as e:  # a full disk, an I/O error, a quota: keep the old ones, say so
+            ok = False
+            this = checkpoint.checkpoint_path(ckpt_dir, state.step)
+            before = [p for p in checkpoint.list_checkpoints(ckpt_dir) if p != this]
+            log.error(
+                "checkpoint at step %d could not be written to %s (%s: %s); the resume point stays %s",
+                state.step,
+                ckpt_dir,
+                type(e).__name__,
+                e,
+                before[-1].name if before else "the start of the run",
+            )
+    return distributed.broadcast_object(ok, dist)
+
+
+def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> int:
+    """Train until ``train.steps`` or an agreed ``stop``; returns the exit code (EXIT_*)."""
+    run_dir, t = cfg.run_dir, cfg.train
+    if dist.is_main:
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter(log_format(dist.rank), LOG_DATE_FORMAT))
         logging.getLogger().addHandler(handler)
-    t = cfg.train
+    # Rank 0 decides what to resume from and tells the others (one reader of the folder).
+    resume_from, error = None, None
+    if dist.is_main:
+        try:
+            resume_from = choose_checkpoint(cfg)
+        except ResumeError as e:
+            error = str(e)
+    resume_from, error = distributed.broadcast_object((resume_from, error), dist)
+    if error is not None:
+        if dist.is_main:
+            log.error("%s", error)
+        return EXIT_FAILED
+    tracker = Tracker(run_dir, enabled=dist.is_main)
+    if dist.is_main:
+        save_config(cfg, run_dir / "config.yaml")
     amp_dtype = AMP_DTYPES[t.precision]
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     state, g_train, d_train = build_training(cfg, dist)
-    if resume_from is not None:
-        state.load_state_dict(checkpoint.load(resume_from, map_location=dist.device))
-        log.info(
-            "resumed from %s at step %d (epoch %d, batch %d)",
-            resume_from,
-            state.step,
-            state.epoch,
-            state.batch_in_epoch,
-        )
     stream = ShardStream(
         shards, cfg.data, rank=dist.rank, world_size=dist.world_size, batch_size=t.batch_size,
         image_size=cfg.model.image_size, channels=cfg.model.channels, seed=t.seed,
     )  # fmt: skip
-    loader = Loader(stream, dist.device)
-    if state.batch_in_epoch >= loader.steps_per_epoch:  # e.g. resumed with more processes
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    loader = Loader(stream, dist.device, worker_init_fn=functools.partial(ignore_in_worker, tuple(t.stop_signals)))
     # Each rank draws its own latents; the fixed grid noise is the same everywhere.
-    torch.manual_seed(derive_seed(t.seed, dist.rank, state.step, 1))
+    checkpoint.seed_rng(derive_seed(t.seed, dist.rank, 0, 1))
+    if resume_from is not None:
+        t_load = time.perf_counter()
+        sd = checkpoint.load(resume_from, map_location=dist.device)
+        state.load_state_dict(sd)
+        restore_position(sd, state, cfg, dist, loader, shards.total)
+        del sd
+        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d), loaded in %.2fs%s",
+            resume_from,
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+            time.perf_counter() - t_load,
+            f"; torchrun restart {restarts}" if restarts != "0" else "",
+        )
+        tracker.rewind(state.step)
+    if state.batch_in_epoch >= loader.steps_per_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     fixed_noise = sample_latent(cfg.log.num_samples, cfg.model.nz, generator=torch.Generator().manual_seed(t.seed))
     fixed_noise = fixed_noise.to(dist.device)
+    sample_generator = state.generator_ema if state.generator_ema is not None else state.generator
 
     global_batch = t.batch_size * dist.world_size
     log.info(
         "training %s: arch %s, %d process(es) on %s, batch %d x %d, %s, %d steps "
-        "(%d per epoch of %d samples), G %.2fM params, D %.2fM params",
+        "(%d per epoch of %d samples), G %.2fM params, D %.2fM params, EMA %s",
         t.name,
         cfg.model.arch,
         dist.world_size,
@@ -201,13 +320,16 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
         shards.total,
         sum(p.numel() for p in state.generator.parameters()) / 1e6,
         sum(p.numel() for p in state.discriminator.parameters()) / 1e6,
+        cfg.model.ema_decay or "off",
     )
     stats_sum = torch.zeros(len(STAT_NAMES), device=dist.device)
     stats_steps, data_wait = 0, 0.0
     t_start = t_log = time.perf_counter()
     start_step = state.step
+    exit_code = EXIT_OK
 
-    while state.step < t.steps:
+    stop.arm()
+    while state.step < t.steps and exit_code == EXIT_OK:
         t_fetch = time.perf_counter()
         for real, _ in loader.epoch(state.epoch, state.batch_in_epoch):
             data_wait += time.perf_counter() - t_fetch
@@ -220,6 +342,8 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
             state.batch_in_epoch += 1
             state.samples_seen += global_batch
             step = state.step
+            if state.generator_ema is not None:
+                update_ema(state.generator_ema, state.generator, step, cfg.model.ema_decay)
 
             if step % cfg.log.every == 0 or step == t.steps:
                 values = dict(zip(STAT_NAMES, (stats_sum / stats_steps).tolist()))  # the one host sync
@@ -239,27 +363,43 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, resume_from: Path | Non
                 stats_sum.zero_()
                 stats_steps, data_wait, t_log = 0, 0.0, time.perf_counter()
             if dist.is_main and (step % cfg.log.samples_every == 0 or step == t.steps):
-                tracker.grid(generate_grid(state.generator, fixed_noise), f"step_{step:08d}")
-            if dist.is_main and (step % cfg.checkpoint.every == 0 or step == t.steps):
-                path = checkpoint.save(state.state_dict(cfg.to_dict()), ckpt_dir, step, cfg.checkpoint.keep)
-                log.info("checkpoint %s", path)
-            if step >= t.steps:
+                tracker.grid(generate_grid(sample_generator, fixed_noise), f"step_{step:08d}")
+
+            # Stop requests and checkpoints: the same decision on every rank, after the same step.
+            signal_time = stop.agreed(dist) if step % t.stop_check_every == 0 else None
+            stopping = signal_time is not None and step < t.steps
+            if step % cfg.checkpoint.every == 0 or step == t.steps or stopping:
+                saved = save_checkpoint(state, cfg, dist)
+                if not saved and (stopping or step == t.steps):
+                    exit_code = EXIT_FAILED
+                elif stopping:
+                    exit_code = EXIT_PREEMPTED
+                    if dist.is_main:
+                        log.warning(
+                            "stopped on request after step %d/%d; checkpoint on disk %.2fs after the signal; "
+                            "the same command carries on from here (exit code %d)",
+                            step, t.steps, time.time() - signal_time, EXIT_PREEMPTED,
+                        )  # fmt: skip
+            if step >= t.steps or exit_code != EXIT_OK:
                 break
             t_fetch = time.perf_counter()
         if state.batch_in_epoch >= loader.steps_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    stop.disarm()
 
     wall = time.perf_counter() - t_start
     done = state.step - start_step
     log.info(
-        "done: %d steps in %.1fs (%.2f steps/s, %.0f img/s); corrupt samples %d, unreadable shards %d (this rank)",
+        "%s: %d steps in %.1fs (%.2f steps/s, %.0f img/s); corrupt samples %d, unreadable shards %d (this rank)",
+        "done" if state.step >= t.steps else "stopped",
         done,
         wall,
-        done / wall,
-        done * global_batch / wall,
+        done / max(wall, 1e-9),
+        done * global_batch / max(wall, 1e-9),
         loader.corrupt_samples,
         loader.corrupt_shards,
     )
+    return exit_code
 
 
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -301,20 +441,20 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.model.image_size,
                 cfg.model.image_size,
             )
-        resume_from = find_resume_checkpoint(cfg)
+        check_resume_setting(cfg)
     except ConfigError as e:
         where = "" if str(e).startswith(str(args.config)) else f"{args.config}: "
         print(f"dcgan.train: config error: {where}{e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
 
     if env.rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    stop = StopRequest(cfg.train.stop_signals)  # before anything slow: from here on a signal means "stop"
     dist = distributed.setup(cfg.train.device)
     try:
-        train(cfg, shards, dist, resume_from)
+        return train(cfg, shards, dist, stop)
     finally:
         distributed.teardown()
-    return 0
 
 
 if __name__ == "__main__":

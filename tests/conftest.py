@@ -75,13 +75,25 @@ def write_config(path: Path, shards: Path, **sections) -> Path:
     return path
 
 
-def run_python(*args: str, nproc: int = 0, timeout: float = 300, env: dict | None = None):
-    """``python ARGS`` (e.g. "-m", "dcgan.train", ...), or ``torchrun --nproc_per_node=nproc ARGS``."""
+def _command(args: tuple[str, ...], nproc: int, launcher_args: tuple[str, ...], env: dict | None):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     launcher = [sys.executable]
     if nproc:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run([*launcher, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher_args]
+    return [*launcher, *args], full_env
+
+
+def run_python(*args: str, nproc: int = 0, timeout: float = 300, env: dict | None = None, launcher_args=(), **kw):
+    """``python ARGS`` (e.g. "-m", "dcgan.train", ...), or ``torchrun --nproc_per_node=nproc ARGS``."""
+    cmd, full_env = _command(args, nproc, tuple(launcher_args), env)
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def start_python(*args: str, log: Path, nproc: int = 0, env: dict | None = None, launcher_args=()):
+    """Like ``run_python`` but in the background, stdout and stderr into ``log``."""
+    cmd, full_env = _command(args, nproc, tuple(launcher_args), env)
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def run_module(module: str, *args: str, **kwargs):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dcgan.config import load_config
-from dcgan.models import build_models
+from dcgan.models import build_models, ema_copy, update_ema
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -104,3 +104,23 @@ def test_dcgan_init():
     assert abs(conv_weights.mean().item()) < 1e-3 and abs(conv_weights.std().item() - 0.02) < 1e-3
     assert abs(bn_weights.mean().item() - 1) < 0.01 and abs(bn_weights.std().item() - 0.02) < 0.005
     assert all((l.bias == 0).all() for l in bn)
+
+
+def test_ema_generator_averages_weights_with_a_ramp_and_copies_buffers():
+    G, _ = build_models(load_config(None, ["model.arch=kmnist", "model.image_size=28", "model.channels=1"]))
+    ema = ema_copy(G)
+    assert all(not p.requires_grad for p in ema.parameters()) and not ema.training
+    before = [p.detach().clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for p in G.parameters():
+            p.add_(1.0)
+        G[1].running_mean.fill_(3.0)
+    update_ema(ema, G, step=1, decay=0.999)  # the ramp: d = min(0.999, 2 / 11)
+    d = 2 / 11
+    for b, e, g in zip(before, ema.parameters(), G.parameters()):
+        torch.testing.assert_close(e, d * b + (1 - d) * g)
+    assert torch.equal(ema[1].running_mean, G[1].running_mean)
+    update_ema(ema, G, step=10**6, decay=0.5)  # late on the decay itself applies
+    torch.testing.assert_close(
+        next(ema.parameters()), 0.5 * (d * before[0] + (1 - d) * next(G.parameters())) + 0.5 * next(G.parameters())
+    )

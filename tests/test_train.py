@@ -30,6 +30,7 @@ def check_run_folder(run_dir, last_step, grid_side=2 + 8 * 30):
     assert state["step"] == last_step
     G, D = build_models(load_config(run_dir / "config.yaml"))
     G.load_state_dict(state["generator"])  # SyncBN or not, the keys are plain BatchNorm2d's
+    G.load_state_dict(state["generator_ema"])  # the EMA generator is a plain generator too
     D.load_state_dict(state["discriminator"])
     assert not any(p.name.endswith(".tmp") for p in (run_dir / "checkpoints").iterdir())
     return state

@@ -1,0 +1,257 @@
+"""Stopping and starting again, with real processes (python, torchrun, signals, SIGKILL).
+
+A run stopped at a checkpoint, by a signal between checkpoints, or by SIGKILL under
+``torchrun --max-restarts`` ends with G, D, the EMA generator, both optimisers and every
+rank's RNG bitwise equal to a run that was never stopped. Bitwise equal weights also mean
+that no sample was repeated or skipped across the stop: D saw exactly the same batches.
+Damaged checkpoints and failed writes cost at most the steps since the previous one.
+"""
+
+import os
+import re
+import resource
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_module, start_python, write_config
+from dcgan import checkpoint
+from dcgan.preemption import EXIT_PREEMPTED
+
+STEPS, EVERY = 120, 40  # epochs of 32 steps (1 rank) or 16 (2 ranks): stops land mid-epoch
+LONG_RUN = {
+    "train": {"steps": STEPS},
+    "log": {"every": 1, "samples_every": 1000},
+    "checkpoint": {"every": EVERY, "keep": 10},
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def final_state(run_dir: Path, step: int = STEPS) -> dict:
+    path = checkpoint.checkpoint_path(run_dir / "checkpoints", step)
+    assert checkpoint.verify(path) is None
+    return torch.load(path, weights_only=True)
+
+
+def assert_bitwise_equal(a, b, where="state"):
+    """Every tensor equal bit for bit, every other value equal (the config may differ)."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if (where, k) != ("state", "config"):
+                assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def last_logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    steps = re.findall(r'"step": (\d+)', path.read_text()) if path.exists() else []
+    return int(steps[-1]) if steps else 0
+
+
+def wait_until(condition, proc, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (its direct children)."""
+    workers = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != launcher_pid:  # field 4 of stat: the parent pid
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        rank = next(int(e[5:]) for e in environ if e.startswith(b"RANK="))
+        workers[rank] = int(stat.parent.name)
+    return workers
+
+
+def resumed_at(log_text: str) -> int:
+    return int(re.search(r"resumed from \S+ at step (\d+)", log_text).group(1))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, digit_shards):
+    """(config, final state of the uninterrupted single-process run)."""
+    config = write_config(tmp_path_factory.mktemp("one_rank") / "one.yaml", digit_shards, **LONG_RUN)
+    result = run_module("dcgan.train", "--config", str(config), "train.name=reference")
+    assert result.returncode == 0, result.stderr
+    return config, final_state(config.parent / "runs" / "reference")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, digit_shards):
+    """(config, final state of the uninterrupted 2-rank torchrun run), 2 data workers each."""
+    sections = {**LONG_RUN, "data": {"workers": 2}}
+    config = write_config(tmp_path_factory.mktemp("two_ranks") / "two.yaml", digit_shards, **sections)
+    result = run_module("dcgan.train", "--config", str(config), "train.name=reference", nproc=2)
+    assert result.returncode == 0, result.stderr
+    return config, final_state(config.parent / "runs" / "reference")
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("nproc", [0, 2])  # 0: plain python, one process
+def test_stopped_at_a_checkpoint_and_resumed_is_bitwise_exact(request, nproc):
+    config, reference = request.getfixturevalue("one_rank" if nproc == 0 else "two_ranks")
+    name = "at_checkpoint"
+    first = run_module(
+        "dcgan.train", "--config", str(config), f"train.name={name}", f"train.steps={2 * EVERY}", nproc=nproc
+    )
+    assert first.returncode == 0, first.stderr
+    second = run_module("dcgan.train", "--config", str(config), f"train.name={name}", nproc=nproc)
+    assert second.returncode == 0, second.stderr
+    assert resumed_at(second.stderr) == 2 * EVERY
+    assert_bitwise_equal(reference, final_state(config.parent / "runs" / name))
+
+
+@pytest.mark.parametrize(
+    "nproc, sig, to",
+    [
+        (0, signal.SIGUSR1, "process"),  # plain python
+        (2, signal.SIGTERM, "rank 1"),  # one rank only: it must tell the others
+        (2, signal.SIGUSR2, "torchrun"),  # as Slurm does: torchrun forwards it to every worker
+    ],
+)
+def test_signal_stops_all_ranks_saves_and_resumes_bitwise(request, tmp_path, nproc, sig, to):
+    config, reference = request.getfixturevalue("one_rank" if nproc == 0 else "two_ranks")
+    name = f"signal_{sig.name}"
+    run_dir = config.parent / "runs" / name
+    log = tmp_path / "stopped.log"
+    forward = ("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2",) if to == "torchrun" else ()
+    proc = start_python(
+        "-m", "dcgan.train", "--config", str(config), f"train.name={name}", nproc=nproc, launcher_args=forward, log=log
+    )  # fmt: skip
+    wait_until(lambda: last_logged_step(run_dir) >= 10, proc, "step 10")
+    os.kill(worker_pids(proc.pid)[1] if to == "rank 1" else proc.pid, sig)  # rank 1: not the one that writes
+    proc.wait(timeout=120)
+    text = log.read_text()
+    if nproc == 0:
+        assert proc.returncode == EXIT_PREEMPTED, text
+    elif to == "rank 1":  # torchrun itself exits 1; it reports each worker's code
+        assert proc.returncode == 1 and text.count(f"exitcode  : {EXIT_PREEMPTED} ") == 2, text
+    else:  # torchrun re-raises the signal it got once its workers are done
+        assert proc.returncode != 0 and "Received 12 death signal" in text, text
+    stop = int(re.search(r"stopped on request after step (\d+)/", text).group(1))
+    assert 10 <= stop < STEPS and stop % EVERY != 0  # between two periodic checkpoints
+    assert re.search(r"checkpoint on disk \d+\.\d+s after the signal", text)
+    assert checkpoint.list_checkpoints(run_dir / "checkpoints")[-1].name == f"step_{stop:08d}.pt"
+    assert final_state(run_dir, stop)["step"] == stop
+
+    again = run_module("dcgan.train", "--config", str(config), f"train.name={name}", nproc=nproc)
+    assert again.returncode == 0, again.stderr
+    assert resumed_at(again.stderr) == stop
+    assert_bitwise_equal(reference, final_state(run_dir))
+    assert last_logged_step(run_dir) == STEPS and len((run_dir / "metrics.jsonl").read_text().splitlines()) == STEPS
+
+
+def test_sigkill_under_max_restarts_resumes_by_itself(two_ranks, tmp_path):
+    config, reference = two_ranks
+    run_dir = config.parent / "runs" / "killed"
+    log = tmp_path / "killed.log"
+    proc = start_python(
+        "-m", "dcgan.train", "--config", str(config), "train.name=killed",
+        nproc=2, launcher_args=("--max-restarts=1",), log=log,
+    )  # fmt: skip
+    first_checkpoint = checkpoint.checkpoint_path(run_dir / "checkpoints", EVERY)
+    wait_until(lambda: checkpoint.record_path(first_checkpoint).exists(), proc, "the first checkpoint")
+    wait_until(lambda: last_logged_step(run_dir) >= EVERY + 10, proc, f"step {EVERY + 10}")
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    assert proc.wait(timeout=300) == 0, log.read_text()
+
+    train_log = (run_dir / "train.log").read_text()
+    before, restart_line = re.search(r"(?s)(.*)\n(.*torchrun restart 1.*?)\n", train_log).groups()
+    resume_step = resumed_at(restart_line)
+    logged_before = [int(s) for s in re.findall(r"INFO step (\d+)/", before)]
+    steps_lost = max(logged_before) - resume_step
+    print(f"SIGKILL at step ~{max(logged_before)}: resumed at {resume_step}, steps lost {steps_lost}")
+    assert resume_step % EVERY == 0 and 0 <= steps_lost <= EVERY
+    assert_bitwise_equal(reference, final_state(run_dir))
+
+
+# --------------------------------------------------------------------------- damage and failures
+
+
+def test_truncated_newest_checkpoint_is_reported_and_the_one_before_used(tmp_path, digit_shards):
+    config = write_config(tmp_path / "trunc.yaml", digit_shards)  # checkpoints at 3 and 6
+    assert run_module("dcgan.train", "--config", str(config)).returncode == 0
+    ckpt_dir = tmp_path / "runs" / "trunc" / "checkpoints"
+    newest = checkpoint.checkpoint_path(ckpt_dir, 6)
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size // 2)
+
+    again = run_module("dcgan.train", "--config", str(config), "train.steps=9")
+    assert again.returncode == 0, again.stderr
+    assert f"checkpoint {newest} is unusable" in again.stderr and "truncated" in again.stderr
+    assert resumed_at(again.stderr) == 3
+    assert (ckpt_dir / "step_00000006.pt.corrupt").exists()  # kept for a look, never loaded again
+    assert final_state(tmp_path / "runs" / "trunc", 9)["step"] == 9
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, digit_shards):
+    config = write_config(tmp_path / "full.yaml", digit_shards, train={"steps": 3}, log={"samples_every": 100})
+    assert run_module("dcgan.train", "--config", str(config)).returncode == 0
+    ckpt_dir = tmp_path / "runs" / "full" / "checkpoints"
+    good = checkpoint.checkpoint_path(ckpt_dir, 3)
+    limit = good.stat().st_size // 2  # any file larger than this fails to grow, as on a full disk
+
+    def small_file_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    cut = run_module("dcgan.train", "--config", str(config), "train.steps=9", preexec_fn=small_file_limit)
+    assert cut.returncode == 1, cut.stderr  # step 6 failed (reported, training went on); step 9, final, failed
+    assert cut.stderr.count("could not be written") == 2, cut.stderr
+    assert "the resume point stays step_00000003.pt" in cut.stderr
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000003.pt", "step_00000003.pt.json"]
+    assert checkpoint.verify(good) is None
+
+    again = run_module("dcgan.train", "--config", str(config), "train.steps=9")
+    assert again.returncode == 0 and resumed_at(again.stderr) == 3, again.stderr
+
+
+def test_explicit_checkpoint_overwrite_and_a_new_world_size(tmp_path, digit_shards):
+    config = write_config(tmp_path / "ws.yaml", digit_shards)
+    two = run_module("dcgan.train", "--config", str(config), nproc=2)
+    assert two.returncode == 0, two.stderr
+    run_dir = tmp_path / "runs" / "ws"
+
+    # The 2-rank run's step-3 checkpoint, continued by one process under another name.
+    path = checkpoint.checkpoint_path(run_dir / "checkpoints", 3)
+    one = run_module("dcgan.train", "--config", str(config), "train.name=one", f"train.resume={path}", "train.steps=12")
+    assert one.returncode == 0, one.stderr
+    assert resumed_at(one.stderr) == 3 and "world size 2 -> 1" in one.stderr
+    assert "epoch 0 goes on at batch 6 of 32 (was 3 of 16)" in one.stderr
+    assert final_state(tmp_path / "runs" / "one", 12)["samples_seen"] == 3 * 32 + 9 * 16
+
+    refused = run_module("dcgan.train", "--config", str(config), "train.resume=never")
+    assert refused.returncode == 2 and "train.overwrite=true" in refused.stderr
+    fresh = run_module("dcgan.train", "--config", str(config), "train.resume=never", "train.overwrite=true")
+    assert fresh.returncode == 0 and "resumed from" not in fresh.stderr, fresh.stderr
+    assert final_state(run_dir, 6)["world_size"] == 1
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")] == [
+        "step_00000003.pt",
+        "step_00000006.pt",
+    ]
