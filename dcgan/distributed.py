@@ -4,10 +4,10 @@
 ``python -m dcgan.train`` is rank 0 of 1), picks the device and initialises the process
 group (env://: MASTER_ADDR / MASTER_PORT): NCCL on CUDA, gloo on the CPU.
 
-The small helpers below (``broadcast_object``, ``gather_objects``, ``min_over_ranks``) are
-the host-side agreements the trainer needs: which checkpoint to resume from, every
-rank's RNG state, whether any rank was asked to stop. They run on a gloo group even
-in NCCL runs, so they never wait on the GPU stream; with one process they are no-ops.
+The small helpers below (``broadcast_object``, ``gather_objects``) are host-side
+agreements the trainer needs: which checkpoint to resume from, every rank's RNG state.
+They run on their own gloo group (``DistInfo.control_group``), even in NCCL runs, so
+they never wait on the GPU stream; with one process they are no-ops.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
-    control_group: Any = None  # gloo group for host-side agreements (None: the default group)
+    control_group: Any = None  # gloo group for host-side agreements (None with one process)
 
     @property
     def is_main(self) -> bool:
@@ -84,9 +84,9 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
             timeout=timeout,
             device_id=dev if use_cuda else None,
         )
-    # NCCL collectives need device tensors (a sync with the GPU stream); small host-side
-    # agreements get their own gloo group instead.
-    control = dist.new_group(backend="gloo") if world_size > 1 and use_cuda else None
+    # Small host-side agreements get their own gloo group: NCCL would need device tensors
+    # (a sync with the GPU stream), and on the CPU they stay out of DDP's way.
+    control = dist.new_group(backend="gloo") if world_size > 1 else None
     info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, control_group=control)
     log.debug("process %d/%d (local %d) on %s", rank, world_size, local_rank, dev)
     return info
@@ -113,12 +113,3 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any] | None:
     out = [None] * info.world_size if info.is_main else None
     dist.gather_object(obj, out, dst=0, group=info.control_group)
     return out
-
-
-def min_over_ranks(value: float, info: DistInfo) -> float:
-    """The smallest ``value`` over all ranks."""
-    if not info.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=info.control_group)
-    return t.item()

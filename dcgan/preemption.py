@@ -3,8 +3,11 @@
 Slurm announces the end of a job (preemption, ``--signal=USR2@120``, the time limit) with
 a signal to some or all processes; torchrun forwards the ones it handles to its workers.
 The handler only notes the time. At the steps the trainer checks, ``StopRequest.agreed()``
-takes the earliest such time over all ranks (one small host-side all-reduce), so all ranks
-see the same answer after the same step, checkpoint together and exit with
+starts a small all-reduce of the earliest such time over all ranks and returns the
+result of the previous check's: it completed in the background during the step, so
+checking costs no wait (a blocking all-reduce per step cost 14% of the 2-rank CPU demo's
+speed). Every rank reads the same result at the same step, so all stop after the same
+step (one check later than they could), checkpoint together and exit with
 ``EXIT_PREEMPTED``: "stopped early, state saved; run the same command again to go on".
 """
 
@@ -17,7 +20,9 @@ import signal
 import time
 from collections.abc import Iterable
 
-from dcgan import distributed
+import torch
+import torch.distributed as dist
+
 from dcgan.distributed import DistInfo
 
 log = logging.getLogger("dcgan.train")
@@ -42,6 +47,7 @@ class StopRequest:
         self.signal_time: float | None = None  # wall clock (time.time): comparable across hosts
         self._armed = False
         self._reported = False
+        self._in_flight: tuple | None = None  # (work, tensor) of the last check's all-reduce
         self._signals = [signal.Signals[name] for name in signals]
         for sig in self._signals:
             signal.signal(sig, self._on_signal)
@@ -52,6 +58,9 @@ class StopRequest:
     def disarm(self) -> None:
         for sig in self._signals:
             signal.signal(sig, signal.SIG_IGN)
+        if self._in_flight is not None:  # finish it before the process group goes away
+            self._in_flight[0].wait()
+            self._in_flight = None
 
     def _on_signal(self, signum: int, frame) -> None:
         if not self._armed:
@@ -63,11 +72,23 @@ class StopRequest:
             self.signal_time, self.signal_name = time.time(), signal.Signals(signum).name
 
     def agreed(self, info: DistInfo) -> float | None:
-        """Collective: the earliest signal time over all ranks, None if no rank got one."""
+        """Collective, at the same steps on every rank: the earliest signal time over all
+        ranks as of the previous call (as of now with one process), None if none."""
         if self.signal_time is not None and not self._reported:
             self._reported = True
             log.warning("received %s: stopping after the step all ranks agree on", self.signal_name)
-        t = distributed.min_over_ranks(math.inf if self.signal_time is None else self.signal_time, info)
+        mine = torch.tensor([math.inf if self.signal_time is None else self.signal_time], dtype=torch.float64)
+        if not info.distributed:
+            result = mine
+        else:
+            previous = self._in_flight
+            work = dist.all_reduce(mine, op=dist.ReduceOp.MIN, group=info.control_group, async_op=True)
+            self._in_flight = (work, mine)
+            if previous is None:
+                return None
+            previous[0].wait()
+            result = previous[1]
+        t = result.item()
         return None if math.isinf(t) else t
 
 
