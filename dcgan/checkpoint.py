@@ -12,6 +12,9 @@ checkpoint is two files in ``<run>/checkpoints/``:
   ``.pt`` is in place. A checkpoint counts only when its record exists and matches, so a
   file truncated or damaged later (a full disk, a copy cut short, a bad block) is
   detected before anything is loaded from it.
+
+``choose(cfg)`` applies ``train.resume`` to the run folder: the newest valid checkpoint,
+a given one, or none.
 """
 
 from __future__ import annotations
@@ -22,15 +25,21 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from dcgan.config import ConfigError
+
+if TYPE_CHECKING:
+    from dcgan.config import Config
 
 log = logging.getLogger("dcgan.checkpoint")
 
@@ -259,6 +268,58 @@ def remove_temp_files(ckpt_dir: Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+# --------------------------------------------------------------------------- which one to resume from
+
+
+def check_resume_setting(cfg: Config) -> None:
+    """The parts of train.resume a user can get wrong, checked before any process starts."""
+    existing = list_checkpoints(cfg.run_dir / "checkpoints")
+    if cfg.train.resume == "never" and existing and not cfg.train.overwrite:
+        raise ConfigError(
+            f"train.resume: 'never', but {existing[0].parent} already holds {len(existing)} checkpoint(s); "
+            "pick another train.name, or add train.overwrite=true to wipe that run folder"
+        )
+    if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_file():
+        raise ConfigError(f"train.resume: {cfg.train.resume} is not a file")
+
+
+def choose(cfg: Config) -> Path | None:
+    """Rank 0 only: the checkpoint to resume from (None: start fresh). Rejected ones are
+    reported and set aside; raises ResumeError when checkpoints exist but none is usable."""
+    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    for tmp in remove_temp_files(ckpt_dir):
+        log.warning("removed %s, left by a checkpoint write that was cut short", tmp)
+    if cfg.train.resume == "never":
+        if list_checkpoints(ckpt_dir):  # train.overwrite=true (checked before start)
+            log.warning("train.overwrite: wiping %s to start afresh (train.log is kept)", run_dir)
+            for child in run_dir.iterdir():
+                if child.name != "train.log":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return None
+    if cfg.train.resume != "auto":
+        path = Path(cfg.train.resume)
+        reason = verify(path)
+        if reason is not None and record_path(path).exists():
+            raise ResumeError(f"train.resume: {path}: {reason}")
+        if reason is not None:
+            log.warning("%s has no size/checksum record beside it: loading it unverified", path)
+        return path
+    path, rejected = latest_valid(ckpt_dir)
+    for bad, reason in rejected:
+        aside = set_aside(bad)
+        log.warning("checkpoint %s is unusable: %s; moved aside to %s, trying the one before", bad, reason, aside.name)
+    if path is None and rejected:
+        raise ResumeError(
+            f"no usable checkpoint in {ckpt_dir} (all {len(rejected)} rejected, see above); "
+            "to start again from scratch: train.resume=never train.overwrite=true"
+        )
+    return path
+
+
+class ResumeError(RuntimeError):
+    """Checkpoints exist, but none can be resumed from."""
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -15,10 +15,8 @@ import functools
 import inspect
 import logging
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -142,55 +140,6 @@ def generate_grid(G: nn.Module, noise: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def check_resume_setting(cfg: Config) -> None:
-    """The parts of train.resume a user can get wrong, checked before any process starts."""
-    existing = checkpoint.list_checkpoints(cfg.run_dir / "checkpoints")
-    if cfg.train.resume == "never" and existing and not cfg.train.overwrite:
-        raise ConfigError(
-            f"train.resume: 'never', but {existing[0].parent} already holds {len(existing)} checkpoint(s); "
-            "pick another train.name, or add train.overwrite=true to wipe that run folder"
-        )
-    if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_file():
-        raise ConfigError(f"train.resume: {cfg.train.resume} is not a file")
-
-
-def choose_checkpoint(cfg: Config) -> Path | None:
-    """Rank 0 only: the checkpoint to resume from (None: start fresh). Rejected ones are
-    reported and set aside; raises ResumeError when checkpoints exist but none is usable."""
-    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
-    for tmp in checkpoint.remove_temp_files(ckpt_dir):
-        log.warning("removed %s, left by a checkpoint write that was cut short", tmp)
-    if cfg.train.resume == "never":
-        if checkpoint.list_checkpoints(ckpt_dir):  # train.overwrite=true (checked before start)
-            log.warning("train.overwrite: wiping %s to start afresh (train.log is kept)", run_dir)
-            for child in run_dir.iterdir():
-                if child.name != "train.log":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        return None
-    if cfg.train.resume != "auto":
-        path = Path(cfg.train.resume)
-        reason = checkpoint.verify(path)
-        if reason is not None and checkpoint.record_path(path).exists():
-            raise ResumeError(f"train.resume: {path}: {reason}")
-        if reason is not None:
-            log.warning("%s has no size/checksum record beside it: loading it unverified", path)
-        return path
-    path, rejected = checkpoint.latest_valid(ckpt_dir)
-    for bad, reason in rejected:
-        aside = checkpoint.set_aside(bad)
-        log.warning("checkpoint %s is unusable: %s; moved aside to %s, trying the one before", bad, reason, aside.name)
-    if path is None and rejected:
-        raise ResumeError(
-            f"no usable checkpoint in {ckpt_dir} (all {len(rejected)} rejected, see above); "
-            "to start again from scratch: train.resume=never train.overwrite=true"
-        )
-    return path
-
-
-class ResumeError(RuntimeError):
-    pass
-
-
 def restore_position(sd: dict, state: TrainState, cfg: Config, dist: DistInfo, loader: Loader, total: int) -> None:
     """Put each rank's RNG and data position where the checkpoint left them. Exact when
     the world size and batch are the ones it was written with; otherwise the epoch goes
@@ -258,8 +207,8 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
     resume_from, error = None, None
     if dist.is_main:
         try:
-            resume_from = choose_checkpoint(cfg)
-        except ResumeError as e:
+            resume_from = checkpoint.choose(cfg)
+        except checkpoint.ResumeError as e:
             error = str(e)
     resume_from, error = distributed.broadcast_object((resume_from, error), dist)
     if error is not None:
@@ -441,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.model.image_size,
                 cfg.model.image_size,
             )
-        check_resume_setting(cfg)
+        checkpoint.check_resume_setting(cfg)
     except ConfigError as e:
         where = "" if str(e).startswith(str(args.config)) else f"{args.config}: "
         print(f"dcgan.train: config error: {where}{e}", file=sys.stderr)
