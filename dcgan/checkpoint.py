@@ -4,8 +4,8 @@
 hidden state); ``capture_rng_state`` adds each rank's random generators. On disk a
 checkpoint is two files in ``<run>/checkpoints/``:
 
-* ``step_<step>.pt``: the state, written atomically (temp file in the same folder,
-  fsync, rename, fsync of the folder), so a crash mid-write never leaves a half-written
+* ``step_<step>.pt``: the state, written atomically (``fileio.write_atomic``: temp
+  file in the same folder, fsync, rename, fsync of the folder), so a crash mid-write never leaves a half-written
   ``step_*.pt``; read back with ``weights_only=True`` (tensors, numbers, strings and
   containers only: nothing arbitrary is unpickled).
 * ``step_<step>.pt.json``: its record (size in bytes and SHA-256), written after the
@@ -22,11 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 from dcgan.config import ConfigError
+from dcgan.fileio import write_atomic
 
 if TYPE_CHECKING:
     from dcgan.config import Config
@@ -187,6 +186,12 @@ class _HashingFile:
         self.f.flush()
 
 
+def _save_hashed(state_dict: dict[str, Any], f) -> _HashingFile:
+    hashed = _HashingFile(f)
+    torch.save(state_dict, hashed)
+    return hashed
+
+
 def save(state_dict: dict[str, Any], ckpt_dir: Path, step: int, keep: int) -> Saved:
     """Write ``step_<step>.pt`` and its record atomically, then drop all but the newest
     ``keep``. On any failure (full disk, I/O error) the temp file is removed and the
@@ -195,26 +200,13 @@ def save(state_dict: dict[str, Any], ckpt_dir: Path, step: int, keep: int) -> Sa
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(ckpt_dir, step)
     record_path(path).unlink(missing_ok=True)  # a stale record must never vouch for new bytes
-    fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            f = _HashingFile(raw)
-            torch.save(state_dict, f)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        _write_atomic(
-            record_path(path),
-            json.dumps({"file": path.name, "step": step, "bytes": f.bytes, "sha256": f.sha256.hexdigest()}),
-        )
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(ckpt_dir)
+    written = write_atomic(path, lambda f: _save_hashed(state_dict, f))
+    record = {"file": path.name, "step": step, "bytes": written.bytes, "sha256": written.sha256.hexdigest()}
+    write_atomic(record_path(path), lambda f: f.write(json.dumps(record).encode()))
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
         record_path(old).unlink(missing_ok=True)
-    return Saved(path, f.bytes, time.perf_counter() - t0)
+    return Saved(path, written.bytes, time.perf_counter() - t0)
 
 
 def verify(path: Path) -> str | None:
@@ -324,24 +316,3 @@ class ResumeError(RuntimeError):
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,6 +36,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from dcgan.fileio import write_atomic
 from dcgan.progress import progress
 
 log = logging.getLogger("dcgan.shards")
@@ -318,18 +318,8 @@ def write_shards(
         "skipped": len(skipped),
         "skipped_items": skipped[:1000],
     }
-    _write_json_atomic(out_dir / MANIFEST, manifest)
+    write_atomic(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a manifest is for everyone who reads the shards
-    os.replace(tmp, path)
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
