@@ -165,6 +165,14 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def step_of(path: Path) -> int:
+    """The step a ``step_<step>.pt`` file was written at."""
+    m = _NAME.match(path.name)
+    if m is None:
+        raise ValueError(f"{path} is not named like a checkpoint (step_<step>.pt)")
+    return int(m.group(1))
+
+
 class Saved(NamedTuple):
     path: Path
     bytes: int
@@ -265,6 +273,11 @@ def remove_temp_files(ckpt_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- which one to resume from
 
 
+# What train.overwrite leaves in a run folder: the log that records the wipe, and the
+# launchers' folder (job scripts, pickles and logs of the job that is running now).
+KEPT_ON_OVERWRITE = ("train.log", "slurm")
+
+
 def check_resume_setting(cfg: Config) -> None:
     """The parts of train.resume a user can get wrong, checked before any process starts."""
     existing = list_checkpoints(cfg.run_dir / "checkpoints")
@@ -277,6 +290,21 @@ def check_resume_setting(cfg: Config) -> None:
         raise ConfigError(f"train.resume: {cfg.train.resume} is not a file")
 
 
+def settle_restart(cfg: Config, restart: int) -> str | None:
+    """A restarted attempt of the same job (torchrun --max-restarts, a Slurm requeue)
+    must carry on from the run folder, whatever train.resume says: the first attempt
+    already started fresh (never), wiped the folder (overwrite) or loaded a file (PATH).
+    Adjusts ``cfg`` in place and returns a line saying what changed (None: nothing)."""
+    t = cfg.train
+    if restart == 0 or t.resume == "auto":
+        return None
+    if t.resume != "never" and not list_checkpoints(cfg.run_dir / "checkpoints"):
+        return None  # PATH, and this job has saved nothing of its own yet: load PATH again
+    was = f"train.resume={t.resume}" + (" train.overwrite=true" if t.overwrite else "")
+    t.resume, t.overwrite = "auto", False
+    return f"restart {restart} of this job: {was} applied to the first attempt only; now train.resume=auto"
+
+
 def choose(cfg: Config) -> Path | None:
     """Rank 0 only: the checkpoint to resume from (None: start fresh). Rejected ones are
     reported and set aside; raises ResumeError when checkpoints exist but none is usable."""
@@ -285,9 +313,9 @@ def choose(cfg: Config) -> Path | None:
         log.warning("removed %s, left by a checkpoint write that was cut short", tmp)
     if cfg.train.resume == "never":
         if list_checkpoints(ckpt_dir):  # train.overwrite=true (checked before start)
-            log.warning("train.overwrite: wiping %s to start afresh (train.log is kept)", run_dir)
+            log.warning("train.overwrite: wiping %s to start afresh (train.log and slurm/ are kept)", run_dir)
             for child in run_dir.iterdir():
-                if child.name != "train.log":
+                if child.name not in KEPT_ON_OVERWRITE:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         return None
     if cfg.train.resume != "auto":

@@ -44,10 +44,10 @@ class AugmentConfig:
     shear: float = 0.0  # x shear in degrees drawn from [-shear, shear]
 
     def __post_init__(self) -> None:
-        _check(self.degrees >= 0, "degrees", "must be >= 0")
-        _check(all(0 <= t < 1 for t in self.translate), "translate", "fractions must lie in [0, 1)")
-        _check(0 < self.scale[0] <= self.scale[1], "scale", "needs 0 < lo <= hi")
-        _check(self.shear >= 0, "shear", "must be >= 0")
+        check_field(self.degrees >= 0, "degrees", "must be >= 0")
+        check_field(all(0 <= t < 1 for t in self.translate), "translate", "fractions must lie in [0, 1)")
+        check_field(0 < self.scale[0] <= self.scale[1], "scale", "needs 0 < lo <= hi")
+        check_field(self.shear >= 0, "shear", "must be >= 0")
 
     @property
     def affine(self) -> bool:
@@ -69,9 +69,9 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        _check(self.samples_per_shard >= 0, "samples_per_shard", "must be >= 0")
-        _check(self.workers >= 0, "workers", "must be >= 0")
-        _check(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+        check_field(self.samples_per_shard >= 0, "samples_per_shard", "must be >= 0")
+        check_field(self.workers >= 0, "workers", "must be >= 0")
+        check_field(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
 
 
 @dataclass
@@ -90,8 +90,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "nz", "ngf", "ndf"):
-            _check(getattr(self, name) >= 1, name, "must be >= 1")
-        _check(0 <= self.ema_decay < 1, "ema_decay", "must lie in [0, 1) (0 disables the EMA generator)")
+            check_field(getattr(self, name) >= 1, name, "must be >= 1")
+        check_field(0 <= self.ema_decay < 1, "ema_decay", "must lie in [0, 1) (0 disables the EMA generator)")
 
 
 @dataclass
@@ -103,9 +103,9 @@ class AdamConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "lr", "must be > 0")
-        _check(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check_field(self.lr > 0, "lr", "must be > 0")
+        check_field(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
+        check_field(self.weight_decay >= 0, "weight_decay", "must be >= 0")
 
 
 @dataclass
@@ -137,12 +137,12 @@ class TrainConfig:
     stop_check_every: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, "steps", "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check("/" not in self.name, "name", "must not contain '/'")
-        _check(self.stop_check_every >= 1, "stop_check_every", "must be >= 1")
+        check_field(self.steps >= 1, "steps", "must be >= 1")
+        check_field(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check_field("/" not in self.name, "name", "must not contain '/'")
+        check_field(self.stop_check_every >= 1, "stop_check_every", "must be >= 1")
         for name in self.stop_signals:
-            _check(
+            check_field(
                 name in _CATCHABLE_SIGNALS,
                 "stop_signals",
                 f"{name!r} is not a signal name a process can catch (e.g. SIGTERM, SIGUSR1, SIGUSR2)",
@@ -154,10 +154,11 @@ class LogConfig:
     every: int = 50  # a metrics line every N steps
     samples_every: int = 500  # a grid of G(fixed noise) every N steps (and at the end)
     num_samples: int = 64  # images in that grid
+    group: str = ""  # a label shared by related runs (launch.sweep sets the sweep's name); the W&B group
 
     def __post_init__(self) -> None:
         for name in ("every", "samples_every", "num_samples"):
-            _check(getattr(self, name) >= 1, name, "must be >= 1")
+            check_field(getattr(self, name) >= 1, name, "must be >= 1")
 
 
 @dataclass
@@ -166,8 +167,8 @@ class CheckpointConfig:
     keep: int = 3  # newest checkpoints kept in the run folder
 
     def __post_init__(self) -> None:
-        _check(self.every >= 1, "every", "must be >= 1")
-        _check(self.keep >= 1, "keep", "must be >= 1")
+        check_field(self.every >= 1, "every", "must be >= 1")
+        check_field(self.keep >= 1, "keep", "must be >= 1")
 
 
 @dataclass
@@ -231,6 +232,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if not cfg.train.name:
         cfg.train.name = Path(path).stem if path is not None else "run"
     return cfg
+
+
+def build_section(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
+    """A config dataclass from a mapping with the same coercion and checks as the run
+    config (the launchers' options use it); errors read ``<where>: <prefix><key>: ...``."""
+    try:
+        return _build(cls, raw, prefix)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -322,7 +332,7 @@ class _FieldError(ConfigError):
         self.key, self.problem = key, problem
 
 
-def _check(ok: bool, key: str, problem: str) -> None:
+def check_field(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise _FieldError(key, problem)
 

@@ -57,6 +57,12 @@ def read_env() -> EnvRanks:
     return EnvRanks(get("RANK", 0), get("LOCAL_RANK", 0), get("WORLD_SIZE", 1))
 
 
+def restart_count() -> int:
+    """How many times this job was restarted: torchrun's --max-restarts attempts plus Slurm
+    requeues (preemption, time limit, ``scontrol requeue``, node failure)."""
+    return sum(int(os.environ.get(name) or 0) for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+
+
 def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     """Join the process group (if launched with several processes) and pick the device."""
     rank, local_rank, world_size = read_env()

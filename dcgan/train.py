@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from dcgan.checkpoint import TrainState
 from dcgan.config import Config, ConfigError, load_config, save_config
 from dcgan.data import Loader, ShardSet, ShardStream, derive_seed, resolve_shards, steps_per_epoch
 from dcgan.distributed import DistInfo
+from dcgan.fileio import write_atomic
 from dcgan.models import build_models, ema_copy, sample_latent, update_ema
 from dcgan.preemption import EXIT_PREEMPTED, StopRequest, ignore_in_worker
 from dcgan.sync_batchnorm import convert_sync_batchnorm
@@ -236,7 +238,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
         state.load_state_dict(sd)
         restore_position(sd, state, cfg, dist, loader, shards.total)
         del sd
-        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        restarts = distributed.restart_count()
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d), loaded in %.2fs%s",
             resume_from,
@@ -244,7 +246,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
             state.epoch,
             state.batch_in_epoch,
             time.perf_counter() - t_load,
-            f"; torchrun restart {restarts}" if restarts != "0" else "",
+            f"; restart {restarts} of this job" if restarts else "",
         )
         tracker.rewind(state.step)
     if state.batch_in_epoch >= loader.steps_per_epoch:
@@ -364,7 +366,33 @@ def setup_logging(rank: int) -> None:
     logging.basicConfig(level=level, format=log_format(rank), datefmt=LOG_DATE_FORMAT, force=True)
 
 
+def check_config(
+    config: str, overrides: list[str], world_size: int, on_this_machine: bool = True
+) -> tuple[Config, ShardSet]:
+    """Everything a user can get wrong, checked before any process group or model (and by
+    the Slurm launchers before anything is submitted): raises ConfigError naming the key.
+    ``on_this_machine``: also check what depends on where it runs (a CUDA device)."""
+    cfg = load_config(config, overrides)
+    shards = resolve_shards(cfg.data)
+    steps_per_epoch(shards.total, world_size, cfg.train.batch_size)  # the data fills a batch per process
+    if on_this_machine and cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda', but torch sees no CUDA device here")
+    if shards.image_size not in (None, cfg.model.image_size):
+        log.warning(
+            "shards hold %dx%d images, model.image_size is %d: every image is resized while training "
+            "(write shards with --size %d to avoid that)",
+            shards.image_size,
+            shards.image_size,
+            cfg.model.image_size,
+            cfg.model.image_size,
+        )
+    return cfg, shards
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The exit code (EXIT_* above, or EXIT_PREEMPTED). When DCGAN_EXIT_CODE_FILE is set,
+    rank 0 also writes it there: torchrun exits 1 whatever its workers' codes, so an
+    sbatch script learns "preempted, state saved" from that file (slurm/train.sbatch)."""
     parser = argparse.ArgumentParser(
         prog="python -m dcgan.train", description="Train a DCGAN (alone or under torchrun)."
     )
@@ -373,31 +401,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = distributed.read_env()
     setup_logging(env.rank)
+    code = run(args.config, args.overrides, env)
+    exit_code_file = os.environ.get("DCGAN_EXIT_CODE_FILE")
+    if exit_code_file and env.rank == 0:
+        write_atomic(Path(exit_code_file), lambda f: f.write(f"{code}\n".encode()))
+    return code
 
-    # Everything a user can get wrong is checked here, before any process group or model.
+
+def run(config: str, overrides: list[str], env: distributed.EnvRanks) -> int:
     try:
-        cfg = load_config(args.config, args.overrides)
-        shards = resolve_shards(cfg.data)
-        steps_per_epoch(shards.total, env.world_size, cfg.train.batch_size)  # the data fills a batch per process
-        if cfg.train.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("train.device: 'cuda', but torch sees no CUDA device here")
-        if shards.image_size not in (None, cfg.model.image_size):
-            log.warning(
-                "shards hold %dx%d images, model.image_size is %d: every image is resized while training "
-                "(write shards with --size %d to avoid that)",
-                shards.image_size,
-                shards.image_size,
-                cfg.model.image_size,
-                cfg.model.image_size,
-            )
+        cfg, shards = check_config(config, overrides, env.world_size)
+        restart_note = checkpoint.settle_restart(cfg, distributed.restart_count())
         checkpoint.check_resume_setting(cfg)
     except ConfigError as e:
-        where = "" if str(e).startswith(str(args.config)) else f"{args.config}: "
+        where = "" if str(e).startswith(str(config)) else f"{config}: "
         print(f"dcgan.train: config error: {where}{e}", file=sys.stderr)
         return EXIT_CONFIG
 
     if env.rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        if restart_note:
+            log.warning("%s", restart_note)
     stop = StopRequest(cfg.train.stop_signals)  # before anything slow: from here on a signal means "stop"
     dist = distributed.setup(cfg.train.device)
     try:

@@ -93,3 +93,29 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     checkpoint.restore_rng_state(checkpoint.load(path)["rng"][0], torch.device("cpu"))
     got = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+@pytest.mark.parametrize(
+    "resume, overwrite, has_checkpoints, after",
+    [
+        ("never", True, True, ("auto", False)),  # a requeue must not wipe what the first attempt saved
+        ("never", False, False, ("auto", False)),
+        ("/x/step_00000010.pt", False, True, ("auto", False)),  # carry on from our own, not the file
+        ("/x/step_00000010.pt", False, False, ("/x/step_00000010.pt", False)),  # nothing of our own yet
+        ("auto", False, True, ("auto", False)),
+    ],
+)
+def test_a_restarted_job_resumes_from_its_run_folder(tmp_path, resume, overwrite, has_checkpoints, after):
+    from dcgan.config import Config, TrainConfig
+
+    cfg = Config(train=TrainConfig(out_dir=str(tmp_path), name="r", resume=resume, overwrite=overwrite))
+    if has_checkpoints:
+        checkpoint.save(tiny_state(5), cfg.run_dir / "checkpoints", 5, keep=1)
+    first = Config(train=TrainConfig(out_dir=str(tmp_path), name="r", resume=resume, overwrite=overwrite))
+    assert checkpoint.settle_restart(first, restart=0) is None  # the first attempt: as configured
+    assert (first.train.resume, first.train.overwrite) == (resume, overwrite)
+    note = checkpoint.settle_restart(cfg, restart=2)
+    assert (cfg.train.resume, cfg.train.overwrite) == after
+    assert (note is None) == ((resume, overwrite) == after)
+    if note:
+        assert note.startswith("restart 2 of this job") and f"train.resume={resume}" in note

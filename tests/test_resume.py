@@ -183,7 +183,7 @@ def test_sigkill_under_max_restarts_resumes_by_itself(two_ranks, tmp_path):
     assert proc.wait(timeout=300) == 0, log.read_text()
 
     train_log = (run_dir / "train.log").read_text()
-    before, restart_line = re.search(r"(?s)(.*)\n(.*torchrun restart 1.*?)\n", train_log).groups()
+    before, restart_line = re.search(r"(?s)(.*)\n(.*restart 1 of this job.*?)\n", train_log).groups()
     resume_step = resumed_at(restart_line)
     logged_before = [int(s) for s in re.findall(r"INFO step (\d+)/", before)]
     steps_lost = max(logged_before) - resume_step
