@@ -1,0 +1,163 @@
+"""What a Slurm job asks for, as one typed, validated record (``SlurmOptions``), and the
+submitit executor made from it. ``launch.submit`` fills it from its command line,
+``launch.sweep`` from the ``slurm:`` section of a sweep file (then the command line).
+
+One task per GPU: each task is one training process (one rank), so ``tasks_per_node``
+defaults to ``gpus_per_node``. On CPU-only partitions set ``gpus_per_node: 0`` and
+``tasks_per_node`` to the processes wanted per node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import submitit
+import yaml
+
+from dcgan.config import build_section, check_field
+
+
+@dataclass
+class SlurmOptions:
+    """A job's resources and requeue policy (every field: a ``--flag`` of launch.submit)."""
+
+    cluster: Literal["slurm", "local"] = "slurm"  # local: submitit's local executor, same code path, no Slurm
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU-only partition
+    tasks_per_node: int = 0  # training processes per node; 0: one per GPU (1 without GPUs)
+    cpus_per_task: int = 0  # 0: the partition's default
+    mem_gb: float = 0  # memory per node; 0: the partition's default
+    time: str = "4:00:00"  # time limit: minutes, H:MM:SS, or D-HH:MM:SS
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    # Any other sbatch option as "key=value" (e.g. "exclusive=true", "reservation=x");
+    # a bare "key" is a flag.
+    sbatch: list[str] = field(default_factory=list)
+    # Slurm sends USR2 this long before the time limit: enough for two training steps
+    # plus one checkpoint write (README "Running on Slurm").
+    signal_delay_s: int = 120
+    max_requeues: int = 20  # preemptions / time limits / outside requeues before the job gives up
+    array_parallelism: int = 0  # sweeps: array tasks running at once (0: no limit)
+    folder: str = ""  # submitit's scripts, pickles and task logs; default <run folder>/slurm
+
+    def __post_init__(self) -> None:
+        for name in ("nodes",):
+            check_field(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "array_parallelism", "max_requeues"):
+            check_field(getattr(self, name) >= 0, name, "must be >= 0")
+        check_field(self.mem_gb >= 0, "mem_gb", "must be >= 0")
+        check_field(self.signal_delay_s >= 10, "signal_delay_s", "must be >= 10 (a step and a checkpoint must fit)")
+        try:
+            minutes = time_minutes(self.time)
+        except ValueError:
+            minutes = 0
+        check_field(minutes >= 1, "time", f"{self.time!r} is not a time limit (minutes, H:MM:SS or D-HH:MM:SS)")
+        check_field(
+            minutes * 60 > self.signal_delay_s,
+            "signal_delay_s",
+            f"{self.signal_delay_s} s is longer than the time limit {self.time}",
+        )
+        for item in self.sbatch:
+            check_field(bool(re.fullmatch(r"[a-z][a-z0-9-]*(=.*)?", item)), "sbatch", f"{item!r} is not key=value")
+        if self.cluster == "local":
+            check_field(self.nodes == 1, "nodes", "the local executor runs one node")
+
+    @property
+    def tasks(self) -> int:
+        """Training processes per node."""
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks
+
+    @property
+    def timeout_min(self) -> int:
+        return time_minutes(self.time)
+
+
+def time_minutes(text: str) -> int:
+    """Slurm's time formats (minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in whole minutes."""
+    days, _, rest = text.strip().rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        parts += [0] * (3 - len(parts))  # D-H, D-H:M
+        h, m, s = parts
+        total = int(days) * 1440 + h * 60 + m + s / 60
+    elif len(parts) == 1:
+        total = parts[0]
+    elif len(parts) == 2:
+        total = parts[0] + parts[1] / 60
+    elif len(parts) == 3:
+        total = parts[0] * 60 + parts[1] + parts[2] / 60
+    else:
+        raise ValueError(text)
+    if min(parts) < 0:
+        raise ValueError(text)
+    return int(-(-total // 1))  # round up: never ask for less than was written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per SlurmOptions field, left unset (None) when not given."""
+    group = parser.add_argument_group("Slurm job (launch/options.py)")
+    for f in fields(SlurmOptions):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "sbatch":
+            group.add_argument(flag, action="append", metavar="KEY=VALUE", help="extra sbatch option (repeatable)")
+        else:
+            group.add_argument(flag, default=None, metavar=f.name.upper())
+
+
+def from_arguments(args: argparse.Namespace, base: dict[str, Any] | None = None, where: str = "") -> SlurmOptions:
+    """SlurmOptions from ``base`` (a sweep file's ``slurm:`` section) updated by the flags
+    given on the command line; raises ConfigError naming the key."""
+    raw = dict(base or {})
+    for f in fields(SlurmOptions):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            # Flags arrive as text: read numbers and booleans as YAML would, but keep
+            # the time limit a string (YAML 1.1 reads 4:00:00 as a base-60 integer).
+            raw[f.name] = value if f.name in ("sbatch", "time") else yaml.safe_load(value)
+    return build_section(SlurmOptions, raw, where or "launch options", prefix="slurm.")
+
+
+def make_executor(opts: SlurmOptions, folder: Path, name: str) -> submitit.AutoExecutor:
+    """A submitit executor for ``opts``: the job script gets one task per training process
+    and ``--signal=USR2@signal_delay_s``; the trainer handles that signal itself."""
+    executor = submitit.AutoExecutor(folder=folder, cluster=opts.cluster, slurm_max_num_timeout=opts.max_requeues)
+    params: dict[str, Any] = dict(
+        name=name,
+        nodes=opts.nodes,
+        tasks_per_node=opts.tasks,
+        timeout_min=opts.timeout_min,
+    )
+    if opts.gpus_per_node:
+        params["gpus_per_node"] = opts.gpus_per_node
+    if opts.cpus_per_task:
+        params["cpus_per_task"] = opts.cpus_per_task
+    if opts.mem_gb:
+        params["mem_gb"] = opts.mem_gb
+    if opts.cluster == "slurm":
+        extra: dict[str, Any] = {}
+        for item in opts.sbatch:
+            key, sep, value = item.partition("=")
+            extra[key.replace("-", "_")] = value if sep else True
+        params.update(
+            slurm_signal_delay_s=opts.signal_delay_s,
+            slurm_additional_parameters=extra,
+            **{
+                f"slurm_{k}": getattr(opts, k)
+                for k in ("partition", "account", "qos", "constraint")
+                if getattr(opts, k)
+            },
+        )
+        if opts.array_parallelism:
+            params["slurm_array_parallelism"] = opts.array_parallelism
+    executor.update_parameters(**params)
+    return executor

@@ -1,0 +1,79 @@
+"""python -m launch.submit --config configs/celeba.yaml --nodes 2 --gpus-per-node 8 \\
+       --partition gpu --time 4:00:00 [a.b=value ...]
+
+One training run as one Slurm job through submitit: a task per GPU (or
+``--tasks-per-node`` on CPU partitions), each task one rank of ``dcgan.train``
+(launch/job.py). The config is checked here, on the login node, before anything is
+submitted. ``--cluster local`` runs the same job with submitit's local executor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import submitit
+
+from dcgan.checkpoint import check_resume_setting
+from dcgan.config import Config, ConfigError
+from dcgan.train import check_config
+from launch.job import TrainingJob
+from launch.options import SlurmOptions, add_arguments, from_arguments, make_executor
+
+EXIT_CONFIG = 2
+
+
+def submit_run(
+    config: str, overrides: list[str], opts: SlurmOptions, executor: submitit.Executor | None = None
+) -> tuple[submitit.Job, Config]:
+    """Check, then submit one run; returns the job and the run's config. Raises ConfigError."""
+    cfg, _ = check_config(config, overrides, opts.world_size, on_this_machine=False)
+    check_resume_setting(cfg)
+    folder = Path(opts.folder) if opts.folder else cfg.run_dir / "slurm"
+    executor = executor or make_executor(opts, folder, name=cfg.train.name)
+    job = executor.submit(TrainingJob(str(config), list(overrides), os.getcwd(), opts.max_requeues))
+    return job, cfg
+
+
+def describe(job: submitit.Job, cfg: Config) -> str:
+    """The lines a user needs after submitting: job id, where its logs and run folder are."""
+    stdout = str(job.paths.stdout).replace("%t", "0")
+    return "\n".join([
+        f"submitted job {job.job_id} ({cfg.train.name})",
+        f"  run folder : {cfg.run_dir.resolve()}",
+        f"  task logs  : {stdout} (and .err; one pair per task)",
+        f"  follow     : tail -f {cfg.run_dir.resolve() / 'train.log'}",
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/celeba.yaml")
+    parser.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 if it finished")
+    parser.add_argument("overrides", nargs="*", help="a.b=value settings applied after the file")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        opts = from_arguments(args)
+        job, cfg = submit_run(args.config, args.overrides, opts)
+    except ConfigError as e:
+        print(f"launch.submit: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(describe(job, cfg), flush=True)
+    if not args.wait:
+        return 0
+    try:
+        results = job.results()
+    except Exception as e:  # the job's own error, as submitit reports it
+        print(f"launch.submit: job {job.job_id} failed: {e}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} finished: {results[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

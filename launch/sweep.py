@@ -1,0 +1,273 @@
+"""python -m launch.sweep configs/sweeps/celeba-lr.yaml --nodes 1 --gpus-per-node 8 [--dry-run]
+
+A hyper-parameter sweep as one Slurm job array: every run is one array task (a
+multi-task job of its own: nodes x tasks), with its own run folder, named in the
+table below, and all runs share one W&B group (``log.group``: the sweep's name).
+
+A sweep file::
+
+    base: configs/celeba.yaml          # the config every run starts from (path from the working directory)
+    name: celeba-lr                    # default: the sweep file's name; runs go to <out_dir>/<name>/
+    set: {train.steps: 20000}          # overrides shared by every run
+    grid:                              # every combination of these values ...
+      optim.g.lr: [1.0e-4, 2.0e-4]
+      optim.d.lr: [1.0e-4, 2.0e-4]
+    random:                            # ... times `samples` draws of these (seeded: the same table every time)
+      samples: 3
+      seed: 0
+      params:
+        optim.g.betas: {choice: [[0.5, 0.999], [0.0, 0.99]]}
+        optim.d.lr: {log_uniform: [1.0e-5, 1.0e-3]}     # also: uniform, int_uniform
+    slurm: {nodes: 1, gpus_per_node: 8, time: "4:00:00", array_parallelism: 4}   # launch/options.py
+
+A run is named ``r<index>-<hash of its overrides>``, so the same overrides map to the same
+folder when the sweep is submitted again: runs that already reached ``train.steps``
+are skipped, the others resume from their checkpoints. Every run's config is checked
+before anything is submitted. ``sweep.json`` in the sweep folder maps runs to job ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dcgan import checkpoint
+from dcgan.config import Config, ConfigError, load_config
+from dcgan.fileio import write_atomic
+from dcgan.train import check_config
+from launch.job import TrainingJob
+from launch.options import SlurmOptions, add_arguments, from_arguments, make_executor
+
+EXIT_CONFIG = 2
+DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
+SWEEP_KEYS = ("base", "name", "set", "grid", "random", "slurm")
+
+
+@dataclass
+class Run:
+    index: int
+    overrides: list[str]  # the sweep's own: set + grid point + random draw, then name/out_dir/group
+    cfg: Config
+    finished: bool = False
+    job_id: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.cfg.train.name
+
+
+@dataclass
+class Sweep:
+    path: Path
+    base: str
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return self.runs[0].cfg.run_dir.parent
+
+
+def load_sweep(path: Path, world_size: int | None = None) -> Sweep:
+    """Read a sweep file, expand it into runs and check every run's config (ConfigError
+    names the file and the key at fault). ``world_size``: check the data against it."""
+    where = str(path)
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read sweep file: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: top level must be a mapping ({', '.join(SWEEP_KEYS)})")
+    for key in spec:
+        if key not in SWEEP_KEYS:
+            raise ConfigError(f"{where}: {key}: unknown key (known here: {', '.join(SWEEP_KEYS)})")
+    if not spec.get("base"):
+        raise ConfigError(f"{where}: base: the config every run starts from is missing")
+    name = str(spec.get("name") or path.stem)
+    fixed = _mapping(spec.get("set"), where, "set")
+    grid = _mapping(spec.get("grid"), where, "grid")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: grid.{key}: expected a non-empty list of values, got {values!r}")
+    draws = _random_draws(_mapping(spec.get("random"), where, "random"), where)
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+    sweep = Sweep(path, str(spec["base"]), name)
+    for index, (point, draw) in enumerate(itertools.product(points, draws)):
+        own = [_override(k, v) for k, v in {**fixed, **point, **draw}.items()]
+        digest = hashlib.sha256("\n".join(sorted(own)).encode()).hexdigest()[:8]
+        try:
+            out_dir = Path(load_config(sweep.base, own).train.out_dir) / name
+            placed = [*own, f"train.name=r{index:03d}-{digest}", f"train.out_dir={out_dir}", f"log.group={name}"]
+            cfg, _ = check_config(sweep.base, placed, world_size or 1, on_this_machine=False)
+            checkpoint.check_resume_setting(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: run {index} ({' '.join(own) or 'no overrides'}): {e}") from None
+        sweep.runs.append(Run(index, placed, cfg, finished=is_finished(cfg)))
+    return sweep
+
+
+def is_finished(cfg: Config) -> bool:
+    """The run folder holds a valid checkpoint at train.steps (or later)."""
+    newest, _ = checkpoint.latest_valid(cfg.run_dir / "checkpoints")
+    return newest is not None and checkpoint.step_of(newest) >= cfg.train.steps
+
+
+def _mapping(value: Any, where: str, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}"
+
+
+def _random_draws(spec: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """``samples`` seeded draws of ``params`` ([{}]: no random part)."""
+    if not spec:
+        return [{}]
+    for key in spec:
+        if key not in ("samples", "seed", "params"):
+            raise ConfigError(f"{where}: random.{key}: unknown key (known here: params, samples, seed)")
+    samples, params = spec.get("samples", 1), _mapping(spec.get("params"), where, "random.params")
+    if not isinstance(samples, int) or samples < 1:
+        raise ConfigError(f"{where}: random.samples: expected an integer >= 1, got {samples!r}")
+    rng = random.Random(spec.get("seed", 0))
+    draws = []
+    for _ in range(samples):
+        draw = {}
+        for key, dist in params.items():
+            draw[key] = _draw(rng, dist, f"{where}: random.params.{key}")
+        draws.append(draw)
+    return draws
+
+
+def _draw(rng: random.Random, dist: Any, where: str) -> Any:
+    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: expected one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}, got {dist!r}")
+    kind, arg = next(iter(dist.items()))
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise ConfigError(f"{where}: choice: expected a non-empty list, got {arg!r}")
+        return rng.choice(arg)
+    try:
+        lo, hi = (float(a) for a in arg)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {kind}: expected [low, high], got {arg!r}") from None
+    if not lo <= hi or (kind == "log_uniform" and lo <= 0):
+        raise ConfigError(f"{where}: {kind}: needs {'0 < ' if kind == 'log_uniform' else ''}low <= high, got {arg!r}")
+    if kind == "int_uniform":
+        return rng.randint(int(lo), int(hi))
+    value = rng.uniform(lo, hi) if kind == "uniform" else math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    return float(f"{value:.4g}")  # 4 significant digits: readable overrides, and plenty for a sweep
+
+
+def table(sweep: Sweep) -> str:
+    """One line per run: what --dry-run prints."""
+    lines = [f"sweep {sweep.name}: {len(sweep.runs)} run(s) from {sweep.base}, folder {sweep.folder}"]
+    for run in sweep.runs:
+        state = "finished, skipped" if run.finished else (f"job {run.job_id}" if run.job_id else "to submit")
+        own = [o for o in run.overrides if not o.startswith(("train.name=", "train.out_dir=", "log.group="))]
+        lines.append(f"  {run.name:<14} {state:<18} {' '.join(own) or '(base config)'}")
+    return "\n".join(lines)
+
+
+def write_summary(sweep: Sweep) -> Path:
+    """sweep.json: every run's name, folder, overrides and job id (kept from earlier
+    submissions for runs skipped this time)."""
+    path = sweep.folder / "sweep.json"
+    earlier = {}
+    if path.exists():
+        earlier = {r["name"]: r for r in json.loads(path.read_text()).get("runs", [])}
+    runs = []
+    for run in sweep.runs:
+        jobs = list(earlier.get(run.name, {}).get("job_ids", []))
+        if run.job_id:
+            jobs.append(run.job_id)
+        runs.append({
+            "name": run.name, "run_dir": str(run.cfg.run_dir), "overrides": run.overrides,
+            "job_ids": jobs, "finished_before_submit": run.finished,
+        })  # fmt: skip
+    summary = {
+        "sweep": sweep.name,
+        "base": sweep.base,
+        "file": str(sweep.path),
+        "submitted_at": time.time(),
+        "runs": runs,
+    }
+    sweep.folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    return path
+
+
+def submit_sweep(sweep: Sweep, opts: SlurmOptions) -> list:
+    """Submit the runs not yet finished as one job array; returns their jobs."""
+    todo = [run for run in sweep.runs if not run.finished]
+    if not todo:
+        return []
+    folder = Path(opts.folder) if opts.folder else sweep.folder / "slurm"
+    executor = make_executor(opts, folder, name=sweep.name)
+    with executor.batch():  # one sbatch --array=0-N%parallelism
+        jobs = [executor.submit(TrainingJob(sweep.base, run.overrides, os.getcwd(), opts.max_requeues)) for run in todo]
+    for run, job in zip(todo, jobs):
+        run.job_id = job.job_id
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[1])
+    parser.add_argument("sweep", type=Path, help="sweep file, e.g. configs/sweeps/celeba-lr.yaml")
+    parser.add_argument("--dry-run", action="store_true", help="print the table of runs; submit nothing")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        spec_slurm = _slurm_section(args.sweep)
+        opts = from_arguments(args, base=spec_slurm, where=str(args.sweep))
+        sweep = load_sweep(args.sweep, opts.world_size)
+    except ConfigError as e:
+        print(f"launch.sweep: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.dry_run:
+        print(table(sweep))
+        return 0
+    jobs = submit_sweep(sweep, opts)
+    summary = write_summary(sweep)
+    print(table(sweep))
+    if jobs:
+        print(f"submitted {len(jobs)} run(s) as job array {jobs[0].job_id.split('_')[0]}; summary {summary}")
+    else:
+        print(f"every run has finished; nothing submitted; summary {summary}")
+    return 0
+
+
+def _slurm_section(path: Path) -> dict[str, Any]:
+    """The sweep file's ``slurm:`` section, read first: the world size it sets is needed
+    to check each run's data split."""
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # load_sweep reports it
+    return _mapping(spec.get("slurm") if isinstance(spec, dict) else None, str(path), "slurm")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

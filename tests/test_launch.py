@@ -1,0 +1,120 @@
+"""The launchers without Slurm: options and sweep files checked before anything is
+submitted, sweep expansion, and launch.submit end to end on submitit's local executor
+(the same job code as on Slurm, two real processes)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from conftest import run_module, write_config
+from dcgan.config import ConfigError
+from launch.options import SlurmOptions, add_arguments, from_arguments, time_minutes
+from launch.sweep import load_sweep
+
+
+@pytest.mark.parametrize(
+    "text, minutes",
+    [("90", 90), ("30:30", 31), ("4:00:00", 240), ("1-0", 1440), ("1-2:30", 1590), ("2-00:00:01", 2881)],
+)
+def test_slurm_time_formats(text, minutes):
+    assert time_minutes(text) == minutes
+
+
+def parse(*argv: str, base=None) -> SlurmOptions:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return from_arguments(parser.parse_args(argv), base=base, where="sweep.yaml" if base else "")
+
+
+def test_options_from_flags_and_a_sweep_section():
+    opts = parse(
+        "--nodes", "2", "--gpus-per-node", "8", "--time", "4:00:00", "--sbatch", "exclusive", "--sbatch", "comment=x"
+    )
+    assert (opts.nodes, opts.tasks, opts.world_size, opts.timeout_min) == (2, 8, 16, 240)
+    assert opts.sbatch == ["exclusive", "comment=x"]
+    cpu = parse("--tasks-per-node", "4", base={"nodes": 3, "time": "1:00:00"})
+    assert (cpu.world_size, cpu.timeout_min) == (12, 60)  # flags override the sweep file's section
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--nodes", "0"), "slurm.nodes: must be >= 1"),
+        (("--time", "soon"), "slurm.time: 'soon' is not a time limit"),
+        (("--time", "1", "--signal-delay-s", "120"), "slurm.signal_delay_s: 120 s is longer than the time limit 1"),
+        (("--cluster", "local", "--nodes", "2"), "slurm.nodes: the local executor runs one node"),
+        (("--sbatch=--exclusive",), "slurm.sbatch: '--exclusive' is not key=value"),
+        (("--gpus-per-node", "two"), "slurm.gpus_per_node: expected an integer"),
+    ],
+)
+def test_bad_options_are_named(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(*argv)
+
+
+def write_sweep(tmp_path, digit_shards, body: str):
+    base = write_config(tmp_path / "base.yaml", digit_shards)
+    path = tmp_path / "s.yaml"
+    path.write_text(f"base: {base}\n" + body)
+    return path
+
+
+def test_sweep_is_a_grid_times_seeded_random_draws(tmp_path, digit_shards):
+    path = write_sweep(
+        tmp_path, digit_shards,
+        "set: {train.steps: 9}\ngrid:\n  optim.g.betas: [[0.5, 0.999], [0.0, 0.99]]\n"
+        "random:\n  samples: 3\n  seed: 7\n  params:\n"
+        "    optim.d.lr: {log_uniform: [1.0e-5, 1.0e-3]}\n    train.batch_size: {choice: [8, 16]}\n",
+    )  # fmt: skip
+    sweep = load_sweep(path)
+    assert len(sweep.runs) == 6 and sweep.name == "s"
+    assert all(r.cfg.train.steps == 9 and r.cfg.log.group == "s" for r in sweep.runs)
+    assert [r.cfg.optim.g.betas for r in sweep.runs] == [(0.5, 0.999)] * 3 + [(0.0, 0.99)] * 3
+    lrs = [r.cfg.optim.d.lr for r in sweep.runs]
+    assert all(1e-5 <= lr <= 1e-3 for lr in lrs) and len(set(lrs[:3])) == 3
+    assert {r.cfg.train.batch_size for r in sweep.runs} <= {8, 16}
+    # run names: index + hash of the overrides, the same on every load (resubmission finds them)
+    assert [r.name for r in load_sweep(path).runs] == [r.name for r in sweep.runs]
+    assert len({r.cfg.run_dir for r in sweep.runs}) == 6
+    assert all(r.cfg.run_dir.parent == tmp_path / "runs" / "s" for r in sweep.runs)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("grid:\n  train.stepz: [1]\n", "run 0 (train.stepz=1): *base.yaml: train.stepz: unknown key"),
+        ("grid:\n  train.steps: [10, -1]\n", "run 1 (train.steps=-1): *base.yaml: train.steps: must be >= 1"),
+        ("grid:\n  train.steps: 10\n", "grid.train.steps: expected a non-empty list"),
+        ("grids: {}\n", "grids: unknown key"),
+        ("random:\n  params:\n    optim.g.lr: {normal: [0, 1]}\n", "random.params.optim.g.lr: expected one of"),
+        ("random:\n  params:\n    optim.g.lr: {log_uniform: [0, 1]}\n", "log_uniform: needs 0 < low <= high"),
+    ],
+)
+def test_bad_sweep_files_are_rejected_naming_the_key(tmp_path, digit_shards, body, message):
+    path = write_sweep(tmp_path, digit_shards, body)
+    with pytest.raises(ConfigError, match=".*".join(map(re.escape, message.split("*")))) as err:
+        load_sweep(path)
+    assert str(err.value).startswith(str(path))
+
+
+def test_submit_rejects_a_bad_config_before_submitting(tmp_path, digit_shards):
+    config = write_config(tmp_path / "bad.yaml", digit_shards, train={"batch_size": 1000})
+    out = run_module("launch.submit", "--config", str(config), "--nodes", "2", "--tasks-per-node", "4", timeout=120)
+    assert out.returncode == 2
+    assert "launch.submit:" in out.stderr and "8 processes" in out.stderr and "batch" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_submit_on_the_local_executor_trains_two_ranks(tmp_path, digit_shards):
+    config = write_config(tmp_path / "local.yaml", digit_shards, train={"steps": 6})
+    out = run_module(
+        "launch.submit", "--config", str(config), "--cluster", "local", "--tasks-per-node", "2", "--wait", timeout=240
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_dir = tmp_path / "runs" / "local"
+    assert "'step': 6" in out.stdout and f"run folder : {run_dir}" in out.stdout
+    assert "2 process(es)" in (run_dir / "train.log").read_text()
+    assert len(list((run_dir / "slurm").glob("*_result.pkl"))) == 2  # one result per task
