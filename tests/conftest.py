@@ -99,3 +99,52 @@ def start_python(*args: str, log: Path, nproc: int = 0, env: dict | None = None,
 def run_module(module: str, *args: str, **kwargs):
     """``python -m module args`` (under torchrun with ``nproc=N``); returns CompletedProcess."""
     return run_python("-m", module, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- local Slurm
+
+
+def _slurm_unavailable() -> str | None:
+    import shutil
+
+    if shutil.which("slurmctld") and shutil.which("sbatch"):
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "Slurm is not installed and cannot be (needs root and apt-get)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real Slurm cluster (two fake nodes n1, n2; partitions debug and high) for the
+    session, started by tests/local_slurm.sh and stopped after by its pid files. Skipped
+    with the reason where it cannot run, unless DCGAN_REQUIRE_SLURM=1 (.ci/run sets it)."""
+    required = os.environ.get("DCGAN_REQUIRE_SLURM") == "1"
+    reason = _slurm_unavailable()
+    if reason:
+        if required:
+            pytest.fail(f"DCGAN_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    script = REPO / "tests" / "local_slurm.sh"
+    root = Path(os.environ.get("DCGAN_TEST_SLURM_ROOT", "/tmp/dcgan-test-slurm"))
+    env = {**os.environ, "SLURM_LOCAL_ROOT": str(root)}
+    started = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        message = f"local Slurm did not start:\n{started.stderr[-3000:]}"
+        if required:
+            pytest.fail(message)
+        pytest.skip(message)
+    conf = str(root / "etc" / "slurm.conf")
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "OMP_NUM_THREADS")}
+    # submitit runs sbatch / sacct / scontrol from this process, and sbatch hands this
+    # environment to the jobs.
+    os.environ.update(SLURM_CONF=conf, OMP_NUM_THREADS="1")
+    try:
+        yield conf
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=120)
