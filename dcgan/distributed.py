@@ -103,6 +103,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def barrier(info: DistInfo) -> None:
+    """Every rank waits here for all the others (host-side)."""
+    if info.distributed:
+        dist.barrier(group=info.control_group)
+
+
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
     """Rank 0's ``obj`` on every rank (picklable objects)."""
     if not info.distributed:

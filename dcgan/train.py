@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -389,10 +390,10 @@ def check_config(
     return cfg, shards
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The exit code (EXIT_* above, or EXIT_PREEMPTED). When DCGAN_EXIT_CODE_FILE is set,
-    rank 0 also writes it there: torchrun exits 1 whatever its workers' codes, so an
-    sbatch script learns "preempted, state saved" from that file (slurm/train.sbatch)."""
+def main(argv: list[str] | None = None, on_exit: Callable[[int], object] | None = None) -> int:
+    """The exit code (EXIT_* above, or EXIT_PREEMPTED). Rank 0 hands it to ``on_exit``
+    (default ``report_exit_code``) before any rank exits: a launcher that tears the job
+    down when its first process ends (srun --kill-on-bad-exit) cannot cut that short."""
     parser = argparse.ArgumentParser(
         prog="python -m dcgan.train", description="Train a DCGAN (alone or under torchrun)."
     )
@@ -401,14 +402,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = distributed.read_env()
     setup_logging(env.rank)
-    code = run(args.config, args.overrides, env)
-    exit_code_file = os.environ.get("DCGAN_EXIT_CODE_FILE")
-    if exit_code_file and env.rank == 0:
-        write_atomic(Path(exit_code_file), lambda f: f.write(f"{code}\n".encode()))
-    return code
+    return run(args.config, args.overrides, env, on_exit or report_exit_code)
 
 
-def run(config: str, overrides: list[str], env: distributed.EnvRanks) -> int:
+def report_exit_code(code: int) -> None:
+    """Write ``code`` to DCGAN_EXIT_CODE_FILE when that is set: torchrun exits 1 whatever
+    its workers' codes, so slurm/train.sbatch learns "stopped, state saved" (75) here."""
+    path = os.environ.get("DCGAN_EXIT_CODE_FILE")
+    if path:
+        write_atomic(Path(path), lambda f: f.write(f"{code}\n".encode()))
+
+
+def run(config: str, overrides: list[str], env: distributed.EnvRanks, on_exit: Callable[[int], object]) -> int:
     try:
         cfg, shards = check_config(config, overrides, env.world_size)
         restart_note = checkpoint.settle_restart(cfg, distributed.restart_count())
@@ -416,6 +421,8 @@ def run(config: str, overrides: list[str], env: distributed.EnvRanks) -> int:
     except ConfigError as e:
         where = "" if str(e).startswith(str(config)) else f"{config}: "
         print(f"dcgan.train: config error: {where}{e}", file=sys.stderr)
+        if env.rank == 0:
+            on_exit(EXIT_CONFIG)
         return EXIT_CONFIG
 
     if env.rank == 0:
@@ -425,7 +432,11 @@ def run(config: str, overrides: list[str], env: distributed.EnvRanks) -> int:
     stop = StopRequest(cfg.train.stop_signals)  # before anything slow: from here on a signal means "stop"
     dist = distributed.setup(cfg.train.device)
     try:
-        return train(cfg, shards, dist, stop)
+        code = train(cfg, shards, dist, stop)
+        if dist.is_main:
+            on_exit(code)
+        distributed.barrier(dist)  # no rank exits before rank 0 has handed on its exit code
+        return code
     finally:
         distributed.teardown()
 

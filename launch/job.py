@@ -62,29 +62,46 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 file=sys.stderr,
                 flush=True,
             )
-        code = train.main(["--config", self.config, *self.overrides])
+        not_requeued: list[str] = []  # why rank 0 did not requeue, if it did not
+
+        def on_exit(code: int) -> None:
+            # Rank 0, before any rank exits (with KillOnBadExit, Slurm ends the job as
+            # soon as one task exits 75).
+            if code == EXIT_PREEMPTED:
+                self.requeue(job, requeues, not_requeued)
+
+        code = train.main(["--config", self.config, *self.overrides], on_exit=on_exit)
         if code == train.EXIT_OK:
             return self.summary() if job.global_rank == 0 else None
         if code != EXIT_PREEMPTED:
             raise JobFailed(f"dcgan.train exited with code {code} on rank {job.global_rank}; see the task logs")
-        if job.global_rank == 0:
-            self.requeue(job, requeues)
+        if not_requeued:
+            raise JobFailed(not_requeued[0])
         # No result file: for submitit's client the job is not over, it is requeued.
         # (SystemExit, unlike an exception, is not turned into an error result.)
         sys.exit(EXIT_PREEMPTED)
 
-    def requeue(self, job: submitit.JobEnvironment, requeues: int) -> None:
+    def requeue(self, job: submitit.JobEnvironment, requeues: int, not_requeued: list[str]) -> None:
+        """Rank 0, after the stop checkpoint: ``scontrol requeue`` this job, within the bound.
+        Must not raise (the other ranks wait for it): a reason not to requeue goes into
+        ``not_requeued`` and becomes the job's error."""
         if job.cluster != "slurm":
             log.warning(
                 "stopped and checkpointed; the %s executor cannot requeue: submit again to carry on", job.cluster
             )
             return
         if requeues >= self.max_requeues:
-            raise JobFailed(
+            not_requeued.append(
                 f"job {job.job_id} stopped and checkpointed but is not requeued: it already was {requeues} time(s), "
                 f"the limit (--max-requeues {self.max_requeues}); submit again to carry on"
             )
-        done = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True, text=True, timeout=60)
+            log.error("%s", not_requeued[0])
+            return
+        try:
+            done = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.error("scontrol requeue %s failed (%s); the job ends here: submit again to carry on", job.job_id, e)
+            return
         if done.returncode == 0:
             log.warning("requeued job %s (requeue %d of at most %d)", job.job_id, requeues + 1, self.max_requeues)
         else:  # e.g. Slurm is already requeuing it itself (PreemptMode=REQUEUE)

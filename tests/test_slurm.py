@@ -86,6 +86,7 @@ def test_submit_runs_a_two_node_job(tmp_path, digit_shards):
     # one task per node: each rank ran on its own (fake) node
     nodes = subprocess.check_output(["sacct", "-n", "-X", "-P", "-o", "NodeList", "-j", job_id], text=True)
     assert nodes.strip() == "n[1-2]"
+    wait_for(lambda: job_state(job_id) not in ("RUNNING", "COMPLETING"), "the job to end", timeout=60)
     assert job_state(job_id) == "COMPLETED"
 
 
@@ -106,7 +107,21 @@ def test_preempted_job_requeues_and_resumes_to_the_last_step(long_config):
     assert re.search(rf"resumed from \S+step_{stopped:08d}\.pt at step {stopped} .*restart 1 of this job", text)
     steps = logged_steps(cfg.run_dir)
     assert steps == sorted(set(steps)) and steps[-1] == 300  # each step logged once, none replayed
+    wait_for(lambda: job_state(job.job_id) not in ("RUNNING", "COMPLETING"), "the job to end", timeout=60)
     assert job_state(job.job_id) == "COMPLETED"
+
+
+def test_requeues_are_bounded(long_config):
+    opts = SlurmOptions(nodes=1, tasks_per_node=1, time="30", max_requeues=0)
+    job, cfg = submit_run(str(long_config), ["train.name=bounded"], opts)
+    wait_for(lambda: max(logged_steps(cfg.run_dir), default=0) >= 20, "step 20")
+    job._interrupt()
+    with pytest.raises(Exception, match=r"not requeued: it already was 0 time\(s\), the limit \(--max-requeues 0\)"):
+        job.result()
+    stopped = int(re.search(r"stopped on request after step (\d+)/300", read(cfg.run_dir / "train.log")).group(1))
+    assert final_step(cfg.run_dir) == stopped  # the state is saved: submitting again carries on
+    wait_for(lambda: job_state(job.job_id) not in ("RUNNING", "COMPLETING"), "the job to end", timeout=60)
+    assert job_state(job.job_id) == "FAILED"
 
 
 def test_outside_requeue_resumes_from_the_last_checkpoint(long_config):
