@@ -47,8 +47,7 @@ class SlurmOptions:
     folder: str = ""  # submitit's scripts, pickles and task logs; default <run folder>/slurm
 
     def __post_init__(self) -> None:
-        for name in ("nodes",):
-            check_field(getattr(self, name) >= 1, name, "must be >= 1")
+        check_field(self.nodes >= 1, "nodes", "must be >= 1")
         for name in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "array_parallelism", "max_requeues"):
             check_field(getattr(self, name) >= 0, name, "must be >= 0")
         check_field(self.mem_gb >= 0, "mem_gb", "must be >= 0")
