@@ -84,6 +84,11 @@ class Sweep:
 def load_sweep(path: Path, world_size: int | None = None) -> Sweep:
     """Read a sweep file, expand it into runs and check every run's config (ConfigError
     names the file and the key at fault). ``world_size``: check the data against it."""
+    return expand(path, read_sweep_file(path), world_size)
+
+
+def read_sweep_file(path: Path) -> dict[str, Any]:
+    """The sweep file's top-level mapping, its keys checked."""
     where = str(path)
     try:
         spec = yaml.safe_load(path.read_text()) or {}
@@ -98,6 +103,12 @@ def load_sweep(path: Path, world_size: int | None = None) -> Sweep:
             raise ConfigError(f"{where}: {key}: unknown key (known here: {', '.join(SWEEP_KEYS)})")
     if not spec.get("base"):
         raise ConfigError(f"{where}: base: the config every run starts from is missing")
+    return spec
+
+
+def expand(path: Path, spec: dict[str, Any], world_size: int | None = None) -> Sweep:
+    """The runs of a read sweep file, each with its config built and checked."""
+    where = str(path)
     name = str(spec.get("name") or path.stem)
     fixed = _mapping(spec.get("set"), where, "set")
     grid = _mapping(spec.get("grid"), where, "grid")
@@ -240,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        spec_slurm = _slurm_section(args.sweep)
-        opts = from_arguments(args, base=spec_slurm, where=str(args.sweep))
-        sweep = load_sweep(args.sweep, opts.world_size)
+        spec = read_sweep_file(args.sweep)
+        # The slurm: section first: its world size is needed to check each run's data split.
+        opts = from_arguments(args, base=_mapping(spec.get("slurm"), str(args.sweep), "slurm"), where=str(args.sweep))
+        sweep = expand(args.sweep, spec, opts.world_size)
     except ConfigError as e:
         print(f"launch.sweep: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -257,16 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"every run has finished; nothing submitted; summary {summary}")
     return 0
-
-
-def _slurm_section(path: Path) -> dict[str, Any]:
-    """The sweep file's ``slurm:`` section, read first: the world size it sets is needed
-    to check each run's data split."""
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}  # load_sweep reports it
-    return _mapping(spec.get("slurm") if isinstance(spec, dict) else None, str(path), "slurm")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ def job_state(job_id: str) -> str:
     return out.stdout.strip().split("\n")[0].split(" ")[0]
 
 
+def wait_until_ended(job_id: str) -> str:
+    """The job's final state (sacct lags a little behind the result files)."""
+    wait_for(lambda: job_state(job_id) not in ("RUNNING", "COMPLETING"), f"job {job_id} to end", timeout=60)
+    return job_state(job_id)
+
+
 def read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
@@ -86,8 +92,7 @@ def test_submit_runs_a_two_node_job(tmp_path, digit_shards):
     # one task per node: each rank ran on its own (fake) node
     nodes = subprocess.check_output(["sacct", "-n", "-X", "-P", "-o", "NodeList", "-j", job_id], text=True)
     assert nodes.strip() == "n[1-2]"
-    wait_for(lambda: job_state(job_id) not in ("RUNNING", "COMPLETING"), "the job to end", timeout=60)
-    assert job_state(job_id) == "COMPLETED"
+    assert wait_until_ended(job_id) == "COMPLETED"
 
 
 def test_preempted_job_requeues_and_resumes_to_the_last_step(long_config):
@@ -107,8 +112,7 @@ def test_preempted_job_requeues_and_resumes_to_the_last_step(long_config):
     assert re.search(rf"resumed from \S+step_{stopped:08d}\.pt at step {stopped} .*restart 1 of this job", text)
     steps = logged_steps(cfg.run_dir)
     assert steps == sorted(set(steps)) and steps[-1] == 300  # each step logged once, none replayed
-    wait_for(lambda: job_state(job.job_id) not in ("RUNNING", "COMPLETING"), "the job to end", timeout=60)
-    assert job_state(job.job_id) == "COMPLETED"
+    assert wait_until_ended(job.job_id) == "COMPLETED"
 
 
 def test_requeues_are_bounded(long_config):
@@ -120,8 +124,7 @@ def test_requeues_are_bounded(long_config):
         job.result()
     stopped = int(re.search(r"stopped on request after step (\d+)/300", read(cfg.run_dir / "train.log")).group(1))
     assert final_step(cfg.run_dir) == stopped  # the state is saved: submitting again carries on
-    wait_for(lambda: job_state(job.job_id) not in ("RUNNING", "COMPLETING"), "the job to end", timeout=60)
-    assert job_state(job.job_id) == "FAILED"
+    assert wait_until_ended(job.job_id) == "FAILED"
 
 
 def test_outside_requeue_resumes_from_the_last_checkpoint(long_config):
