@@ -154,11 +154,39 @@ class LogConfig:
     every: int = 50  # a metrics line every N steps
     samples_every: int = 500  # a grid of G(fixed noise) every N steps (and at the end)
     num_samples: int = 64  # images in that grid
-    group: str = ""  # a label shared by related runs (launch.sweep sets the sweep's name); the W&B group
 
     def __post_init__(self) -> None:
         for name in ("every", "samples_every", "num_samples"):
             check_field(getattr(self, name) >= 1, name, "must be >= 1")
+
+
+# Characters W&B refuses in project names.
+_WANDB_PROJECT_FORBIDDEN = set("/\\#?%:")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (rank 0 only). The run folder gets metrics, grids, a loss plot and a
+    summary whatever the mode; W&B's own files go to <run folder>/wandb/."""
+
+    # "auto": $WANDB_MODE when set, else online when an API key is configured
+    # ($WANDB_API_KEY or a netrc entry for the W&B host), else offline. An online run
+    # that cannot reach the server within init_timeout goes on offline.
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "dcgan"
+    entity: str = ""  # team or user; "": the API key's default entity
+    group: str = ""  # groups related runs in the UI (launch.sweep sets the sweep's name)
+    name: str = ""  # display name; "": train.name
+    tags: list[str] = field(default_factory=list)
+    notes: str = ""
+    init_timeout: float = 90.0  # seconds to wait for the W&B server when online
+
+    def __post_init__(self) -> None:
+        check_field(bool(self.project), "project", "must not be empty")
+        bad = sorted(_WANDB_PROJECT_FORBIDDEN & set(self.project))
+        check_field(not bad, "project", f"W&B project names cannot contain {' '.join(bad)}")
+        check_field(all(0 < len(t) <= 64 for t in self.tags), "tags", "each tag needs 1 to 64 characters")
+        check_field(self.init_timeout > 0, "init_timeout", "must be > 0")
 
 
 @dataclass
@@ -178,6 +206,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:

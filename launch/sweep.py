@@ -2,7 +2,7 @@
 
 A hyper-parameter sweep as one Slurm job array: every run is one array task (a
 multi-task job of its own: nodes x tasks), with its own run folder, named in the
-table below, and all runs share one W&B group (``log.group``: the sweep's name).
+table below, and all runs share one W&B group (``wandb.group``: the sweep's name).
 
 A sweep file::
 
@@ -124,7 +124,7 @@ def expand(path: Path, spec: dict[str, Any], world_size: int | None = None) -> S
         digest = hashlib.sha256("\n".join(sorted(own)).encode()).hexdigest()[:8]
         try:
             out_dir = Path(load_config(sweep.base, own).train.out_dir) / name
-            placed = [*own, f"train.name=r{index:03d}-{digest}", f"train.out_dir={out_dir}", f"log.group={name}"]
+            placed = [*own, f"train.name=r{index:03d}-{digest}", f"train.out_dir={out_dir}", f"wandb.group={name}"]
             cfg, _ = check_config(sweep.base, placed, world_size or 1, on_this_machine=False)
             checkpoint.check_resume_setting(cfg)
         except ConfigError as e:
@@ -196,7 +196,7 @@ def table(sweep: Sweep) -> str:
     lines = [f"sweep {sweep.name}: {len(sweep.runs)} run(s) from {sweep.base}, folder {sweep.folder}"]
     for run in sweep.runs:
         state = "finished, skipped" if run.finished else (f"job {run.job_id}" if run.job_id else "to submit")
-        own = [o for o in run.overrides if not o.startswith(("train.name=", "train.out_dir=", "log.group="))]
+        own = [o for o in run.overrides if not o.startswith(("train.name=", "train.out_dir=", "wandb.group="))]
         lines.append(f"  {run.name:<14} {state:<18} {' '.join(own) or '(base config)'}")
     return "\n".join(lines)
 

@@ -71,7 +71,7 @@ def test_sweep_is_a_grid_times_seeded_random_draws(tmp_path, digit_shards):
     )  # fmt: skip
     sweep = load_sweep(path)
     assert len(sweep.runs) == 6 and sweep.name == "s"
-    assert all(r.cfg.train.steps == 9 and r.cfg.log.group == "s" for r in sweep.runs)
+    assert all(r.cfg.train.steps == 9 and r.cfg.wandb.group == "s" for r in sweep.runs)
     assert [r.cfg.optim.g.betas for r in sweep.runs] == [(0.5, 0.999)] * 3 + [(0.0, 0.99)] * 3
     lrs = [r.cfg.optim.d.lr for r in sweep.runs]
     assert all(1e-5 <= lr <= 1e-3 for lr in lrs) and len(set(lrs[:3])) == 3
