@@ -62,6 +62,7 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of that epoch already consumed (per rank)
     samples_seen: int = 0  # real images consumed, all ranks together
     wandb_run_id: str | None = None  # set by tracking, so a restart continues the same W&B run
+    train_seconds: float = 0.0  # wall time of the training loops so far, all attempts together
 
     def state_dict(self, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
         """Everything to restart from; ``rng`` holds one ``capture_rng_state()`` per rank."""
@@ -81,6 +82,7 @@ class TrainState:
             "scaler_d": self.scaler_d.state_dict(),
             "rng": rng,
             "wandb_run_id": self.wandb_run_id,
+            "train_seconds": self.train_seconds,
             "config": config,
         }
 
@@ -101,6 +103,7 @@ class TrainState:
         self.step, self.epoch = sd["step"], sd["epoch"]
         self.batch_in_epoch, self.samples_seen = sd["batch_in_epoch"], sd["samples_seen"]
         self.wandb_run_id = sd["wandb_run_id"]
+        self.train_seconds = sd.get("train_seconds", 0.0)  # absent before issue 5's checkpoints
 
 
 # --------------------------------------------------------------------------- RNG states

@@ -1,7 +1,15 @@
-"""Where a run's metrics and images go: log lines, ``metrics.jsonl`` and sample grids.
+"""Where a run's progress goes, from rank 0: the console (a bar on a terminal, plain lines
+otherwise), the run folder and W&B (``dcgan/wandb_run.py``).
 
-Rank 0 only: on other ranks a Tracker does nothing, and nothing here is a collective,
-so no rank ever waits on it.
+Run folder, W&B or not: ``metrics.jsonl`` (one object per log step), ``samples/*.png``,
+``losses.png`` (redrawn with every sample grid) and ``summary.json`` (at the end of each
+attempt). Other ranks hold a Tracker that does nothing, nothing here is a collective, and
+PNG writing and plotting happen on a background thread: no rank waits on tracking.
+
+Resume: W&B keeps a run's history and needs increasing steps, so after a resume from
+step S the steps S+1..L that the stopped attempt had already logged (L: the last step in
+metrics.jsonl) are not sent again; metrics.jsonl is cut back to S and re-written as the
+replay goes (an exact resume replays the same values).
 """
 
 from __future__ import annotations
@@ -9,52 +17,193 @@ from __future__ import annotations
 import json
 import logging
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torchvision.utils as vutils
+from PIL import Image
+
+from dcgan.config import Config
+from dcgan.fileio import write_atomic
+from dcgan.progress import StepProgress
+from dcgan.wandb_run import WandbRun, open_run
 
 log = logging.getLogger("dcgan.train")
 
+# Metrics with a better direction, reported as "best" in the summary (the eval metrics).
+BEST = {"fid": "min", "kid": "min", "precision": "max", "recall": "max"}
+# What losses.png shows: (panel title, metric names).
+PLOT_PANELS = (("loss", ("loss_d", "loss_g")), ("discriminator output", ("d_real", "d_fake", "d_fake_after")))
+
 
 class Tracker:
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.run_dir = run_dir
-        self.enabled = enabled
-        self.samples_dir = run_dir / "samples"
-        if enabled:
-            self.samples_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, cfg: Config, enabled: bool):
+        self.cfg, self.enabled = cfg, enabled
+        self.run_dir = cfg.run_dir
+        self.samples_dir = self.run_dir / "samples"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.wandb = WandbRun(None, "disabled")
+        self.wandb_has_through = 0  # the W&B run already holds steps up to here (see module doc)
+        self.last: dict[str, Any] = {}  # the newest logged values
+        self.best: dict[str, dict[str, float]] = {}  # BEST metric -> {"value", "step"}
+        self.progress = StepProgress(0, 0, enabled=False)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tracker") if enabled else None
+        self._pending: list[Future] = []
+
+    def start(self, step: int, total: int, wandb_run_id: str | None, config: dict) -> str | None:
+        """Open the outlets at ``step`` (0, or the step resumed from). ``wandb_run_id``:
+        the checkpoint's, to continue that W&B run. Returns the id to store in checkpoints."""
+        if not self.enabled:
+            return wandb_run_id
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        logged_through = self._rewind(step)
+        if wandb_run_id is not None:
+            self.wandb_has_through = logged_through
+        self.wandb = open_run(self.cfg.wandb, self.run_dir, self.cfg.train.name, wandb_run_id, config)
+        self.progress = StepProgress(total, step, enabled=True)
+        return self.wandb.id or wandb_run_id  # W&B off this time: keep the id for the next attempt
+
+    def advance(self, step: int) -> None:
+        self.progress.update(step)
 
     def metrics(self, step: int, values: dict[str, float], line: str) -> None:
-        """Log ``line`` and append ``{"step": step, **values}`` to metrics.jsonl."""
+        """Log ``line`` (with the ETA) and record ``values`` at ``step``; a non-finite
+        value is written as null and not sent to W&B."""
         if not self.enabled:
             return
-        log.info(line)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        self._remember(step, clean)
+        self.progress.write(f"{line} | eta {self.progress.eta()}")
+        self.progress.postfix(loss_d=clean.get("loss_d"), loss_g=clean.get("loss_g"))
+        if step > self.wandb_has_through:
+            self.wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
 
-    def rewind(self, step: int) -> None:
-        """On resume from ``step``: drop metrics the stopped run logged after it (those
-        steps are about to be trained again), so metrics.jsonl has each step once."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.enabled or not path.exists():
+    def real_grid(self, images: torch.Tensor) -> None:
+        """A grid of real training images, once at the start of a run (``samples/real.png``)."""
+        self._grid(images, "real", self.samples_dir / "real.png", step=0)
+
+    def sample_grid(self, step: int, images: torch.Tensor) -> None:
+        """G(fixed noise) at ``step``: ``samples/step_<step>.png``, W&B "samples"; redraws losses.png."""
+        self._grid(images, "samples", self.samples_dir / f"step_{step:08d}.png", step)
+        self._in_background(plot_losses, self.metrics_path, self.run_dir / "losses.png")
+
+    def finish(self, exit_code: int, preempted: bool, facts: dict[str, Any]) -> None:
+        """End of this attempt: summary.json (``facts`` + final and best values), the last
+        plot, the W&B summary; waits for the background writes."""
+        if not self.enabled:
             return
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _step_of(line) <= step]  # a line cut by a kill goes too
+        self.progress.close()
+        self._in_background(plot_losses, self.metrics_path, self.run_dir / "losses.png")
+        summary = {
+            **facts,
+            "final": self.last,
+            "best": self.best,
+            "wandb": {"mode": self.wandb.mode, "id": self.wandb.id, "dir": str(self.wandb.files_dir or "")},
+        }
+        write_atomic(self.run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        self.wandb.summary({
+            **{k: v for k, v in facts.items() if isinstance(v, (int, float, str))},
+            **{f"best_{name}": b["value"] for name, b in self.best.items()},
+        })  # fmt: skip
+        self.wandb.finish(exit_code, preempted)
+        self._writer.shutdown(wait=True)
+        self._collect(wait=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _grid(self, images: torch.Tensor, key: str, path: Path, step: int) -> None:
+        if not self.enabled:
+            return
+        grid = to_uint8_grid(images, nrow=8)
+        self._in_background(save_png, grid, path)
+        if step > self.wandb_has_through or (step == 0 and self.wandb_has_through == 0):
+            self.wandb.image(key, grid, step, caption=f"step {step}")
+
+    def _rewind(self, step: int) -> int:
+        """Keep the metrics of steps <= ``step`` (the rest is about to be trained again; a
+        line cut by a kill goes too) and take the final/best values from them. Returns the
+        last step the file had."""
+        if not self.metrics_path.exists():
+            return 0
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept, last_step = [], 0
+        for line in lines:
+            try:
+                record = json.loads(line)
+                at = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            last_step = max(last_step, at)
+            if at <= step:
+                kept.append(line)
+                self._remember(at, {k: v for k, v in record.items() if k != "step"})
         if len(kept) != len(lines):
-            path.write_text("".join(kept))
+            self.metrics_path.write_text("".join(kept))
+        return last_step
 
-    def grid(self, images: torch.Tensor, name: str, nrow: int = 8) -> Path | None:
-        """Save images in [-1, 1] as one PNG grid ``samples/<name>.png``."""
-        if not self.enabled:
-            return None
-        path = self.samples_dir / f"{name}.png"
-        vutils.save_image(images.detach().float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1))
-        return path
+    def _remember(self, step: int, values: dict[str, Any]) -> None:
+        self.last = {"step": step, **values}
+        for name, direction in BEST.items():
+            value, held = values.get(name), self.best.get(name)
+            if value is None:
+                continue
+            if held is None or (value < held["value"] if direction == "min" else value > held["value"]):
+                self.best[name] = {"value": value, "step": step}
+
+    def _in_background(self, fn, *args) -> None:
+        self._collect(wait=False)
+        self._pending.append(self._writer.submit(fn, *args))
+
+    def _collect(self, wait: bool) -> None:
+        """Report failures of finished background writes (a full disk must not go unseen)."""
+        still = []
+        for future in self._pending:
+            if not wait and not future.done():
+                still.append(future)
+            elif future.exception() is not None:
+                e = future.exception()
+                log.warning("tracking: a background write failed (%s: %s)", type(e).__name__, e)
+        self._pending = still
 
 
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+def to_uint8_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """Images in [-1, 1] (N, C, H, W) as one HxWxC uint8 grid: PNG and W&B both want uint8."""
+    grid = vutils.make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+    return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def save_png(grid: np.ndarray, path: Path) -> None:
+    image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
+    write_atomic(path, lambda f: image.save(f, format="PNG"))
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    """Draw PLOT_PANELS against step from metrics.jsonl into ``out`` (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # pyplot's global state is not thread-safe
+    from matplotlib.figure import Figure
+
+    records = []
+    if metrics_path.exists():
+        for line in metrics_path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line being written right now
+    fig = Figure(figsize=(10, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (title, names) in zip(fig.subplots(1, len(PLOT_PANELS)), PLOT_PANELS):
+        for name in names:
+            points = [(r["step"], r[name]) for r in records if r.get(name) is not None]
+            if points:
+                ax.plot(*zip(*points), label=name, linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize="small")
+    write_atomic(out, lambda f: fig.savefig(f, format="png"))

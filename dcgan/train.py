@@ -49,7 +49,10 @@ NO_FORWARD_BUFFER_SYNC = (
 # not be written, or no checkpoint of the run folder is usable.
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-STAT_NAMES = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "d_fake_after")
+# What gan_step measures each step (averaged over log.every steps): losses, D's mean
+# output on real data and on fakes before (d_fake) and after (d_fake_after) the D update,
+# and the gradient norms (unscaled under fp16).
+STAT_NAMES = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "d_fake_after", "grad_norm_d", "grad_norm_g")
 
 
 def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, nn.Module]:
@@ -112,6 +115,7 @@ def gan_step(
         out_fake = d_train(fake.detach()).view(-1).float()
     loss_d_fake = F.binary_cross_entropy_with_logits(out_fake, zeros)
     state.scaler_d.scale(loss_d_fake).backward()
+    grad_norm_d = gradient_norm(D, state.scaler_d, state.opt_d)
     state.scaler_d.step(state.opt_d)
     state.scaler_d.update()
 
@@ -122,6 +126,7 @@ def gan_step(
         out_g = D(fake).view(-1).float()
     loss_g = F.binary_cross_entropy_with_logits(out_g, ones)
     state.scaler_g.scale(loss_g).backward()
+    grad_norm_g = gradient_norm(state.generator, state.scaler_g, state.opt_g)
     state.scaler_g.step(state.opt_g)
     state.scaler_g.update()
     D.requires_grad_(True)
@@ -130,7 +135,15 @@ def gan_step(
         return torch.stack([
             loss_d_real, loss_d_fake, loss_g,
             out_real.sigmoid().mean(), out_fake.sigmoid().mean(), out_g.sigmoid().mean(),
+            grad_norm_d, grad_norm_g,
         ])  # fmt: skip
+
+
+def gradient_norm(net: nn.Module, scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """L2 norm of ``net``'s gradients, on the device. Under fp16 the grads are unscaled
+    first (``scaler.step`` then knows not to do it again); inf when the step overflowed."""
+    scaler.unscale_(opt)
+    return torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
 
 
 @torch.no_grad()
@@ -199,6 +212,32 @@ def save_checkpoint(state: TrainState, cfg: Config, dist: DistInfo) -> bool:
     return distributed.broadcast_object(ok, dist)
 
 
+def log_values(
+    cfg: Config, state: TrainState, stats: torch.Tensor, steps: int, seconds: float, data_wait: float,
+    loader: Loader, dist: DistInfo,
+) -> dict[str, float]:  # fmt: skip
+    """The metrics of one log interval: ``stats`` (the sum of ``steps`` gan_step results,
+    read here in the interval's one host sync) plus rates, learning rates and memory."""
+    values = dict(zip(STAT_NAMES, (stats / steps).tolist()))
+    global_rate = steps * cfg.train.batch_size * dist.world_size / seconds
+    values.update(
+        loss_d=values["loss_d_real"] + values["loss_d_fake"],
+        lr_g=state.opt_g.param_groups[0]["lr"],
+        lr_d=state.opt_d.param_groups[0]["lr"],
+        img_per_s=global_rate,
+        img_per_s_per_process=global_rate / dist.world_size,
+        step_time_s=seconds / steps,
+        data_wait=data_wait / seconds,
+        epoch=state.epoch,
+        corrupt_samples=loader.corrupt_samples,
+    )
+    if dist.device.type == "cuda":
+        values["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
+    if state.scaler_g.is_enabled():
+        values.update(grad_scale_g=state.scaler_g.get_scale(), grad_scale_d=state.scaler_d.get_scale())
+    return values
+
+
 def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> int:
     """Train until ``train.steps`` or an agreed ``stop``; returns the exit code (EXIT_*)."""
     run_dir, t = cfg.run_dir, cfg.train
@@ -218,7 +257,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
         if dist.is_main:
             log.error("%s", error)
         return EXIT_FAILED
-    tracker = Tracker(run_dir, enabled=dist.is_main)
+    tracker = Tracker(cfg, enabled=dist.is_main)
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
     amp_dtype = AMP_DTYPES[t.precision]
@@ -249,7 +288,10 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
             time.perf_counter() - t_load,
             f"; restart {restarts} of this job" if restarts else "",
         )
-        tracker.rewind(state.step)
+    # The W&B run goes on only for a checkpoint of this run folder (resume=PATH from
+    # another run starts a new one); rank 0 fills in the id that checkpoints then carry.
+    same_run = resume_from is not None and resume_from.parent.parent.resolve() == run_dir.resolve()
+    state.wandb_run_id = tracker.start(state.step, t.steps, state.wandb_run_id if same_run else None, cfg.to_dict())
     if state.batch_in_epoch >= loader.steps_per_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     fixed_noise = sample_latent(cfg.log.num_samples, cfg.model.nz, generator=torch.Generator().manual_seed(t.seed))
@@ -277,7 +319,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
     stats_sum = torch.zeros(len(STAT_NAMES), device=dist.device)
     stats_steps, data_wait = 0, 0.0
     t_start = t_log = time.perf_counter()
-    start_step = state.step
+    start_step, train_seconds_before = state.step, state.train_seconds
     exit_code = EXIT_OK
 
     stop.arm()
@@ -286,7 +328,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
         for real, _ in loader.epoch(state.epoch, state.batch_in_epoch):
             data_wait += time.perf_counter() - t_fetch
             if state.step == 0:
-                tracker.grid(real[: cfg.log.num_samples], "real")
+                tracker.real_grid(real[: cfg.log.num_samples])
 
             stats_sum += gan_step(state, g_train, d_train, real, cfg.model.nz, amp_dtype)
             stats_steps += 1
@@ -297,30 +339,26 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
             if state.generator_ema is not None:
                 update_ema(state.generator_ema, state.generator, step, cfg.model.ema_decay)
 
+            tracker.advance(step)
             if step % cfg.log.every == 0 or step == t.steps:
-                values = dict(zip(STAT_NAMES, (stats_sum / stats_steps).tolist()))  # the one host sync
                 elapsed = time.perf_counter() - t_log
-                values.update(
-                    epoch=state.epoch,
-                    img_per_s=stats_steps * global_batch / elapsed,
-                    data_wait=data_wait / elapsed,
-                    corrupt_samples=loader.corrupt_samples,
-                )
+                values = log_values(cfg, state, stats_sum, stats_steps, elapsed, data_wait, loader, dist)
                 tracker.metrics(step, values, (
                     f"step {step}/{t.steps} | epoch {state.epoch} | "
-                    f"loss_D {values['loss_d_real'] + values['loss_d_fake']:.3f} | loss_G {values['loss_g']:.3f} | "
+                    f"loss_D {values['loss_d']:.3f} | loss_G {values['loss_g']:.3f} | "
                     f"D(x) {values['d_real']:.3f} | D(G(z)) {values['d_fake']:.3f} -> {values['d_fake_after']:.3f} | "
                     f"{values['img_per_s']:.0f} img/s | data wait {100 * values['data_wait']:.0f}%"
                 ))  # fmt: skip
                 stats_sum.zero_()
                 stats_steps, data_wait, t_log = 0, 0.0, time.perf_counter()
             if dist.is_main and (step % cfg.log.samples_every == 0 or step == t.steps):
-                tracker.grid(generate_grid(sample_generator, fixed_noise), f"step_{step:08d}")
+                tracker.sample_grid(step, generate_grid(sample_generator, fixed_noise))
 
             # Stop requests and checkpoints: the same decision on every rank, after the same step.
             signal_time = stop.agreed(dist) if step % t.stop_check_every == 0 else None
             stopping = signal_time is not None and step < t.steps
             if step % cfg.checkpoint.every == 0 or step == t.steps or stopping:
+                state.train_seconds = train_seconds_before + time.perf_counter() - t_start
                 saved = save_checkpoint(state, cfg, dist)
                 if not saved and (stopping or step == t.steps):
                     exit_code = EXIT_FAILED
@@ -341,9 +379,24 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
 
     wall = time.perf_counter() - t_start
     done = state.step - start_step
+    status = "failed" if exit_code == EXIT_FAILED else "done" if state.step >= t.steps else "stopped"
+    tracker.finish(exit_code, preempted=exit_code == EXIT_PREEMPTED, facts={
+        "status": status,
+        "exit_code": exit_code,
+        "step": state.step,
+        "steps": t.steps,
+        "epoch": state.epoch,
+        "samples_seen": state.samples_seen,
+        "world_size": dist.world_size,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "steps_this_attempt": done,
+        "wall_time_s": round(wall, 3),
+        "train_time_s": round(train_seconds_before + wall, 3),  # all attempts together
+        "img_per_s": done * global_batch / max(wall, 1e-9),
+    })  # fmt: skip
     log.info(
         "%s: %d steps in %.1fs (%.2f steps/s, %.0f img/s); corrupt samples %d, unreadable shards %d (this rank)",
-        "done" if state.step >= t.steps else "stopped",
+        status,
         done,
         wall,
         done / max(wall, 1e-9),

@@ -16,6 +16,9 @@ import yaml
 from dcgan.shards import main as shards_main
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# Tests never talk to a W&B server, whatever login this machine has (wandb.mode=auto
+# follows $WANDB_MODE); tests that need another mode set it in their config or env.
+os.environ["WANDB_MODE"] = "offline"
 REPO = Path(__file__).resolve().parents[1]
 
 

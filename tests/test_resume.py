@@ -7,6 +7,7 @@ that no sample was repeated or skipped across the stop: D saw exactly the same b
 Damaged checkpoints and failed writes cost at most the steps since the previous one.
 """
 
+import json
 import os
 import re
 import resource
@@ -20,6 +21,7 @@ import torch
 from conftest import run_module, start_python, write_config
 from dcgan import checkpoint
 from dcgan.preemption import EXIT_PREEMPTED
+from wandb_files import read_run
 
 STEPS, EVERY = 120, 40  # epochs of 32 steps (1 rank) or 16 (2 ranks): stops land mid-epoch
 LONG_RUN = {
@@ -39,13 +41,14 @@ def final_state(run_dir: Path, step: int = STEPS) -> dict:
 
 
 def assert_bitwise_equal(a, b, where="state"):
-    """Every tensor equal bit for bit, every other value equal (the config may differ)."""
+    """Every tensor equal bit for bit, every other value equal (the config, the W&B run id
+    and the wall time may differ: they describe the run, not what it trained)."""
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), f"{where} differs"
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for k in a:
-            if (where, k) != ("state", "config"):
+            if where != "state" or k not in ("config", "wandb_run_id", "train_seconds"):
                 assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
@@ -160,12 +163,18 @@ def test_signal_stops_all_ranks_saves_and_resumes_bitwise(request, tmp_path, npr
     assert re.search(r"checkpoint on disk \d+\.\d+s after the signal", text)
     assert checkpoint.list_checkpoints(run_dir / "checkpoints")[-1].name == f"step_{stop:08d}.pt"
     assert final_state(run_dir, stop)["step"] == stop
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["exit_code"], summary["step"]) == ("stopped", EXIT_PREEMPTED, stop)
 
     again = run_module("dcgan.train", "--config", str(config), f"train.name={name}", nproc=nproc)
     assert again.returncode == 0, again.stderr
     assert resumed_at(again.stderr) == stop
     assert_bitwise_equal(reference, final_state(run_dir))
     assert last_logged_step(run_dir) == STEPS and len((run_dir / "metrics.jsonl").read_text().splitlines()) == STEPS
+    stopped, resumed = read_run(run_dir)  # one W&B run in two offline segments
+    assert stopped.run_id == resumed.run_id and stopped.exit_code == EXIT_PREEMPTED
+    logged = [step for segment in (stopped, resumed) for step in sorted(segment.metric("loss_g"))]
+    assert logged == list(range(1, STEPS + 1))  # log.every=1: every step once, in order, across the stop
 
 
 def test_sigkill_under_max_restarts_resumes_by_itself(two_ranks, tmp_path):
@@ -190,6 +199,11 @@ def test_sigkill_under_max_restarts_resumes_by_itself(two_ranks, tmp_path):
     print(f"SIGKILL at step ~{max(logged_before)}: resumed at {resume_step}, steps lost {steps_lost}")
     assert resume_step % EVERY == 0 and 0 <= steps_lost <= EVERY
     assert_bitwise_equal(reference, final_state(run_dir))
+    killed, restarted = read_run(run_dir)  # one W&B run; the replayed steps are not sent again
+    assert killed.run_id == restarted.run_id
+    sent_before = sorted(killed.metric("loss_g"))
+    assert sent_before == list(range(1, len(sent_before) + 1)) and sent_before[-1] <= max(logged_before)
+    assert sorted(restarted.metric("loss_g")) == list(range(max(logged_before) + 1, STEPS + 1))
 
 
 # --------------------------------------------------------------------------- damage and failures

@@ -1,0 +1,284 @@
+"""Run tracking: W&B (offline, read back from its own files), the run folder's metrics,
+grids, loss plot and summary, resumed runs, and the console."""
+
+import fcntl
+import json
+import math
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import REPO, run_module, start_python, write_config
+from dcgan import checkpoint
+from dcgan.config import ConfigError, WandbConfig, load_config
+from dcgan.tracking import Tracker, to_uint8_grid
+from dcgan.wandb_run import resolve_mode
+from wandb_files import read_run
+
+# 16 grid images, 8 per row, of 28 px with 2 px padding: 242 x 62
+GRID_SIZE = (2 + 8 * 30, 2 + 2 * 30)
+WANDB = {"mode": "offline", "project": "dcgan-tests", "group": "g1", "tags": ["a", "b"], "notes": "two ranks"}
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_real_grid(path, like=None):
+    """A PNG grid of the right size that is not blank (wandb 0.31 saves float images black)."""
+    pixels = np.asarray(Image.open(path).convert("L"))
+    assert (pixels.shape[1], pixels.shape[0]) == GRID_SIZE, path
+    assert pixels.std() > 10 and pixels.max() > 100, f"{path}: a blank grid"
+    if like is not None:
+        assert np.array_equal(pixels, np.asarray(Image.open(like).convert("L"))), f"{path} != {like}"
+
+
+# --------------------------------------------------------------------------- W&B offline
+
+
+def test_two_rank_run_is_read_back_from_wandb_files(tmp_path, digit_shards):
+    config = write_config(tmp_path / "tracked.yaml", digit_shards, wandb=WANDB)
+    result = run_module("dcgan.train", "--config", str(config), nproc=2)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "tracked"
+    assert "W&B offline (wandb.mode)" in result.stderr and "wandb sync" in result.stderr
+
+    (segment,) = read_run(run_dir)  # rank 0 alone writes to W&B
+    assert (segment.project, segment.group, segment.name) == ("dcgan-tests", "g1", "tracked")
+    assert (segment.tags, segment.notes) == (["a", "b"], "two ranks")
+    assert segment.config == yaml.safe_load((run_dir / "config.yaml").read_text())  # the resolved config
+    assert segment.exit_code == 0
+    assert (segment.folder / "files" / "train.log").resolve() == (run_dir / "train.log").resolve()  # the run's log
+
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    expected = {
+        "loss_d_real", "loss_d_fake", "loss_d", "loss_g", "d_real", "d_fake", "d_fake_after", "grad_norm_d",
+        "grad_norm_g", "lr_g", "lr_d", "img_per_s", "img_per_s_per_process", "step_time_s", "data_wait",
+        "epoch", "corrupt_samples",
+    }  # fmt: skip
+    assert expected <= metrics[0].keys()
+    for m in metrics:
+        assert m["img_per_s"] == pytest.approx(2 * m["img_per_s_per_process"])
+        assert m["lr_g"] == m["lr_d"] == 2e-4 and m["grad_norm_d"] > 0 and m["grad_norm_g"] > 0
+        assert m["loss_d"] == pytest.approx(m["loss_d_real"] + m["loss_d_fake"])
+    for name in expected:  # W&B holds exactly what metrics.jsonl holds, at the same steps
+        assert segment.metric(name) == pytest.approx({m["step"]: m[name] for m in metrics}), name
+
+    media = segment.folder / "files"
+    real = segment.metric("real/path")
+    assert list(real) == [0]
+    assert_real_grid(media / real[0], like=run_dir / "samples" / "real.png")
+    samples = segment.metric("samples/path")
+    assert list(samples) == [3, 6]
+    for step, path in samples.items():
+        assert_real_grid(media / path, like=run_dir / "samples" / f"step_{step:08d}.png")
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["step"], summary["world_size"]) == ("done", 6, 2)
+    assert summary["final"] == metrics[-1] and summary["wandb"]["id"] == segment.run_id
+    assert segment.summary["status"] == "done" and segment.summary["train_time_s"] == summary["train_time_s"]
+    state = torch.load(checkpoint.latest_valid(run_dir / "checkpoints")[0], weights_only=True)
+    assert state["wandb_run_id"] == segment.run_id
+
+
+def test_resumed_run_continues_the_same_wandb_run_without_logging_a_step_twice(tmp_path, digit_shards):
+    config = write_config(
+        tmp_path / "resumed.yaml", digit_shards, wandb={"mode": "offline"},
+        train={"steps": 8}, checkpoint={"every": 4, "keep": 5},
+    )  # fmt: skip
+    run_dir = tmp_path / "runs" / "resumed"
+    assert run_module("dcgan.train", "--config", str(config)).returncode == 0
+    first_metrics = read_metrics(run_dir)
+    # As if killed after logging step 8 but before its checkpoint: steps 5..8 get replayed.
+    ckpt_8 = checkpoint.checkpoint_path(run_dir / "checkpoints", 8)
+    ckpt_8.unlink()
+    checkpoint.record_path(ckpt_8).unlink()
+
+    again = run_module("dcgan.train", "--config", str(config), "train.steps=12")
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr and "at step 4" in again.stderr
+    first, second = read_run(run_dir)
+    assert first.run_id == second.run_id and f"run {first.run_id} continues" in again.stderr
+    assert sorted(first.metric("loss_g")) == [2, 4, 6, 8]
+    assert sorted(second.metric("loss_g")) == [10, 12]  # 6 and 8 were trained again, not sent again
+    assert sorted(first.metric("samples/path")) == [3, 6, 8] and sorted(second.metric("samples/path")) == [9, 12]
+    assert "real/path" not in {k for row in second.history for k in row}  # the real grid once per run
+
+    metrics = read_metrics(run_dir)  # the run folder: each step once, the replay's values
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
+    for before, after in zip(first_metrics, metrics):  # an exact resume replays the same losses
+        assert before["loss_g"] == after["loss_g"] and before["d_real"] == after["d_real"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step_00000004.pt") and summary["steps_this_attempt"] == 8
+    assert summary["train_time_s"] > summary["wall_time_s"]  # the first attempt's time counts too
+
+
+def test_resume_from_another_run_folder_starts_a_new_wandb_run(tmp_path, digit_shards):
+    config = write_config(tmp_path / "source.yaml", digit_shards, wandb={"mode": "offline"})
+    assert run_module("dcgan.train", "--config", str(config)).returncode == 0
+    (source,) = read_run(tmp_path / "runs" / "source")
+    ckpt = checkpoint.checkpoint_path(tmp_path / "runs" / "source" / "checkpoints", 6)
+    branch = run_module("dcgan.train", "--config", str(config), "train.name=branch", f"train.resume={ckpt}",
+                        "train.steps=8")  # fmt: skip
+    assert branch.returncode == 0, branch.stderr
+    (segment,) = read_run(tmp_path / "runs" / "branch")
+    assert segment.run_id != source.run_id and sorted(segment.metric("loss_g")) == [8]
+
+
+def test_unreachable_server_falls_back_to_offline(tmp_path, digit_shards):
+    """The online code path up to the network: a configured key, a server that refuses."""
+    config = write_config(
+        tmp_path / "online.yaml", digit_shards, wandb={"mode": "online", "init_timeout": 2}, train={"steps": 2}
+    )
+    env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}  # port 9: nothing listens
+    result = run_module("dcgan.train", "--config", str(config), env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "W&B online failed" in result.stderr and "W&B offline (the server could not be reached)" in result.stderr
+    (segment,) = read_run(tmp_path / "runs" / "online")
+    assert sorted(segment.metric("loss_g")) == [2]
+
+
+def test_training_goes_on_when_wandb_dies(tmp_path, digit_shards):
+    """Slurm signals every process of a job, wandb-core too, and SIGTERM ends it."""
+    config = write_config(tmp_path / "dies.yaml", digit_shards, wandb={"mode": "offline"}, train={"steps": 300},
+                          log={"every": 1, "samples_every": 50})  # fmt: skip
+    run_dir = tmp_path / "runs" / "dies"
+    proc = start_python("-m", "dcgan.train", "--config", str(config), log=tmp_path / "dies.log")
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir)) < 20:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "dies.log").read_text()
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid), "wandb-core"], capture_output=True, text=True)
+    os.kill(int(children.stdout.split()[0]), signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    text = (tmp_path / "dies.log").read_text()
+    assert "going on without W&B" in text and "Traceback" not in text
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 301))
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
+
+
+# --------------------------------------------------------------------------- W&B off
+
+
+def test_disabled_wandb_still_writes_the_run_folder(tmp_path, digit_shards):
+    config = write_config(tmp_path / "off.yaml", digit_shards, wandb={"mode": "auto"})
+    result = run_module("dcgan.train", "--config", str(config), env={"WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "off"
+    assert "W&B disabled ($WANDB_MODE)" in result.stderr
+    assert not (run_dir / "wandb").exists()
+    assert [m["step"] for m in read_metrics(run_dir)] == [2, 4, 6]
+    for step in (3, 6):
+        assert_real_grid(run_dir / "samples" / f"step_{step:08d}.png")
+    assert_real_grid(run_dir / "samples" / "real.png")
+    plot = Image.open(run_dir / "losses.png")
+    assert plot.format == "PNG" and plot.size == (1000, 360)
+    assert np.asarray(plot.convert("L")).std() > 5  # curves, not an empty canvas
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["final"]["step"] == 6
+    assert summary["wandb"] == {"mode": "disabled", "id": None, "dir": ""}
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_mode_resolution(tmp_path):
+    auto = WandbConfig()
+    assert resolve_mode(WandbConfig(mode="offline"), {"WANDB_API_KEY": "k"}) == ("offline", "wandb.mode")
+    assert resolve_mode(auto, {"WANDB_MODE": "disabled", "WANDB_API_KEY": "k"}) == ("disabled", "$WANDB_MODE")
+    assert resolve_mode(auto, {"WANDB_API_KEY": "k"})[0] == "online"
+    no_netrc = str(tmp_path / "absent")
+    assert resolve_mode(auto, {"NETRC": no_netrc}) == ("offline", "no W&B API key is configured")
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert resolve_mode(auto, {"NETRC": str(netrc)})[0] == "online"
+    # a key for the public server says nothing about a private one
+    assert resolve_mode(auto, {"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.corp"})[0] == "offline"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("wandb.mode=cloud", "wandb.mode"),
+        ("wandb.project=a/b", "wandb.project"),
+        ("wandb.tags=[ok, '']", "wandb.tags"),
+        ("wandb.colour=red", "wandb.colour"),
+        ("log.group=x", "log.group"),  # moved to wandb.group
+    ],
+)
+def test_bad_wandb_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"<defaults>: {key}"):
+        load_config(None, [override])
+
+
+def test_tracker_records_nonfinite_as_null_and_keeps_the_best(tmp_path):
+    cfg = load_config(None, [f"train.out_dir={tmp_path}", "train.name=t", "wandb.mode=disabled"])
+    tracker = Tracker(cfg, enabled=True)
+    tracker.start(0, 30, None, cfg.to_dict())
+    for step, fid, loss in ((10, 50.0, 1.0), (20, 30.0, math.nan), (30, 40.0, math.inf)):
+        tracker.metrics(step, {"fid": fid, "loss_g": loss}, f"step {step}")
+    tracker.finish(0, preempted=False, facts={"status": "done"})
+    lines = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["loss_g"] for line in lines] == [1.0, None, None]  # valid JSON, no NaN
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["best"] == {"fid": {"value": 30.0, "step": 20}}
+    assert summary["final"] == {"step": 30, "fid": 40.0, "loss_g": None}
+
+    again = Tracker(cfg, enabled=True)  # resumed from step 20: step 30 is trained again
+    again.start(20, 30, None, cfg.to_dict())
+    assert [json.loads(line)["step"] for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()] == [
+        10,
+        20,
+    ]
+    assert again.best == {"fid": {"value": 30.0, "step": 20}} and again.last["step"] == 20
+    again.finish(0, preempted=False, facts={})
+
+
+def test_uint8_grid_maps_the_generator_range_to_0_255():
+    images = torch.stack([torch.full((1, 2, 2), -1.0), torch.full((1, 2, 2), 1.0)])
+    grid = to_uint8_grid(images, nrow=2)
+    assert grid.dtype == np.uint8 and grid.shape == (6, 10, 3)  # 2 px padding around 2x2 images
+    assert grid[2:4, 2:4].max() == 0 and grid[2:4, 6:8].min() == 255
+
+
+# --------------------------------------------------------------------------- console
+
+
+def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path, digit_shards):
+    config = write_config(tmp_path / "console.yaml", digit_shards, wandb={"mode": "disabled"})
+    plain = run_module("dcgan.train", "--config", str(config), "train.name=plain")
+    assert plain.returncode == 0
+    assert "step/s" not in plain.stderr and "it/s" not in plain.stderr
+    assert all(" | eta " in line for line in plain.stderr.splitlines() if " INFO step " in line)
+
+    parent, child = pty.openpty()  # stderr a terminal, as under an interactive torchrun
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a window size, as a terminal has
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "dcgan.train", "--config", str(config), "train.name=tty"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=child)
+    os.close(child)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(parent, 4096)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait(timeout=300) == 0
+    text = out.decode(errors="replace")
+    assert "train: 100%" in text and "6/6" in text  # the tqdm bar, with its count
+    assert "INFO step 6/6" in text  # metric lines still print, above the bar
