@@ -39,10 +39,13 @@ def job_state(job_id: str) -> str:
     return out.stdout.strip().split("\n")[0].split(" ")[0]
 
 
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "DEADLINE"}
+
+
 def wait_until_ended(job_id: str) -> str:
-    """The job's final state (sacct lags a little behind the result files)."""
-    wait_for(lambda: job_state(job_id) not in ("RUNNING", "COMPLETING"), f"job {job_id} to end", timeout=60)
-    return job_state(job_id)
+    """The job's final state. sacct lags behind the result files, under load by seconds,
+    and until slurmdbd has the start record it may still say PENDING."""
+    return wait_for(lambda: job_state(job_id) in FINAL_STATES and job_state(job_id), f"job {job_id} to end", timeout=60)
 
 
 def read(path: Path) -> str:
