@@ -58,16 +58,10 @@ class WandbRun:
     dropped for the rest of the run (``self.run`` becomes None)."""
 
     def __init__(self, run: Any, mode: str):
-        self.run, self.mode = run, mode
-
-    @property
-    def id(self) -> str | None:
-        return self.run.id if self.run is not None and self.mode != "disabled" else None
-
-    @property
-    def files_dir(self) -> Path | None:
-        """Where this run segment's files are (``.../wandb/offline-run-<time>-<id>``)."""
-        return Path(self.run.dir).parent if self.run is not None and self.mode != "disabled" else None
+        self.run, self.mode = run, mode  # run: None when disabled
+        self.id: str | None = run.id if run is not None else None
+        # This attempt's files: <run folder>/wandb/offline-run-<time>-<id> (or run-... online)
+        self.files_dir: Path | None = Path(run.dir).parent if run is not None else None
 
     def log(self, values: dict[str, Any], step: int) -> None:
         self._call("log", lambda: self.run.log(values, step=step))
@@ -84,7 +78,7 @@ class WandbRun:
     def finish(self, exit_code: int, preempted: bool) -> None:
         """Close the run; a preempted one is marked so (it carries on under the same id)."""
         if preempted:
-            self._call("mark_preempting", self.run.mark_preempting if self.run else lambda: None)
+            self._call("mark_preempting", lambda: self.run.mark_preempting())
         self._call("finish", lambda: self.run.finish(exit_code=exit_code))
         self.run = None
 
@@ -115,7 +109,6 @@ def open_run(cfg: WandbConfig, run_dir: Path, run_name: str, run_id: str | None,
     if mode == "disabled":
         log.info("W&B disabled (%s); metrics, grids and the summary go to %s only", why, run_dir)
         return WandbRun(None, mode)
-    wandb_dir = run_dir  # wandb puts its files in <dir>/wandb/
 
     def init(mode: str, run_id: str | None):
         return wandb.init(
@@ -126,13 +119,13 @@ def open_run(cfg: WandbConfig, run_dir: Path, run_name: str, run_id: str | None,
             tags=cfg.tags or None,
             notes=cfg.notes or None,
             config=config,
-            dir=str(wandb_dir),
+            dir=str(run_dir),  # wandb writes to <dir>/wandb/
             mode=mode,
             id=run_id,
             resume="allow",  # a new id starts a run, a known one carries on
             # console="off": wandb would wrap sys.stdout/stderr, and DataLoader workers forked
             # from rank 0 would write through the wrapper to the parent's service connection.
-            # The run's log reaches W&B as the file train.log instead (saved below).
+            # The log is train.log in the run folder.
             settings=wandb.Settings(init_timeout=cfg.init_timeout, silent=True, console="off"),
         )
 
@@ -143,22 +136,19 @@ def open_run(cfg: WandbConfig, run_dir: Path, run_name: str, run_id: str | None,
             log.warning("W&B could not start (%s: %s); going on without it", type(e).__name__, e)
             return WandbRun(None, "disabled")
         log.warning("W&B online failed (%s: %s); going on offline", type(e).__name__, e)
-        wandb.teardown()  # the failed attempt still holds the id in the wandb service
         try:
+            wandb.teardown()  # the failed attempt still holds the id in the wandb service
             run = init("offline", run_id)
         except Exception as e2:  # noqa: BLE001
             log.warning("W&B offline could not start either (%s: %s); going on without it", type(e2).__name__, e2)
             return WandbRun(None, "disabled")
         mode, why = "offline", "the server could not be reached"
     opened = WandbRun(run, mode)
-    opened._call(
-        "save", lambda: run.save(str(run_dir / "train.log"), base_path=str(run_dir), policy="live", glob=False)
-    )
     verb = "continues" if run_id else "started"
     if mode == "offline":
         log.info(
             "W&B offline (%s): run %s %s in %s; upload it later with: wandb sync %s",
-            why, run.id, verb, opened.files_dir, Path(wandb_dir) / "wandb" / f"offline-run-*-{run.id}",
+            why, run.id, verb, opened.files_dir, run_dir / "wandb" / f"offline-run-*-{run.id}",
         )  # fmt: skip
     else:
         log.info("W&B online (%s): run %s %s, %s", why, run.id, verb, getattr(run, "url", ""))
