@@ -46,7 +46,7 @@ class Tracker:
         self.samples_dir = self.run_dir / "samples"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb = WandbRun(None, "disabled")
-        self.wandb_has_through = 0  # the W&B run already holds steps up to here (see module doc)
+        self.wandb_has_through = -1  # the W&B run already holds steps up to here (see module doc)
         self.last: dict[str, Any] = {}  # the newest logged values
         self.best: dict[str, dict[str, float]] = {}  # BEST metric -> {"value", "step"}
         self.progress = StepProgress(0, 0, enabled=False)
@@ -121,7 +121,7 @@ class Tracker:
             return
         grid = to_uint8_grid(images, nrow=8)
         self._in_background(save_png, grid, path)
-        if step > self.wandb_has_through or (step == 0 and self.wandb_has_through == 0):
+        if step > self.wandb_has_through:
             self.wandb.image(key, grid, step, caption=f"step {step}")
 
     def _rewind(self, step: int) -> int:
