@@ -87,8 +87,10 @@ def test_mixed_precision(tmp_path, digit_shards, precision):
     result = run_module("dcgan.train", "--config", str(config), timeout=300)
     assert result.returncode == 0, result.stderr
     state = check_run_folder(tmp_path / "runs" / precision, 6)
-    assert all(math.isfinite(m["loss_d_real"]) for m in read_metrics(tmp_path / "runs" / precision))
-    if precision == "fp16":  # the grad scalers' state travels with the checkpoint
+    metrics = read_metrics(tmp_path / "runs" / precision)
+    assert all(math.isfinite(m["loss_d_real"]) for m in metrics)
+    if precision == "fp16":  # the grad scalers' state travels with the checkpoint, and is logged
         assert state["scaler_g"]["scale"] > 0 and state["scaler_d"]["scale"] > 0
+        assert metrics[-1]["grad_scale_g"] == state["scaler_g"]["scale"]
     else:
-        assert state["scaler_g"] == {}
+        assert state["scaler_g"] == {} and "grad_scale_g" not in metrics[-1]
