@@ -61,9 +61,6 @@ class StepProgress:
             self.bar.update(step - self.step)
         self.step = step
 
-    def write(self, line: str) -> None:
-        logging.getLogger("dcgan.train").info("%s", line)
-
     def postfix(self, **values: float | None) -> None:
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if v is not None}, refresh=False)

@@ -78,7 +78,7 @@ class Tracker:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         self._remember(step, clean)
-        self.progress.write(f"{line} | eta {self.progress.eta()}")
+        log.info("%s | eta %s", line, self.progress.eta())
         self.progress.postfix(loss_d=clean.get("loss_d"), loss_g=clean.get("loss_g"))
         if step > self.wandb_has_through:
             self.wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)

@@ -341,14 +341,15 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
 
             tracker.advance(step)
             if step % cfg.log.every == 0 or step == t.steps:
-                elapsed = time.perf_counter() - t_log
-                values = log_values(cfg, state, stats_sum, stats_steps, elapsed, data_wait, loader, dist)
-                tracker.metrics(step, values, (
-                    f"step {step}/{t.steps} | epoch {state.epoch} | "
-                    f"loss_D {values['loss_d']:.3f} | loss_G {values['loss_g']:.3f} | "
-                    f"D(x) {values['d_real']:.3f} | D(G(z)) {values['d_fake']:.3f} -> {values['d_fake_after']:.3f} | "
-                    f"{values['img_per_s']:.0f} img/s | data wait {100 * values['data_wait']:.0f}%"
-                ))  # fmt: skip
+                if dist.is_main:  # the other ranks skip the host sync: only rank 0 reports
+                    elapsed = time.perf_counter() - t_log
+                    values = log_values(cfg, state, stats_sum, stats_steps, elapsed, data_wait, loader, dist)
+                    tracker.metrics(step, values, (
+                        f"step {step}/{t.steps} | epoch {state.epoch} | "
+                        f"loss_D {values['loss_d']:.3f} | loss_G {values['loss_g']:.3f} | "
+                        f"D(x) {values['d_real']:.3f} | D(G(z)) {values['d_fake']:.3f} -> {values['d_fake_after']:.3f} | "
+                        f"{values['img_per_s']:.0f} img/s | data wait {100 * values['data_wait']:.0f}%"
+                    ))  # fmt: skip
                 stats_sum.zero_()
                 stats_steps, data_wait, t_log = 0, 0.0, time.perf_counter()
             if dist.is_main and (step % cfg.log.samples_every == 0 or step == t.steps):
