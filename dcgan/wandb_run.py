@@ -68,9 +68,13 @@ class WandbRun:
 
     def image(self, key: str, images: np.ndarray, step: int, caption: str = "") -> None:
         """``images``: one uint8 HxWxC grid (wandb 0.31 saves float images black)."""
-        import wandb
 
-        self._call("log", lambda: self.run.log({key: wandb.Image(images, caption=caption or None)}, step=step))
+        def log_image() -> None:
+            import wandb  # only when a run is open: W&B disabled needs no wandb installed
+
+            self.run.log({key: wandb.Image(images, caption=caption or None)}, step=step)
+
+        self._call("log", log_image)
 
     def summary(self, values: dict[str, Any]) -> None:
         self._call("summary", lambda: self.run.summary.update(values))
@@ -103,12 +107,11 @@ def open_run(cfg: WandbConfig, run_dir: Path, run_name: str, run_id: str | None,
     """Start (``run_id`` None) or continue (``run_id`` from the checkpoint) the W&B run of
     this run folder. Online that cannot reach the server goes on offline under the same
     id; any other failure leaves W&B off for this process."""
-    import wandb
-
     mode, why = resolve_mode(cfg)
     if mode == "disabled":
         log.info("W&B disabled (%s); metrics, grids and the summary go to %s only", why, run_dir)
         return WandbRun(None, mode)
+    import wandb  # here: a disabled run needs no wandb installed (nor its import time)
 
     def init(mode: str, run_id: str | None):
         return wandb.init(
