@@ -46,6 +46,7 @@ FORMAT_VERSION = 2
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 RECORD_SUFFIX = ".json"  # step_X.pt -> step_X.pt.json
 CORRUPT_SUFFIX = ".corrupt"  # a rejected checkpoint is renamed aside, never deleted
+BEST_NAME = "best.pt"  # the state with the lowest FID so far (eval.best_checkpoint)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class TrainState:
     samples_seen: int = 0  # real images consumed, all ranks together
     wandb_run_id: str | None = None  # set by tracking, so a restart continues the same W&B run
     train_seconds: float = 0.0  # wall time of the training loops so far, all attempts together
+    best_fid: float | None = None  # lowest FID of the in-training evaluations so far
+    best_fid_step: int = 0  # the step it was measured at (checkpoints/best.pt)
 
     def state_dict(self, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
         """Everything to restart from; ``rng`` holds one ``capture_rng_state()`` per rank."""
@@ -83,6 +86,8 @@ class TrainState:
             "rng": rng,
             "wandb_run_id": self.wandb_run_id,
             "train_seconds": self.train_seconds,
+            "best_fid": self.best_fid,
+            "best_fid_step": self.best_fid_step,
             "config": config,
         }
 
@@ -104,6 +109,7 @@ class TrainState:
         self.batch_in_epoch, self.samples_seen = sd["batch_in_epoch"], sd["samples_seen"]
         self.wandb_run_id = sd["wandb_run_id"]
         self.train_seconds = sd.get("train_seconds", 0.0)  # absent before issue 5's checkpoints
+        self.best_fid, self.best_fid_step = sd.get("best_fid"), sd.get("best_fid_step", 0)  # absent before issue 6's
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -208,16 +214,30 @@ def save(state_dict: dict[str, Any], ckpt_dir: Path, step: int, keep: int) -> Sa
     ``keep``. On any failure (full disk, I/O error) the temp file is removed and the
     exception propagates: older checkpoints are untouched."""
     t0 = time.perf_counter()
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(ckpt_dir, step)
+    size = _write_with_record(state_dict, path, step)
+    for old in list_checkpoints(ckpt_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+        record_path(old).unlink(missing_ok=True)
+    return Saved(path, size, time.perf_counter() - t0)
+
+
+def save_best(state_dict: dict[str, Any], ckpt_dir: Path, step: int) -> Saved:
+    """Write ``best.pt`` (the state with the best evaluation so far) and its record, the
+    same way: never pruned, never picked by train.resume=auto, loadable by path."""
+    t0 = time.perf_counter()
+    path = ckpt_dir / BEST_NAME
+    size = _write_with_record(state_dict, path, step)
+    return Saved(path, size, time.perf_counter() - t0)
+
+
+def _write_with_record(state_dict: dict[str, Any], path: Path, step: int) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
     record_path(path).unlink(missing_ok=True)  # a stale record must never vouch for new bytes
     written = write_atomic(path, lambda f: _save_hashed(state_dict, f))
     record = {"file": path.name, "step": step, "bytes": written.bytes, "sha256": written.sha256.hexdigest()}
     write_atomic(record_path(path), lambda f: f.write(json.dumps(record).encode()))
-    for old in list_checkpoints(ckpt_dir)[:-keep]:
-        old.unlink(missing_ok=True)
-        record_path(old).unlink(missing_ok=True)
-    return Saved(path, written.bytes, time.perf_counter() - t0)
+    return written.bytes
 
 
 def verify(path: Path) -> str | None:

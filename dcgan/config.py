@@ -112,6 +112,12 @@ class AdamConfig:
 class OptimConfig:
     g: AdamConfig = field(default_factory=AdamConfig)  # generator
     d: AdamConfig = field(default_factory=AdamConfig)  # discriminator
+    # One-sided label smoothing (Salimans et al. 2016): D's target for real images is
+    # 1 - label_smoothing; fakes stay at 0 and G's target stays 1.
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_field(0 <= self.label_smoothing < 0.5, "label_smoothing", "must lie in [0, 0.5)")
 
 
 @dataclass
@@ -200,6 +206,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Sample quality (FID, KID, precision/recall) measured while training, on all ranks,
+    on the EMA generator in eval mode (G when model.ema_decay is 0). See dcgan/eval.py."""
+
+    every: int = 0  # evaluate every N steps and at the end; 0: never
+    # Feature extractor, one of: a classifier features file made by
+    # `python -m dcgan.eval train-features` (it holds the real-set features), or
+    # Inception-v3 FID weights (TorchScript or state dict; real features are then read
+    # from data.shards). Both empty: <data.shards>/features.pt, when it exists.
+    features: str = ""
+    inception: str = ""
+    num_samples: int = 5000  # generated images per evaluation, split over the ranks
+    num_real: int = 10000  # real images compared against (at most those the features file holds)
+    batch_size: int = 250  # images per forward pass of G and of the extractor, per rank
+    seed: int = 0  # the latents of an evaluation: the same images at every evaluation
+    best_checkpoint: bool = True  # keep checkpoints/best.pt: the state with the lowest FID so far
+
+    def __post_init__(self) -> None:
+        check_field(self.every >= 0, "every", "must be >= 0 (0: no evaluation while training)")
+        for name in ("num_samples", "num_real", "batch_size"):
+            check_field(getattr(self, name) >= 2, name, "must be >= 2")
+        check_field(
+            not (self.features and self.inception), "inception", "set eval.features or eval.inception, not both"
+        )
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -208,6 +241,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         from dcgan.models import ARCH_IMAGE_SIZE  # models.py imports nothing from here

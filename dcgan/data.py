@@ -359,3 +359,47 @@ class Loader:
             self.corrupt_shards += bad_shards
             images = images.to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
             yield images, labels.to(self.device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------- whole sets
+
+
+def read_images(
+    shards: ShardSet, limit: int | None, channels: int, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` decodable samples (all when None), in manifest order, as
+    ``(uint8 images (N, C, S, S), int64 labels (N,))``: the real sets that evaluation and
+    ``dcgan.eval train-features`` use. Corrupt samples and unreadable shards are logged,
+    counted and skipped; DataError when nothing at all decodes."""
+    from dcgan.progress import progress
+
+    images, labels, bad_samples, bad_shards = [], [], 0, 0
+    total = shards.total if limit is None else min(limit, shards.total)
+    bar = progress(range(total), total, desc=f"reading {total} real images", unit="img", log=log)
+    for url in shards.urls:
+        try:
+            for sample in _tar_samples(url):
+                try:
+                    images.append(decode_sample(sample, channels, image_size))
+                    labels.append(sample_label(sample))
+                except Exception as e:  # any decoder failure means: this sample is corrupt
+                    bad_samples += 1
+                    log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), url, e)
+                    continue
+                next(bar, None)
+                if len(images) == total:
+                    break
+        except Exception as e:  # missing, truncated or not a tar
+            bad_shards += 1
+            log.warning("skipping unreadable shard %s: %s", url, e)
+        if len(images) == total:
+            break
+    for _ in bar:  # finish the progress line (fewer decodable samples than planned)
+        pass
+    if not images:
+        raise DataError(f"no decodable sample in {len(shards.urls)} shards: {shards.urls[:3]}...")
+    if bad_samples or bad_shards:
+        log.warning(
+            "read %d images; skipped %d corrupt samples and %d unreadable shards", len(images), bad_samples, bad_shards
+        )
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)

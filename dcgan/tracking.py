@@ -47,7 +47,7 @@ class Tracker:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb = WandbRun(None, "disabled")
         self.wandb_has_through = -1  # the W&B run already holds steps up to here (see module doc)
-        self.last: dict[str, Any] = {}  # the newest logged values
+        self.last: dict[str, Any] = {}  # the newest logged value of each metric
         self.best: dict[str, dict[str, float]] = {}  # BEST metric -> {"value", "step"}
         self.progress = StepProgress(0, 0, enabled=False)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tracker") if enabled else None
@@ -147,7 +147,8 @@ class Tracker:
         return last_step
 
     def _remember(self, step: int, values: dict[str, Any]) -> None:
-        self.last = {"step": step, **values}
+        # Merged: evaluation lines (fid, ...) and training lines (losses, ...) alternate.
+        self.last = {**self.last, "step": step, **values}
         for name, direction in BEST.items():
             value, held = values.get(name), self.best.get(name)
             if value is None:

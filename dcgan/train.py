@@ -30,7 +30,9 @@ from dcgan.checkpoint import TrainState
 from dcgan.config import Config, ConfigError, load_config, save_config
 from dcgan.data import Loader, ShardSet, ShardStream, derive_seed, resolve_shards, steps_per_epoch
 from dcgan.distributed import DistInfo
+from dcgan.eval import Evaluator, check_eval_config, choose_extractor, eval_mode_sampler, format_scores
 from dcgan.fileio import write_atomic
+from dcgan.logs import LOG_DATE_FORMAT, log_format, setup_logging
 from dcgan.models import build_models, ema_copy, sample_latent, update_ema
 from dcgan.preemption import EXIT_PREEMPTED, StopRequest, ignore_in_worker
 from dcgan.sync_batchnorm import convert_sync_batchnorm
@@ -93,9 +95,11 @@ def gan_step(
     real: torch.Tensor,
     nz: int,
     amp_dtype: torch.dtype | None,
+    real_target: float = 1.0,
 ) -> torch.Tensor:
     """One D update and one G update; returns the STAT_NAMES values as a tensor on the
-    device (no host sync here: the caller reads them only at log steps)."""
+    device (no host sync here: the caller reads them only at log steps). ``real_target``:
+    D's label for real images (below 1: one-sided label smoothing)."""
     D = state.discriminator
     amp = torch.autocast(real.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     n = real.shape[0]
@@ -107,7 +111,7 @@ def gan_step(
     with d_train.no_sync() if isinstance(d_train, DDP) else contextlib.nullcontext():
         with amp:
             out_real = d_train(real).view(-1).float()
-        loss_d_real = F.binary_cross_entropy_with_logits(out_real, ones)
+        loss_d_real = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, real_target))
         state.scaler_d.scale(loss_d_real).backward()
     z = sample_latent(n, nz, real.device)
     with amp:
@@ -184,22 +188,25 @@ def restore_position(sd: dict, state: TrainState, cfg: Config, dist: DistInfo, l
     checkpoint.seed_rng(derive_seed(cfg.train.seed, dist.rank, state.step, 1))
 
 
-def save_checkpoint(state: TrainState, cfg: Config, dist: DistInfo) -> bool:
+def save_checkpoint(state: TrainState, cfg: Config, dist: DistInfo, best: bool = False) -> bool:
     """Collective: every rank hands rank 0 its RNG state, rank 0 writes, all ranks wait
     for the outcome (so no rank exits, and no launcher kills rank 0, mid-write). A
-    failed write is reported and leaves the previous checkpoints as they were."""
+    failed write is reported and leaves the previous checkpoints as they were.
+    ``best``: write checkpoints/best.pt instead of step_<step>.pt."""
     rng = distributed.gather_objects(checkpoint.capture_rng_state(dist.device), dist)
     ok = True
     if dist.is_main:
         ckpt_dir = cfg.run_dir / "checkpoints"
         try:
-            saved = checkpoint.save(
-                state.state_dict(cfg.to_dict(), rng, dist.world_size), ckpt_dir, state.step, cfg.checkpoint.keep
-            )
+            sd = state.state_dict(cfg.to_dict(), rng, dist.world_size)
+            if best:
+                saved = checkpoint.save_best(sd, ckpt_dir, state.step)
+            else:
+                saved = checkpoint.save(sd, ckpt_dir, state.step, cfg.checkpoint.keep)
             log.info("checkpoint %s (%.1f MB in %.3fs)", saved.path, saved.bytes / 2**20, saved.seconds)
         except Exception as e:  # a full disk, an I/O error, a quota: keep the old ones, say so
             ok = False
-            this = checkpoint.checkpoint_path(ckpt_dir, state.step)
+            this = ckpt_dir / checkpoint.BEST_NAME if best else checkpoint.checkpoint_path(ckpt_dir, state.step)
             before = [p for p in checkpoint.list_checkpoints(ckpt_dir) if p != this]
             log.error(
                 "checkpoint at step %d could not be written to %s (%s: %s); the resume point stays %s",
@@ -261,6 +268,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
     amp_dtype = AMP_DTYPES[t.precision]
+    real_target = 1.0 - cfg.optim.label_smoothing
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -297,6 +305,11 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
     fixed_noise = sample_latent(cfg.log.num_samples, cfg.model.nz, generator=torch.Generator().manual_seed(t.seed))
     fixed_noise = fixed_noise.to(dist.device)
     sample_generator = state.generator_ema if state.generator_ema is not None else state.generator
+    evaluator = None
+    if cfg.eval.every:  # every rank takes part in each evaluation (dcgan/eval.py)
+        choice = choose_extractor(cfg.eval, cfg.data.shards, cfg.model)
+        evaluator = Evaluator.build(choice, cfg.eval, cfg.data, cfg.model, dist)
+        eval_sample = eval_mode_sampler(sample_generator)
 
     global_batch = t.batch_size * dist.world_size
     log.info(
@@ -330,7 +343,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
             if state.step == 0:
                 tracker.real_grid(real[: cfg.log.num_samples])
 
-            stats_sum += gan_step(state, g_train, d_train, real, cfg.model.nz, amp_dtype)
+            stats_sum += gan_step(state, g_train, d_train, real, cfg.model.nz, amp_dtype, real_target)
             stats_steps += 1
             state.step += 1
             state.batch_in_epoch += 1
@@ -354,6 +367,19 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
                 stats_steps, data_wait, t_log = 0, 0.0, time.perf_counter()
             if dist.is_main and (step % cfg.log.samples_every == 0 or step == t.steps):
                 tracker.sample_grid(step, generate_grid(sample_generator, fixed_noise))
+            if evaluator is not None and (step % cfg.eval.every == 0 or step == t.steps):
+                t_eval = time.perf_counter()
+                scores = evaluator.evaluate(eval_sample, cfg.model.nz)
+                improved = state.best_fid is None or scores["fid"] < state.best_fid
+                if improved:
+                    state.best_fid, state.best_fid_step = scores["fid"], step
+                tracker.metrics(step, {**scores, "best_fid": state.best_fid}, (
+                    f"eval step {step}: {format_scores(scores)} | {scores['eval_seconds']:.1f}s"
+                    + (" | best so far" if improved else f" | best {state.best_fid:.3f} at step {state.best_fid_step}")
+                ))  # fmt: skip
+                if improved and cfg.eval.best_checkpoint:
+                    save_checkpoint(state, cfg, dist, best=True)
+                t_log += time.perf_counter() - t_eval  # the next interval's img/s counts training only
 
             # Stop requests and checkpoints: the same decision on every rank, after the same step.
             signal_time = stop.agreed(dist) if step % t.stop_check_every == 0 else None
@@ -408,19 +434,6 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
     return exit_code
 
 
-LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
-
-
-def log_format(rank: int) -> str:
-    return f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
-
-
-def setup_logging(rank: int) -> None:
-    """Timestamped lines on stderr; INFO from rank 0, only warnings from the others."""
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=log_format(rank), datefmt=LOG_DATE_FORMAT, force=True)
-
-
 def check_config(
     config: str, overrides: list[str], world_size: int, on_this_machine: bool = True
 ) -> tuple[Config, ShardSet]:
@@ -430,6 +443,7 @@ def check_config(
     cfg = load_config(config, overrides)
     shards = resolve_shards(cfg.data)
     steps_per_epoch(shards.total, world_size, cfg.train.batch_size)  # the data fills a batch per process
+    check_eval_config(cfg)
     if on_this_machine and cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda', but torch sees no CUDA device here")
     if shards.image_size not in (None, cfg.model.image_size):

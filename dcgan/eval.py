@@ -1,0 +1,399 @@
+"""python -m dcgan.eval: sample quality of a generator, and the features file it is scored with.
+
+  # once per dataset: train the offline feature classifier on the labelled shards
+  python -m dcgan.eval train-features --shards data/fashion-mnist   # -> data/fashion-mnist/features.pt
+  # FID, KID, precision/recall of a checkpoint (alone or under torchrun, any world size)
+  python -m dcgan.eval --checkpoint runs/fashion-mnist/checkpoints/best.pt [--features F | --inception W]
+
+``Evaluator.evaluate`` is what training calls every ``eval.every`` steps too. It is a
+collective that every rank enters: the latents of an evaluation are fixed by
+``eval.seed`` and sample i always gets latent i, each rank generates a contiguous slice
+of the samples and extracts their features, rank 0 gathers them in sample order and
+scores them (dcgan/scores.py), and the scores are broadcast back. So the figures do not
+depend on the world size, and no rank runs a collective alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dcgan import checkpoint, distributed
+from dcgan.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig, build_section
+from dcgan.data import read_images, resolve_shards
+from dcgan.distributed import DistInfo
+from dcgan.features import (
+    FeaturesError,
+    InceptionFeatures,
+    load_classifier,
+    read_classifier_file,
+    save_classifier,
+    to_uint8,
+    train_classifier,
+)
+from dcgan.logs import setup_logging
+from dcgan.models import build_models, sample_latent
+from dcgan.scores import quality_scores
+
+log = logging.getLogger("dcgan.eval")
+
+DEFAULT_FEATURES_NAME = "features.pt"  # train-features writes it into the shards folder
+
+
+# --------------------------------------------------------------------------- which extractor
+
+
+@dataclass(frozen=True)
+class ExtractorChoice:
+    kind: str  # "classifier" | "inception"
+    path: Path
+
+
+def choose_extractor(ecfg: EvalConfig, shards: str, model: ModelConfig) -> ExtractorChoice:
+    """eval.features, eval.inception, or <shards>/features.pt; ConfigError names the key
+    when the file is missing or was made for other images than the model makes."""
+    if ecfg.inception:
+        if not Path(ecfg.inception).is_file():
+            raise ConfigError(f"eval.inception: {ecfg.inception} is not a file")
+        return ExtractorChoice("inception", Path(ecfg.inception))
+    key = "eval.features"
+    path = Path(ecfg.features) if ecfg.features else Path(shards) / DEFAULT_FEATURES_NAME
+    if not path.is_file():
+        hint = f"make it with `python -m dcgan.eval train-features --shards {shards} --out {path}`"
+        if not ecfg.features:
+            raise ConfigError(
+                f"{key}: not set and {path} does not exist; {hint}, or set eval.inception to Inception weights"
+            )
+        raise ConfigError(f"{key}: {path} does not exist; {hint}")
+    try:
+        arch = read_classifier_file(path)["arch"]
+    except FeaturesError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if (arch["channels"], arch["image_size"]) != (model.channels, model.image_size):
+        raise ConfigError(
+            f"{key}: {path} was trained on {arch['channels']}-channel {arch['image_size']}px images; "
+            f"the model makes {model.channels}-channel {model.image_size}px ones"
+        )
+    return ExtractorChoice("classifier", path)
+
+
+# --------------------------------------------------------------------------- the evaluator
+
+
+def slice_of(n: int, dist: DistInfo) -> range:
+    """This rank's contiguous share of n items (the same split every time)."""
+    per = math.ceil(n / dist.world_size)
+    return range(min(n, dist.rank * per), min(n, (dist.rank + 1) * per))
+
+
+class Evaluator:
+    """FID / KID / precision / recall of a generator against a fixed real set."""
+
+    def __init__(self, extractor: nn.Module, real_features: torch.Tensor, ecfg: EvalConfig, dist: DistInfo):
+        self.extractor = extractor.to(dist.device).eval()
+        self.real_features = real_features  # (N, D) on the CPU; only rank 0 scores with it
+        self.cfg, self.dist = ecfg, dist
+        self.extractor_name = extractor.name
+
+    @classmethod
+    def build(cls, choice: ExtractorChoice, ecfg: EvalConfig, data: DataConfig, model: ModelConfig, dist: DistInfo):
+        """Load the extractor and the real features. Collective (Inception: the ranks
+        share the extraction of the real images). Draws nothing from the caller's RNG
+        (building a module initialises its weights randomly before they are loaded)."""
+        devices = [dist.device] if dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return cls._build(choice, ecfg, data, model, dist)
+
+    @classmethod
+    def _build(cls, choice: ExtractorChoice, ecfg: EvalConfig, data: DataConfig, model: ModelConfig, dist: DistInfo):
+        if choice.kind == "classifier":
+            extractor, real, facts = load_classifier(choice.path)
+            if len(real) < ecfg.num_real:
+                log.info(
+                    "%s holds %d real images' features (eval.num_real is %d)", choice.path, len(real), ecfg.num_real
+                )
+            log.info(
+                "eval features: classifier %s (held-out accuracy %.3f), %d real images",
+                choice.path,
+                facts["accuracy"],
+                min(len(real), ecfg.num_real),
+            )
+            return cls(extractor, real[: ecfg.num_real], ecfg, dist)
+        extractor = InceptionFeatures(choice.path)
+        evaluator = cls(extractor, torch.empty(0), ecfg, dist)
+        t0 = time.perf_counter()
+        images, _ = read_images(resolve_shards(data), ecfg.num_real, model.channels, model.image_size)
+        mine = slice_of(len(images), dist)
+        feats = evaluator._features(images[mine.start : mine.stop])
+        evaluator.real_features = evaluator._gather(feats)
+        log.info(
+            "eval features: Inception %s, %d real images from %s in %.1fs",
+            choice.path,
+            len(images),
+            data.shards,
+            time.perf_counter() - t0,
+        )
+        return evaluator
+
+    @torch.no_grad()
+    def _features(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        bs = self.cfg.batch_size
+        out = [
+            self.extractor(images_uint8[i : i + bs].to(self.dist.device)).float().cpu()
+            for i in range(0, len(images_uint8), bs)
+        ]
+        return torch.cat(out) if out else torch.empty(0, self.extractor.num_features)
+
+    def _gather(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's features in rank (= sample) order on rank 0; None elsewhere."""
+        parts = distributed.gather_objects(features, self.dist)
+        return torch.cat(parts) if parts is not None else None
+
+    @torch.no_grad()
+    def evaluate(self, sample: Callable[[torch.Tensor], torch.Tensor], nz: int) -> dict[str, float]:
+        """Scores of ``sample`` (latents (B, nz, 1, 1) on the device -> images in [-1, 1]).
+        Every rank must call this; every rank gets the same dict. The caller's RNG state
+        is left as it was (training resumes bit-exactly whether or not it evaluated)."""
+        t0 = time.perf_counter()
+        n, bs = self.cfg.num_samples, self.cfg.batch_size
+        latents = sample_latent(n, nz, generator=torch.Generator().manual_seed(self.cfg.seed))
+        mine = slice_of(n, self.dist)
+        feats = []
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for i in range(mine.start, mine.stop, bs):
+                z = latents[i : min(i + bs, mine.stop)].to(self.dist.device)
+                feats.append(self.extractor(to_uint8(sample(z))).float().cpu())
+        fake = self._gather(torch.cat(feats) if feats else torch.empty(0, self.extractor.num_features))
+        result: tuple[dict | None, str | None] = (None, None)
+        if self.dist.is_main:
+            try:
+                scores = quality_scores(self.real_features, fake, seed=self.cfg.seed)
+                scores["eval_seconds"] = time.perf_counter() - t0
+                result = (scores, None)
+            except Exception as e:  # every rank must learn of it, or the others wait forever
+                result = (None, f"{type(e).__name__}: {e}")
+        scores, error = distributed.broadcast_object(result, self.dist)
+        if error is not None:
+            raise RuntimeError(f"evaluation failed on rank 0: {error}")
+        return scores
+
+
+def eval_mode_sampler(generator: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """G(z) with running BN statistics: no batch dependence and no SyncBN collective."""
+
+    def sample(z: torch.Tensor) -> torch.Tensor:
+        was_training = generator.training
+        generator.eval()
+        try:
+            return generator(z)
+        finally:
+            generator.train(was_training)
+
+    return sample
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    return (
+        f"FID {scores['fid']:.3f} | KID {scores['kid']:.5f} ± {scores['kid_std']:.5f} | "
+        f"precision {scores['precision']:.3f} | recall {scores['recall']:.3f}"
+    )
+
+
+# --------------------------------------------------------------------------- CLI: score
+
+
+def score_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dcgan.eval",
+        description="FID, KID and precision/recall (k=3) of a checkpoint's generator. "
+        "`python -m dcgan.eval train-features --help` makes the offline features file.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a step_*.pt or best.pt, or a run folder (its newest)")
+    parser.add_argument("--features", default="", help="classifier features file (default: <shards>/features.pt)")
+    parser.add_argument("--inception", default="", help="Inception-v3 FID weights: TorchScript or state dict")
+    parser.add_argument("--shards", default="", help="real shards (default: the checkpoint's data.shards)")
+    parser.add_argument("--num-samples", type=int, default=10000, help="generated images (default 10000)")
+    parser.add_argument("--num-real", type=int, default=10000, help="real images (default 10000)")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the latents")
+    parser.add_argument("--weights", choices=("ema", "g"), default="ema", help="EMA generator (default) or G")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--out", default="", help="also write the scores to this JSON file")
+    args = parser.parse_args(argv)
+    setup_logging(distributed.read_env().rank)
+    try:
+        path = resolve_checkpoint(Path(args.checkpoint))
+        sd = checkpoint.load(path)
+        model = build_section(ModelConfig, sd["config"]["model"], str(path), "model.")
+        shards = args.shards or sd["config"]["data"]["shards"]
+        ecfg = build_section(
+            EvalConfig,
+            {"features": args.features, "inception": args.inception, "num_samples": args.num_samples,
+             "num_real": args.num_real, "batch_size": args.batch_size, "seed": args.seed},
+            "command line", "--",
+        )  # fmt: skip
+        choice = choose_extractor(ecfg, shards, model)
+    except (ConfigError, CheckpointError) as e:
+        print(f"dcgan.eval: {e}", file=sys.stderr)
+        return 2
+    dist = distributed.setup(args.device)
+    try:
+        generator = generator_from_checkpoint(sd, model, args.weights, path).to(dist.device)
+        evaluator = Evaluator.build(choice, ecfg, DataConfig(shards=shards), model, dist)
+        scores = evaluator.evaluate(eval_mode_sampler(generator), model.nz)
+        if dist.is_main:
+            report = {
+                "checkpoint": str(path),
+                "step": sd["step"],
+                "weights": args.weights,
+                "extractor": f"{choice.kind}:{choice.path}",
+                "num_samples": ecfg.num_samples,
+                "num_real": len(evaluator.real_features),
+                "world_size": dist.world_size,
+                **scores,
+            }
+            log.info("%s at step %d: %s", path, sd["step"], format_scores(scores))
+            print(json.dumps(report, indent=1))
+            if args.out:
+                Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        distributed.barrier(dist)
+        return 0
+    finally:
+        distributed.teardown()
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint at the given path; the message names it."""
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint file (verified against its record when it has one) or a run folder's
+    newest valid checkpoint."""
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        newest, _ = checkpoint.latest_valid(ckpt_dir)
+        if newest is None:
+            raise CheckpointError(f"{path}: no valid checkpoint in {ckpt_dir}")
+        return newest
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if checkpoint.record_path(path).exists() and (reason := checkpoint.verify(path)) is not None:
+        raise CheckpointError(f"{path}: {reason}")
+    return path
+
+
+def generator_from_checkpoint(sd: dict, model: ModelConfig, weights: str, path: Path) -> nn.Module:
+    """The checkpoint's EMA generator (``weights='ema'``, falling back to G when the run
+    had none) or G, on the CPU in eval mode."""
+    generator, _ = build_models(model)
+    state = sd["generator_ema"] if weights == "ema" and sd.get("generator_ema") is not None else sd["generator"]
+    if weights == "ema" and sd.get("generator_ema") is None:
+        log.warning("%s has no EMA generator (model.ema_decay was 0): using G", path)
+    generator.load_state_dict(state)
+    return generator.eval()
+
+
+# --------------------------------------------------------------------------- CLI: train-features
+
+
+def train_features_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dcgan.eval train-features",
+        description="Train the offline feature classifier on labelled shards and save it with the "
+        "features of a fixed real set: the default extractor of dcgan.eval and eval.every.",
+    )
+    parser.add_argument("--shards", required=True, help="labelled shards (a folder from dcgan.shards, or a pattern)")
+    parser.add_argument("--out", default="", help=f"features file (default: <shards>/{DEFAULT_FEATURES_NAME})")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-real", type=int, default=10000, help="real images whose features are saved")
+    parser.add_argument("--channels", type=int, default=0, help="default: the manifest's, else 3")
+    parser.add_argument("--image-size", type=int, default=0, help="default: the manifest's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = parser.parse_args(argv)
+    setup_logging(distributed.read_env().rank)
+    try:
+        shard_set = resolve_shards(DataConfig(shards=args.shards))
+    except ConfigError as e:
+        print(f"dcgan.eval train-features: --shards: {e}", file=sys.stderr)
+        return 2
+    manifest = {}
+    if Path(args.shards).is_dir():
+        manifest = json.loads((Path(args.shards) / "manifest.json").read_text())
+    channels = args.channels or manifest.get("channels") or 3
+    image_size = args.image_size or manifest.get("image_size") or 0
+    if not image_size:
+        print("dcgan.eval train-features: --image-size: the shards have no manifest; give the size", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.shards) / DEFAULT_FEATURES_NAME
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+
+    images, labels = read_images(shard_set, None, channels, image_size)
+    labelled = labels >= 0
+    classes = int(labels.max()) + 1 if labelled.any() else 0
+    if classes < 2:
+        print(
+            f"dcgan.eval train-features: {args.shards}: the samples carry {'no' if classes == 0 else 'one'} class "
+            "label(s) (.cls members; dcgan.shards writes them for IDX files with labels, arrays with y, and "
+            "folders of class sub-folders); for unlabelled data use eval.inception / --inception",
+            file=sys.stderr,
+        )
+        return 2
+    if not labelled.all():
+        log.warning("%d of %d samples have no label: trained on the others", (~labelled).sum().item(), len(labels))
+    t0 = time.perf_counter()
+    net, accuracy = train_classifier(
+        images[labelled],
+        labels[labelled],
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=device,
+    )
+    real = images[: args.num_real]
+    with torch.no_grad():
+        real_features = torch.cat([net.features(real[i : i + 500]) for i in range(0, len(real), 500)])
+    save_classifier(out, net, real_features, accuracy=accuracy, shards=args.shards, classes=classes)
+    log.info(
+        "%s: classifier of %d classes on %d images, held-out accuracy %.4f, %d real features of %d dims (%.1fs)",
+        out,
+        classes,
+        int(labelled.sum()),
+        accuracy,
+        len(real_features),
+        real_features.shape[1],
+        time.perf_counter() - t0,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train-features":
+        return train_features_main(argv[1:])
+    return score_main(argv)
+
+
+def check_eval_config(cfg: Config) -> ExtractorChoice | None:
+    """The eval section checked before training starts (None: no evaluation)."""
+    if cfg.eval.every == 0:
+        return None
+    return choose_extractor(cfg.eval, cfg.data.shards, cfg.model)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
