@@ -327,7 +327,7 @@ def train_features_main(argv: list[str]) -> int:
     try:
         shard_set = resolve_shards(DataConfig(shards=args.shards))
     except ConfigError as e:
-        print(f"dcgan.eval train-features: --shards: {e}", file=sys.stderr)
+        print(f"dcgan.eval train-features: --shards: {str(e).removeprefix('data.shards: ')}", file=sys.stderr)
         return 2
     manifest = {}
     if Path(args.shards).is_dir():

@@ -1,0 +1,172 @@
+"""Sample quality of the trainer against a plain seed-style loop, same budget.
+
+    python bench/quality.py                                  # configs/fashion-mnist.yaml, 4000 steps
+    python bench/quality.py --steps 4000 --plain-steps 8000 --eval-every 1000
+    python bench/quality.py --only project model.ema_decay=0 # an ablation (a.b=value for both runs)
+
+(1) the project: ``python -m dcgan.train`` on the config (one process, its batch size),
+evaluating every --eval-every steps on the EMA generator in eval mode (eval.every);
+(2) the baseline: bench/plain_loop.py (fp32, Sigmoid + BCELoss, no EMA, G sampled in
+train mode, the seeds' Adam: lr 2e-4, betas (0.5, 0.999)) on the same architecture and
+data stream, run for
+--plain-steps and evaluated at the same steps. Both are scored by the same Evaluator:
+the classifier features of <shards>/features.pt (trained here first if missing),
+--num-samples generated images against its 10000 real ones, the same latents each time.
+Prints a table of FID / KID / precision / recall per step and the ratios at --steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dcgan.config import load_config
+from dcgan.data import Loader, ShardStream, resolve_shards
+from dcgan.distributed import DistInfo
+from dcgan.eval import DEFAULT_FEATURES_NAME, Evaluator, choose_extractor
+from plain_loop import PlainLoop, batches  # bench/ is on sys.path when run as a script
+
+SCORES = ("fid", "kid", "precision", "recall")
+
+
+def run_project(args, overrides: list[str], out_dir: Path) -> tuple[dict[int, dict], float]:
+    name = "project"
+    cmd = [
+        sys.executable, "-m", "dcgan.train", "--config", args.config, *overrides,
+        f"train.out_dir={out_dir}", f"train.name={name}", f"train.steps={args.steps}",
+        f"eval.every={args.eval_every}", f"eval.num_samples={args.num_samples}",
+        "train.resume=never", "train.overwrite=true", "wandb.mode=disabled", "log.every=500",
+    ]  # fmt: skip
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - t0
+    scores = {}
+    for line in (out_dir / name / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "fid" in record:
+            scores[record["step"]] = {k: record[k] for k in SCORES}
+    return scores, seconds
+
+
+# The seeds' (and the DCGAN paper's) Adam settings, whatever the config has been tuned to.
+PLAIN_OPTIM = [
+    "optim.g.lr=2e-4", "optim.d.lr=2e-4", "optim.g.betas=[0.5,0.999]", "optim.d.betas=[0.5,0.999]",
+    "optim.label_smoothing=0",
+]  # fmt: skip
+
+
+def run_plain(args, overrides: list[str], device: torch.device) -> tuple[dict[int, dict], float]:
+    cfg = load_config(args.config, [*overrides, *PLAIN_OPTIM])
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
+    plain = PlainLoop(cfg, device)
+    evaluator = Evaluator.build(
+        choose_extractor(cfg.eval, cfg.data.shards, cfg.model), cfg.eval, cfg.data, cfg.model, dist
+    )
+    stream = ShardStream(
+        resolve_shards(cfg.data), cfg.data, rank=0, world_size=1, batch_size=cfg.train.batch_size,
+        image_size=cfg.model.image_size, channels=cfg.model.channels, seed=cfg.train.seed,
+    )  # fmt: skip
+    data = batches(Loader(stream, device))
+    scores, t0, t_eval = {}, time.perf_counter(), 0.0
+    for step in range(1, args.plain_steps + 1):
+        plain.step(next(data))
+        if step % args.eval_every == 0 or step == args.plain_steps:
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                s = evaluator.evaluate(plain.sample, cfg.model.nz)
+            t_eval += time.perf_counter() - t1
+            scores[step] = {k: s[k] for k in SCORES}
+            print(f"plain step {step}: " + " | ".join(f"{k} {s[k]:.4f}" for k in SCORES), flush=True)
+    return scores, time.perf_counter() - t0 - t_eval
+
+
+def table(plain: dict[int, dict], project: dict[int, dict]) -> str:
+    def cells(row):
+        return [f"{row[k]:.3f}" if k != "kid" else f"{row[k]:.4f}" for k in SCORES] if row else ["", "", "", ""]
+
+    head = "| step | plain FID | plain KID | plain precision | plain recall | FID | KID | precision | recall |"
+    lines = [head, "|" + "---:|" * 9]
+    for step in sorted(set(plain) | set(project)):
+        lines.append("| " + " | ".join([str(step), *cells(plain.get(step)), *cells(project.get(step))]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/fashion-mnist.yaml")
+    parser.add_argument("--steps", type=int, default=4000, help="the project's steps (the target's budget)")
+    parser.add_argument("--plain-steps", type=int, default=0, help="the plain loop's steps (default 2 x --steps)")
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--num-samples", type=int, default=10000, help="generated images per evaluation")
+    parser.add_argument("--out-dir", default="runs/bench-quality")
+    parser.add_argument("--only", choices=("plain", "project"), help="run one side only")
+    parser.add_argument(
+        "overrides", nargs="*", help="a.b=value overrides for both runs (the plain loop keeps the seeds' Adam)"
+    )
+    args = parser.parse_args(argv)
+    args.plain_steps = args.plain_steps or 2 * args.steps
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    cfg = load_config(args.config, args.overrides)
+    features = Path(cfg.eval.features or Path(cfg.data.shards) / DEFAULT_FEATURES_NAME)
+    if not cfg.eval.inception and not features.exists():
+        cmd = [
+            sys.executable,
+            "-m",
+            "dcgan.eval",
+            "train-features",
+            "--shards",
+            cfg.data.shards,
+            "--out",
+            str(features),
+        ]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+    common = [f"eval.features={features}"] if not cfg.eval.inception else []
+    common += [f"eval.num_samples={args.num_samples}"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(
+        f"# {args.config}: batch {cfg.train.batch_size}, one process on {device.type} "
+        f"({torch.get_num_threads()} threads); {args.num_samples} samples per evaluation",
+        flush=True,
+    )
+    results = {"config": args.config, "device": device.type, "overrides": args.overrides}
+    project = plain = {}
+    if args.only != "project":
+        plain, plain_s = run_plain(args, [*common, *args.overrides], device)
+        results.update(plain=plain, plain_train_seconds=plain_s)
+    if args.only != "plain":
+        project, project_s = run_project(args, [*common, *args.overrides], out_dir)
+        results.update(project=project, project_seconds=project_s)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+    print(table(plain, project))
+    at = args.steps
+    if at in plain and at in project:
+        ratio = project[at]["fid"] / plain[at]["fid"]
+        print(
+            f"at step {at}: FID {project[at]['fid']:.3f} vs plain {plain[at]['fid']:.3f} "
+            f"(ratio {ratio:.2f}, target <= 0.5); recall {project[at]['recall']:.3f} (target >= 0.6)"
+        )
+        caught_up = [s for s in sorted(plain) if plain[s]["fid"] <= project[at]["fid"]]
+        print(
+            f"plain loop reaches the project's step-{at} FID "
+            + (f"at step {caught_up[0]}" if caught_up else f"not within {args.plain_steps} steps")
+        )
+    if "plain_train_seconds" in results and "project_seconds" in results:
+        print(
+            f"wall: plain {plain_s:.0f}s training for {args.plain_steps} steps; project {project_s:.0f}s (with evals)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

