@@ -21,7 +21,8 @@ fi
 [ -f "$shards/manifest.json" ] || python -m dcgan.shards "$source" "$shards" --size 28
 # The offline FID features (a small classifier on the labelled images): the config
 # evaluates every 1000 steps (eval.every) against $shards/features.pt.
-[ -f "$shards/features.pt" ] || python -m dcgan.eval train-features --shards "$shards"
+# One process: give it every core (setup.sh sets one thread per process for torchrun).
+[ -f "$shards/features.pt" ] || OMP_NUM_THREADS=$(getconf _NPROCESSORS_ONLN) python -m dcgan.eval train-features --shards "$shards"
 
 rm -rf runs/demo
 torchrun --standalone --nproc_per_node=2 -m dcgan.train --config configs/fashion-mnist.yaml \
