@@ -103,7 +103,6 @@ class Evaluator:
         self.extractor = extractor.to(dist.device).eval()
         self.real_features = real_features  # (N, D) on the CPU; only rank 0 scores with it
         self.cfg, self.dist = ecfg, dist
-        self.extractor_name = extractor.name
 
     @classmethod
     def build(cls, choice: ExtractorChoice, ecfg: EvalConfig, data: DataConfig, model: ModelConfig, dist: DistInfo):
@@ -118,15 +117,12 @@ class Evaluator:
     def _build(cls, choice: ExtractorChoice, ecfg: EvalConfig, data: DataConfig, model: ModelConfig, dist: DistInfo):
         if choice.kind == "classifier":
             extractor, real, facts = load_classifier(choice.path)
-            if len(real) < ecfg.num_real:
-                log.info(
-                    "%s holds %d real images' features (eval.num_real is %d)", choice.path, len(real), ecfg.num_real
-                )
             log.info(
-                "eval features: classifier %s (held-out accuracy %.3f), %d real images",
+                "eval features: classifier %s (held-out accuracy %.3f), %d real images (the file holds %d)",
                 choice.path,
                 facts["accuracy"],
                 min(len(real), ecfg.num_real),
+                len(real),
             )
             return cls(extractor, real[: ecfg.num_real], ecfg, dist)
         extractor = InceptionFeatures(choice.path)

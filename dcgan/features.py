@@ -88,7 +88,6 @@ class ClassifierFeatures(nn.Module):
         super().__init__()
         self.classifier = classifier.eval()
         self.num_features = classifier.arch["feature_dim"]
-        self.name = "classifier"
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -193,7 +192,6 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, path: Path):
         super().__init__()
-        self.name = "inception"
         self.num_features = 2048
         self.path = Path(path)
         if not self.path.is_file():

@@ -21,8 +21,6 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-SCORE_NAMES = ("fid", "kid", "kid_std", "precision", "recall")
-
 
 class _Precomputed(nn.Module):
     """The 'feature extractor' handed to torchmetrics: features in, features out."""
