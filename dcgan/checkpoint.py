@@ -361,6 +361,26 @@ def choose(cfg: Config) -> Path | None:
     return path
 
 
+class CheckpointError(ValueError):
+    """No usable checkpoint at the given path; the message names it."""
+
+
+def resolve(path: Path) -> Path:
+    """What a user's checkpoint path means (dcgan.eval, dcgan.generate): a checkpoint file,
+    verified against its record when it has one, or a run folder's newest valid one."""
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        newest, _ = latest_valid(ckpt_dir)
+        if newest is None:
+            raise CheckpointError(f"{path}: no valid checkpoint in {ckpt_dir}")
+        return newest
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if record_path(path).exists() and (reason := verify(path)) is not None:
+        raise CheckpointError(f"{path}: {reason}")
+    return path
+
+
 class ResumeError(RuntimeError):
     """Checkpoints exist, but none can be resumed from."""
 

@@ -186,8 +186,10 @@ class Evaluator:
 
 
 def eval_mode_sampler(generator: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """G(z) with running BN statistics: no batch dependence and no SyncBN collective."""
+    """G(z) with running BN statistics, no grad: no batch dependence and no SyncBN
+    collective, so one rank alone may call it (the sample grids)."""
 
+    @torch.no_grad()
     def sample(z: torch.Tensor) -> torch.Tensor:
         was_training = generator.training
         generator.eval()
@@ -229,7 +231,7 @@ def score_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     setup_logging(distributed.read_env().rank)
     try:
-        path = resolve_checkpoint(Path(args.checkpoint))
+        path = checkpoint.resolve(Path(args.checkpoint))
         sd = checkpoint.load(path)
         model = build_section(ModelConfig, sd["config"]["model"], str(path), "model.")
         shards = args.shards or sd["config"]["data"]["shards"]
@@ -240,7 +242,7 @@ def score_main(argv: list[str]) -> int:
             "command line", "--",
         )  # fmt: skip
         choice = choose_extractor(ecfg, shards, model)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, checkpoint.CheckpointError) as e:
         print(f"dcgan.eval: {e}", file=sys.stderr)
         return 2
     dist = distributed.setup(args.device)
@@ -267,26 +269,6 @@ def score_main(argv: list[str]) -> int:
         return 0
     finally:
         distributed.teardown()
-
-
-class CheckpointError(ValueError):
-    """No usable checkpoint at the given path; the message names it."""
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file (verified against its record when it has one) or a run folder's
-    newest valid checkpoint."""
-    if path.is_dir():
-        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        newest, _ = checkpoint.latest_valid(ckpt_dir)
-        if newest is None:
-            raise CheckpointError(f"{path}: no valid checkpoint in {ckpt_dir}")
-        return newest
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    if checkpoint.record_path(path).exists() and (reason := checkpoint.verify(path)) is not None:
-        raise CheckpointError(f"{path}: {reason}")
-    return path
 
 
 def generator_from_checkpoint(sd: dict, model: ModelConfig, weights: str, path: Path) -> nn.Module:

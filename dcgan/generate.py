@@ -27,7 +27,7 @@ import torch
 
 from dcgan import checkpoint
 from dcgan.config import ConfigError, ModelConfig, build_section
-from dcgan.eval import CheckpointError, generator_from_checkpoint, resolve_checkpoint
+from dcgan.eval import generator_from_checkpoint
 from dcgan.features import to_uint8
 from dcgan.logs import setup_logging
 from dcgan.models import sample_latent
@@ -71,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device here")
     try:
-        path = resolve_checkpoint(Path(args.checkpoint))
+        path = checkpoint.resolve(Path(args.checkpoint))
         sd = checkpoint.load(path, map_location="cpu")
         model = build_section(ModelConfig, sd["config"]["model"], str(path), "model.")
-    except (CheckpointError, ConfigError) as e:
+    except (checkpoint.CheckpointError, ConfigError) as e:
         print(f"dcgan.generate: {e}", file=sys.stderr)
         return 2
     device = torch.device(args.device)

@@ -150,16 +150,6 @@ def gradient_norm(net: nn.Module, scaler: torch.amp.GradScaler, opt: torch.optim
     return torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
 
 
-@torch.no_grad()
-def generate_grid(G: nn.Module, noise: torch.Tensor) -> torch.Tensor:
-    """G(noise) in eval mode: running BN statistics, so no SyncBN collective (rank 0 alone)."""
-    was_training = G.training
-    G.eval()
-    images = G(noise)
-    G.train(was_training)
-    return images
-
-
 def restore_position(sd: dict, state: TrainState, cfg: Config, dist: DistInfo, loader: Loader, total: int) -> None:
     """Put each rank's RNG and data position where the checkpoint left them. Exact when
     the world size and batch are the ones it was written with; otherwise the epoch goes
@@ -304,12 +294,12 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     fixed_noise = sample_latent(cfg.log.num_samples, cfg.model.nz, generator=torch.Generator().manual_seed(t.seed))
     fixed_noise = fixed_noise.to(dist.device)
-    sample_generator = state.generator_ema if state.generator_ema is not None else state.generator
+    # Grids and evaluations: the EMA generator (G without one), in eval mode.
+    sample = eval_mode_sampler(state.generator_ema if state.generator_ema is not None else state.generator)
     evaluator = None
     if cfg.eval.every:  # every rank takes part in each evaluation (dcgan/eval.py)
         choice = choose_extractor(cfg.eval, cfg.data.shards, cfg.model)
         evaluator = Evaluator.build(choice, cfg.eval, cfg.data, cfg.model, dist)
-        eval_sample = eval_mode_sampler(sample_generator)
 
     global_batch = t.batch_size * dist.world_size
     log.info(
@@ -366,10 +356,10 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
                 stats_sum.zero_()
                 stats_steps, data_wait, t_log = 0, 0.0, time.perf_counter()
             if dist.is_main and (step % cfg.log.samples_every == 0 or step == t.steps):
-                tracker.sample_grid(step, generate_grid(sample_generator, fixed_noise))
+                tracker.sample_grid(step, sample(fixed_noise))
             if evaluator is not None and (step % cfg.eval.every == 0 or step == t.steps):
                 t_eval = time.perf_counter()
-                scores = evaluator.evaluate(eval_sample, cfg.model.nz)
+                scores = evaluator.evaluate(sample, cfg.model.nz)
                 improved = state.best_fid is None or scores["fid"] < state.best_fid
                 if improved:
                     state.best_fid, state.best_fid_step = scores["fid"], step
