@@ -115,6 +115,10 @@ class OptimConfig:
     # One-sided label smoothing (Salimans et al. 2016): D's target for real images is
     # 1 - label_smoothing; fakes stay at 0 and G's target stays 1.
     label_smoothing: float = 0.0
+    # Adam's fused kernel: one kernel per step for all of a net's parameters, and under
+    # fp16 no host sync for the overflow check. false: torch's default implementation
+    # (foreach on CUDA, a per-parameter loop on the CPU). bench/throughput.py --ablate.
+    fused: bool = True
 
     def __post_init__(self) -> None:
         check_field(0 <= self.label_smoothing < 0.5, "label_smoothing", "must lie in [0, 0.5)")
@@ -127,6 +131,12 @@ class TrainConfig:
     steps: int = 1000  # optimisation steps (one D update + one G update each)
     batch_size: int = 128  # per process; the global batch is batch_size x world size
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"  # autocast dtype; fp16 adds grad scaling
+    # NHWC memory layout for the conv nets' weights, activations and input batches: the
+    # layout oneDNN (CPU) and tensor cores (GPU) run fastest; the maths is unchanged.
+    channels_last: bool = True
+    # torch.compile the forwards of G and D (compiled on the first steps; recompiled once
+    # for D's frozen G-step pass). Pays on GPUs; on this CPU it did not (README, Performance).
+    compile: bool = False
     seed: int = 0
     sync_bn: bool = True  # SyncBatchNorm when world size > 1
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available

@@ -62,14 +62,18 @@ def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, 
     ones are their DDP wrappers when there are several processes."""
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     G, D = build_models(cfg)
-    G_ema = ema_copy(G).to(dist.device) if cfg.model.ema_decay > 0 else None
+    layout = memory_format(cfg)
+    G_ema = ema_copy(G).to(dist.device, memory_format=layout) if cfg.model.ema_decay > 0 else None
     if dist.distributed and cfg.train.sync_bn:
         G = convert_sync_batchnorm(G, dist.device)
         D = convert_sync_batchnorm(D, dist.device)
-    G, D = G.to(dist.device), D.to(dist.device)
+    G, D = G.to(dist.device, memory_format=layout), D.to(dist.device, memory_format=layout)
     o = cfg.optim
-    opt_g = torch.optim.Adam(G.parameters(), lr=o.g.lr, betas=o.g.betas, weight_decay=o.g.weight_decay)
-    opt_d = torch.optim.Adam(D.parameters(), lr=o.d.lr, betas=o.d.betas, weight_decay=o.d.weight_decay)
+    opt_g = torch.optim.Adam(G.parameters(), lr=o.g.lr, betas=o.g.betas, weight_decay=o.g.weight_decay, fused=o.fused)
+    opt_d = torch.optim.Adam(D.parameters(), lr=o.d.lr, betas=o.d.betas, weight_decay=o.d.weight_decay, fused=o.fused)
+    if cfg.train.compile:  # in place: state-dict keys stay those of the bare nets, DDP wraps the compiled call
+        G.compile()
+        D.compile()
     # One scaler per network: their gradients live on different scales (fp16 only).
     fp16 = cfg.train.precision == "fp16"
     state = TrainState(
@@ -86,6 +90,11 @@ def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, 
     # No buffer broadcast at each forward: BN statistics are SyncBN's business, and
     # rebroadcasting them between D's two forwards breaks autograd (pitfalls.md 3).
     return state, DDP(G, **NO_FORWARD_BUFFER_SYNC), DDP(D, **NO_FORWARD_BUFFER_SYNC)
+
+
+def memory_format(cfg: Config) -> torch.memory_format:
+    """The layout of the nets' 4-d weights and of the batches fed to them."""
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
 
 
 def gan_step(
@@ -267,7 +276,12 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
         shards, cfg.data, rank=dist.rank, world_size=dist.world_size, batch_size=t.batch_size,
         image_size=cfg.model.image_size, channels=cfg.model.channels, seed=t.seed,
     )  # fmt: skip
-    loader = Loader(stream, dist.device, worker_init_fn=functools.partial(ignore_in_worker, tuple(t.stop_signals)))
+    loader = Loader(
+        stream,
+        dist.device,
+        worker_init_fn=functools.partial(ignore_in_worker, tuple(t.stop_signals)),
+        memory_format=memory_format(cfg),
+    )
     # Each rank draws its own latents; the fixed grid noise is the same everywhere.
     checkpoint.seed_rng(derive_seed(t.seed, dist.rank, 0, 1))
     if resume_from is not None:
@@ -303,7 +317,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
 
     global_batch = t.batch_size * dist.world_size
     log.info(
-        "training %s: arch %s, %d process(es) on %s, batch %d x %d, %s, %d steps "
+        "training %s: arch %s, %d process(es) on %s, batch %d x %d, %s%s%s, %d steps "
         "(%d per epoch of %d samples), G %.2fM params, D %.2fM params, EMA %s",
         t.name,
         cfg.model.arch,
@@ -312,6 +326,8 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest) -> i
         t.batch_size,
         dist.world_size,
         t.precision,
+        ", channels_last" if t.channels_last else "",
+        ", torch.compile" if t.compile else "",
         t.steps,
         loader.steps_per_epoch,
         shards.total,
