@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import ensure_bench_shards  # noqa: E402
-
 from dcgan import checkpoint  # noqa: E402
 from dcgan.config import load_config  # noqa: E402
 from dcgan.distributed import DistInfo  # noqa: E402
 from dcgan.train import AMP_DTYPES, build_training, gan_step  # noqa: E402
+from throughput import ensure_bench_shards  # noqa: E402
 
 
 def checkpoint_cost(config: str, repeats: int, out_dir: Path) -> None:

@@ -1,13 +1,23 @@
-"""Trainer throughput: (a) the training step fed by the shard pipeline, (b) the same step
-fed one batch already in memory. The gap is what the data pipeline costs.
+"""Training throughput, img/s, for one config at one batch size, one process:
 
-    python bench/throughput.py --config configs/celeba.yaml --batch 64
-    python bench/throughput.py --config configs/celeba.yaml --batch 64 --precision bf16 --workers 1
+(a) the trainer's step (dcgan.train.gan_step, as configured) fed by the shard pipeline;
+(b) the same step fed one batch already in memory: (a)/(b) is what the data costs;
+(c) the plain seed-style loop of bench/plain_loop.py (fp32, Sigmoid + BCELoss, separate
+    real/fake passes, no DDP, torch's default Adam and memory layout) on the same
+    architecture, fed from memory like (b): (a)/(c) is what the project gains.
+
+    python bench/throughput.py --config configs/celeba.yaml --batch 64 --precision bf16
+    python bench/throughput.py --precision bf16 --ablate train.channels_last=false optim.fused=false
+
+Each --ablate override is one more variant: (b) with that one setting changed, so each
+speed setting is seen to pay (ratio to (b) below 1) or not. All variants run in turn in
+every repeat (drift hits them alike); each repeat times --steps steps after --warmup
+steps, and the medians are printed. FLOPs per image per iteration are counted by
+torch.utils.flop_counter on one real step; with --peak-tflops (the device's dense peak
+for the precision) the model FLOPs utilisation (MFU) of (a) is printed too.
 
 Without --shards it writes 64x64 RGB photo patches (random crops of scikit-image's
-bundled sample photos, `pip install scikit-image`) to data/bench-photos64 once. One
-process, no process group; each repeat times --steps steps after --warmup steps, and
-the median over repeats is printed with the ratio (b)/(a).
+bundled sample photos, `pip install scikit-image`) to data/bench-photos64 once.
 """
 
 from __future__ import annotations
@@ -16,18 +26,21 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from dcgan.config import load_config
+from dcgan.config import Config, load_config
 from dcgan.data import Loader, ShardStream, resolve_shards
 from dcgan.distributed import DistInfo
 from dcgan.shards import main as shards_main
-from dcgan.train import AMP_DTYPES, build_training, gan_step
+from dcgan.train import AMP_DTYPES, build_training, gan_step, memory_format
+from plain_loop import PlainLoop, batches  # bench/ is on sys.path when run as a script
 
-BENCH_SHARDS = Path("data/bench-photos64")
+BENCH_DATA = Path("data")  # where the photo-patch shards are written
 
 
 def photo_patches(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -48,17 +61,20 @@ def photo_patches(n: int, size: int, seed: int = 0) -> np.ndarray:
     return patches
 
 
-def ensure_bench_shards(size: int) -> Path:
-    out = BENCH_SHARDS if size == 64 else Path(f"data/bench-photos{size}")
+def ensure_bench_shards(size: int, image_format: str = "png", root: Path = BENCH_DATA) -> Path:
+    """Shards of 4096 photo patches at ``size`` px in ``image_format`` under ``root``, written once."""
+    out = root / (f"bench-photos{size}" + ("" if image_format == "png" else f"-{image_format}"))
     if not (out / "manifest.json").exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        source = out.parent / f"{out.name}.npy"
-        np.save(source, photo_patches(4096, size))
-        assert shards_main([str(source), str(out), "--per-shard", "1024", "--overwrite"]) == 0
+        root.mkdir(parents=True, exist_ok=True)
+        source = root / f"bench-photos{size}.npy"
+        if not source.exists():
+            np.save(source, photo_patches(4096, size))
+        args = [str(source), str(out), "--per-shard", "1024", "--format", image_format, "--overwrite"]
+        assert shards_main(args) == 0
     return out
 
 
-def timed_steps(step, batches, warmup: int, steps: int, sync) -> float:
+def timed_steps(step: Callable[[torch.Tensor], object], batches: Iterator, warmup: int, steps: int, sync) -> float:
     """img/s of ``step(batch)`` over ``steps`` batches after ``warmup`` batches."""
     for _ in range(warmup):
         step(next(batches))
@@ -73,6 +89,25 @@ def timed_steps(step, batches, warmup: int, steps: int, sync) -> float:
     return n / (time.perf_counter() - start)
 
 
+def trainer_step(cfg: Config, dist: DistInfo) -> Callable[[torch.Tensor], torch.Tensor]:
+    """dcgan.train's step, as ``cfg`` configures it, on a fresh state."""
+    state, g_train, d_train = build_training(cfg, dist)
+    amp_dtype, real_target = AMP_DTYPES[cfg.train.precision], 1.0 - cfg.optim.label_smoothing
+
+    def step(real: torch.Tensor) -> torch.Tensor:
+        return gan_step(state, g_train, d_train, real, cfg.model.nz, amp_dtype, real_target)
+
+    return step
+
+
+def flops_per_image(step: Callable[[torch.Tensor], object], real: torch.Tensor) -> float:
+    """FLOPs of one training iteration (forwards and backwards of D and G) per image."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(real)
+    return counter.get_total_flops() / real.shape[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/celeba.yaml")
@@ -82,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", help="shards to read (default: photo patches made here)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("overrides", nargs="*", help="a.b=value config overrides")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ablate", nargs="*", default=[], metavar="A.B=VALUE", help="one more variant each")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak TFLOP/s, for MFU")
+    parser.add_argument("overrides", nargs="*", help="a.b=value config overrides (all variants)")
     args = parser.parse_args(argv)
 
     base = load_config(args.config, args.overrides)
@@ -93,49 +130,61 @@ def main(argv: list[str] | None = None) -> int:
         f"train.batch_size={args.batch}",
         f"data.shards={shards}",
         f"data.workers={args.workers}",
+        *([f"train.precision={args.precision}"] if args.precision else []),
     ]
-    if args.precision:
-        overrides.append(f"train.precision={args.precision}")
     cfg = load_config(args.config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    amp_dtype = AMP_DTYPES[cfg.train.precision]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as dcgan.train does
 
-    state, g_train, d_train = build_training(cfg, dist)
     stream = ShardStream(
         resolve_shards(cfg.data), cfg.data, rank=0, world_size=1, batch_size=args.batch,
         image_size=cfg.model.image_size, channels=cfg.model.channels, seed=0,
     )  # fmt: skip
-    loader = Loader(stream, device)
+    loader = Loader(stream, device, memory_format=memory_format(cfg))
+    real = next(batches(loader))
 
-    def step(real: torch.Tensor) -> None:
-        gan_step(state, g_train, d_train, real, cfg.model.nz, amp_dtype)
-
-    def shard_batches():
-        for epoch in range(10**9):
-            for images, _ in loader.epoch(epoch):
-                yield images
-
-    def memory_batches():
-        real = next(shard_batches())
+    def memory_batches(batch: torch.Tensor) -> Iterator[torch.Tensor]:
         while True:
-            yield real
+            yield batch
 
-    per_run = args.warmup + args.steps
+    # name -> (step, a fresh batch iterator per run)
+    step = trainer_step(cfg, dist)
+    variants: dict[str, tuple[Callable, Callable[[], Iterator]]] = {
+        "(a) trainer reading shards": (step, lambda: batches(loader)),
+        "(b) same step, batch in RAM": (step, lambda: memory_batches(real)),
+    }
+    plain = PlainLoop(load_config(args.config, [*overrides, "train.precision=fp32"]), device)
+    plain_real = real.contiguous()  # the seeds' layout
+    variants["(c) plain seed-style loop"] = (plain.step, lambda: memory_batches(plain_real))
+    for override in args.ablate:
+        ablated = load_config(args.config, [*overrides, override])
+        ablated_real = real.contiguous(memory_format=memory_format(ablated))
+        variants[f"(b) with {override}"] = (trainer_step(ablated, dist), lambda r=ablated_real: memory_batches(r))
+
+    flops = flops_per_image(step, real)
     print(
-        f"# {args.config}: arch {cfg.model.arch}, batch {args.batch}, {cfg.train.precision}, {device.type}, "
-        f"{torch.get_num_threads()} threads, {args.workers} data worker(s), {args.repeats} x {args.steps} steps",
+        f"# {args.config}: arch {cfg.model.arch}, batch {args.batch}, {cfg.train.precision}, "
+        f"channels_last {cfg.train.channels_last}, fused Adam {cfg.optim.fused}, compile {cfg.train.compile}, "
+        f"{device.type}, {torch.get_num_threads()} threads, {args.workers} data worker(s); "
+        f"{args.repeats} x {args.steps} steps; {flops / 1e9:.3f} GFLOP per image per iteration",
         flush=True,
     )
-    shards_runs, memory_runs = [], []
-    for _ in range(args.repeats):  # interleaved, so drift hits both alike
-        shards_runs.append(timed_steps(step, shard_batches(), args.warmup, args.steps, sync))
-        memory_runs.append(timed_steps(step, memory_batches(), args.warmup, args.steps, sync))
-    a, b = statistics.median(shards_runs), statistics.median(memory_runs)
-    print(f"(a) trainer reading shards : {a:8.1f} img/s  (runs: {', '.join(f'{x:.1f}' for x in shards_runs)})")
-    print(f"(b) same step, batch in RAM: {b:8.1f} img/s  (runs: {', '.join(f'{x:.1f}' for x in memory_runs)})")
-    print(f"(a)/(b) = {a / b:.3f}   ({per_run} steps per run, median of {args.repeats})")
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, (variant_step, make_batches) in variants.items():
+            runs[name].append(timed_steps(variant_step, make_batches(), args.warmup, args.steps, sync))
+    median = {name: statistics.median(r) for name, r in runs.items()}
+    a, b, c = (median[name] for name in list(variants)[:3])
+    for name, rate in median.items():
+        extra = f"  x{rate / b:.3f} of (b)" if name.startswith("(b) with") else ""
+        print(f"{name:40s} {rate:9.1f} img/s{extra}  (runs: {', '.join(f'{x:.1f}' for x in runs[name])})")
+    print(f"(a)/(c) = {a / c:.2f}   (b)/(c) = {b / c:.2f}   (a)/(b) = {a / b:.3f}")
+    achieved = a * flops / 1e12
+    mfu = f", MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g}" if args.peak_tflops else ""
+    print(f"(a) achieves {achieved:.3f} TFLOP/s{mfu}")
     return 0
 
 

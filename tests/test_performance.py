@@ -1,0 +1,108 @@
+"""The speed settings (channels_last, fused Adam, torch.compile) change how fast a step
+runs, never what it computes or what a checkpoint holds; the bench scripts run."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import run_module, run_python, write_config
+from dcgan.config import load_config
+from dcgan.data import Loader, ShardStream, resolve_shards
+from dcgan.distributed import DistInfo
+from dcgan.models import build_models
+from dcgan.train import build_training, gan_step, memory_format
+
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def three_steps(cfg):
+    """(per-step stats, state) of three gan_steps on the config's first three batches."""
+    torch.manual_seed(1)
+    stream = ShardStream(
+        resolve_shards(cfg.data), cfg.data, rank=0, world_size=1, batch_size=cfg.train.batch_size,
+        image_size=cfg.model.image_size, channels=cfg.model.channels, seed=0,
+    )  # fmt: skip
+    loader = Loader(stream, CPU.device, memory_format=memory_format(cfg))
+    state, g_train, d_train = build_training(cfg, CPU)
+    stats = []
+    for real, _ in list(loader.epoch(0))[:3]:
+        assert real.is_contiguous(memory_format=memory_format(cfg))
+        stats.append(gan_step(state, g_train, d_train, real, cfg.model.nz, None))
+    return torch.stack(stats), state
+
+
+def test_channels_last_and_fused_adam_keep_the_maths(tmp_path, digit_shards):
+    config = write_config(tmp_path / "fast.yaml", digit_shards, data={"workers": 0})
+    fast_cfg = load_config(config)
+    assert fast_cfg.train.channels_last and fast_cfg.optim.fused  # the defaults
+    plain_cfg = load_config(config, ["train.channels_last=false", "optim.fused=false"])
+    fast, fast_state = three_steps(fast_cfg)
+    plain, plain_state = three_steps(plain_cfg)
+
+    conv = fast_state.discriminator[2].weight  # (16, 8, 4, 4): the layouts differ
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert plain_state.discriminator[2].weight.is_contiguous()
+    assert fast_state.opt_d.defaults["fused"] and not plain_state.opt_d.defaults["fused"]
+    # Same losses, D outputs and gradient norms step by step; same weights after.
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    for net in ("generator", "discriminator", "generator_ema"):
+        fast_sd, plain_sd = getattr(fast_state, net).state_dict(), getattr(plain_state, net).state_dict()
+        for key in plain_sd:
+            torch.testing.assert_close(fast_sd[key], plain_sd[key], rtol=1e-4, atol=1e-5, msg=f"{net}.{key}")
+
+    # A channels_last checkpoint is an ordinary state dict: a plain generator loads it and
+    # draws the same images.
+    G, _ = build_models(fast_cfg)
+    G.load_state_dict(fast_state.generator.state_dict())
+    z = torch.randn(4, fast_cfg.model.nz, 1, 1)
+    fast_state.generator.eval(), G.eval()
+    torch.testing.assert_close(G(z), fast_state.generator(z.contiguous(memory_format=torch.channels_last)))
+
+
+def test_compiled_run_trains_and_checkpoints_plain_keys(tmp_path, digit_shards):
+    pytest.importorskip("torch._inductor")
+    config = write_config(tmp_path / "compiled.yaml", digit_shards, train={"compile": True, "steps": 4})
+    result = run_module("dcgan.train", "--config", str(config), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fp32, channels_last, torch.compile, 4 steps" in result.stderr
+    run_dir = tmp_path / "runs" / "compiled"
+    state = torch.load(run_dir / "checkpoints" / "step_00000004.pt", weights_only=True)
+    G, D = build_models(load_config(run_dir / "config.yaml"))
+    G.load_state_dict(state["generator"])  # no "_orig_mod." prefixes: the nets were compiled in place
+    D.load_state_dict(state["discriminator"])
+    assert all(math.isfinite(v) for v in state["generator"]["1.running_mean"].tolist())
+    # It resumes: compiled or not, a checkpoint is the bare nets' state.
+    again = run_module("dcgan.train", "--config", str(config), "train.steps=6", "train.compile=false", timeout=300)
+    assert again.returncode == 0 and "at step 4" in again.stderr, again.stderr[-3000:]
+
+
+def test_bench_scripts_print_their_tables(tmp_path, digit_shards):
+    config = write_config(tmp_path / "bench.yaml", digit_shards)
+    common = ["--config", str(config), "--batch", "16"]
+    throughput = run_python(
+        "bench/throughput.py", *common, "--shards", str(digit_shards), "--steps", "2", "--warmup", "1",
+        "--repeats", "1", "--ablate", "optim.fused=false", timeout=300,
+    )  # fmt: skip
+    assert throughput.returncode == 0, throughput.stderr[-3000:]
+    for row in ("(a) trainer reading shards", "(b) same step", "(c) plain seed-style loop", "(b) with optim.fused"):
+        assert row in throughput.stdout
+    assert "(a)/(c) = " in throughput.stdout and "GFLOP per image per iteration" in throughput.stdout
+
+    data = run_python(
+        "bench/data.py", *common, "--data-dir", str(tmp_path / "data"), "--formats", "npy", "png@32",
+        "--workers", "0", "1", "--epochs", "1", "--repeats", "1", "--versus", "100", timeout=300,
+    )  # fmt: skip
+    assert data.returncode == 0, data.stderr[-3000:]
+    rows = [line.split() for line in data.stdout.splitlines() if line.startswith(("npy ", "png@32 "))]
+    assert [(r[0], r[1]) for r in rows] == [("npy", "0"), ("npy", "1"), ("png@32", "0"), ("png@32", "1")]
+    assert all(float(r[2]) > 0 for r in rows)
+
+    scaling = run_python(
+        "bench/scaling.py", *common, "--shards", str(digit_shards), "--nproc", "1", "2", "--steps", "6",
+        "--log-every", "2", "--repeats", "1", "--ddp-overhead", timeout=300,
+    )  # fmt: skip
+    assert scaling.returncode == 0, scaling.stderr[-3000:]
+    table = [line.split() for line in scaling.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in table] == ["1", "2"] and float(table[0][3]) == 1.0
+    assert "under DDP" in scaling.stdout
