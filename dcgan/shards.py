@@ -273,8 +273,11 @@ def write_shards(
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     encoded = pool.imap(_encode_star, jobs, chunksize=64) if pool else map(_encode_star, jobs)
     try:
+        # A fixed integer mtime: webdataset stamps each member with time.time(), a float,
+        # which makes tarfile add a PAX header block to every member; parsing those was
+        # half the cost of reading a sample (bench/data.py). Same input, same bytes, too.
         with wds.ShardWriter(
-            str(out_dir / SHARD_PATTERN), maxcount=per_shard, maxsize=max_shard_bytes, verbose=0
+            str(out_dir / SHARD_PATTERN), maxcount=per_shard, maxsize=max_shard_bytes, verbose=0, mtime=0
         ) as sink:
             for item, (data, size, error) in progress(zip(items, encoded), len(items), "shards", "img", log):
                 if data is None:
