@@ -3,7 +3,7 @@ shards are not at model size, augment, collate, to float in [-1, 1]) on the CPU,
 shard encoding and DataLoader worker count. Nothing trains.
 
     python bench/data.py --config configs/celeba.yaml --batch 64
-    python bench/data.py --workers 0 1 2 --formats png jpg npy png@128 --versus 230
+    python bench/data.py --workers 0,1,2 --formats 'png jpg npy png@128' --versus 230
     python bench/data.py data.augment.hflip=true data.augment.degrees=10   # with augmentation
 
 A format ``F@S`` reads shards stored at S px, resized to the model's size while loading
@@ -28,7 +28,7 @@ import torch
 from dcgan.config import load_config
 from dcgan.data import Loader, ShardStream, resolve_shards
 from dcgan.train import memory_format
-from throughput import BENCH_DATA, ensure_bench_shards  # bench/ is on sys.path when run as a script
+from throughput import BENCH_DATA, ensure_bench_shards, int_list  # bench/ is on sys.path when run as a script
 
 
 def pipeline_rate(loader: Loader, epochs: int, skip: int) -> float:
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/celeba.yaml")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--formats", nargs="+", default=["png", "jpg", "npy", "png@128"])
+    parser.add_argument("--workers", type=int_list, default=[0, 1, 2], help="comma-separated")
+    parser.add_argument("--formats", type=str.split, default="png jpg npy png@128", help="space-separated, quoted")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of 4096 images per run")
     parser.add_argument("--skip", type=int, default=4, help="batches of each epoch not timed")
     parser.add_argument("--repeats", type=int, default=3)

@@ -3,8 +3,8 @@ same batch per process, for each N of --nproc; gloo on the CPU, NCCL on GPUs (on
 process). With --ddp-overhead, also the step of one process with and without the DDP
 wrappers (a process group of one): what DDP's hooks cost when there is nothing to share.
 
-    python bench/scaling.py --config configs/celeba.yaml --batch 64 --nproc 1 2
-    python bench/scaling.py --nproc 1 2 4 8 --ddp-overhead train.precision=bf16   # a GPU box
+    python bench/scaling.py --config configs/celeba.yaml --batch 64 --nproc 1,2
+    python bench/scaling.py --nproc 1,2,4,8 --ddp-overhead train.precision=bf16   # a GPU box
 
 On the CPU every process gets --threads-per-process threads (default: the cores over the
 largest N), so N processes have N times the compute of one and the efficiency
@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dcgan.config import load_config
 from dcgan.distributed import DistInfo
 from dcgan.train import AMP_DTYPES, NO_FORWARD_BUFFER_SYNC, build_training, gan_step, memory_format
-from throughput import ensure_bench_shards, timed_steps  # bench/ is on sys.path when run as a script
+from throughput import ensure_bench_shards, int_list, timed_steps  # bench/ is on sys.path when run as a script
 
 
 def trainer_rate(args, overrides: list[str], nproc: int, threads: int, out_dir: Path) -> tuple[float, list[float]]:
@@ -47,7 +47,9 @@ def trainer_rate(args, overrides: list[str], nproc: int, threads: int, out_dir: 
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     print("$ OMP_NUM_THREADS=%d torchrun --nproc_per_node=%d -m dcgan.train ..." % (threads, nproc), flush=True)
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed (exit code {done.returncode}):\n{done.stderr[-3000:]}")
     lines = (out_dir / name / "metrics.jsonl").read_text().splitlines()
     rates = [record["img_per_s"] for record in map(json.loads, lines) if "img_per_s" in record]
     if len(rates) < 2:
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/celeba.yaml")
     parser.add_argument("--batch", type=int, default=64, help="per process")
-    parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--nproc", type=int_list, default=[1, 2], help="comma-separated, e.g. 1,2,4,8")
     parser.add_argument("--threads-per-process", type=int, help="CPU only; default: cores // max(--nproc)")
     parser.add_argument("--workers", type=int, default=1, help="data workers per process")
     parser.add_argument("--shards", help="shards to read (default: bench/throughput.py's photo patches)")

@@ -7,13 +7,14 @@
     architecture, fed from memory like (b): (a)/(c) is what the project gains.
 
     python bench/throughput.py --config configs/celeba.yaml --batch 64 --precision bf16
-    python bench/throughput.py --precision bf16 --ablate train.channels_last=false optim.fused=false
+    python bench/throughput.py --precision bf16 --ablate train.channels_last=false --ablate optim.fused=false
 
 Each --ablate override is one more variant: (b) with that one setting changed, so each
 speed setting is seen to pay (ratio to (b) below 1) or not. All variants run in turn in
 every repeat (drift hits them alike); each repeat times --steps steps after --warmup
 steps, and the medians are printed. FLOPs per image per iteration are counted by
-torch.utils.flop_counter on one real step; with --peak-tflops (the device's dense peak
+torch.utils.flop_counter on one real step (and on CUDA, the host syncs in one step by
+torch.cuda.set_sync_debug_mode); with --peak-tflops (the device's dense peak
 for the precision) the model FLOPs utilisation (MFU) of (a) is printed too.
 
 Without --shards it writes 64x64 RGB photo patches (random crops of scikit-image's
@@ -26,6 +27,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -74,6 +76,11 @@ def ensure_bench_shards(size: int, image_format: str = "png", root: Path = BENCH
     return out
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type: "1,2,4" -> [1, 2, 4]."""
+    return [int(part) for part in text.split(",")]
+
+
 def timed_steps(step: Callable[[torch.Tensor], object], batches: Iterator, warmup: int, steps: int, sync) -> float:
     """img/s of ``step(batch)`` over ``steps`` batches after ``warmup`` batches."""
     for _ in range(warmup):
@@ -108,6 +115,18 @@ def flops_per_image(step: Callable[[torch.Tensor], object], real: torch.Tensor) 
     return counter.get_total_flops() / real.shape[0]
 
 
+def host_syncs(step: Callable[[torch.Tensor], object], real: torch.Tensor) -> int:
+    """CUDA only: the operations of one step that make the host wait for the GPU."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(real)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/celeba.yaml")
@@ -118,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ablate", nargs="*", default=[], metavar="A.B=VALUE", help="one more variant each")
+    parser.add_argument(
+        "--ablate", action="append", default=[], metavar="A.B=VALUE", help="one more variant; repeatable"
+    )
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak TFLOP/s, for MFU")
     parser.add_argument("overrides", nargs="*", help="a.b=value config overrides (all variants)")
     args = parser.parse_args(argv)
@@ -165,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"(b) with {override}"] = (trainer_step(ablated, dist), lambda r=ablated_real: memory_batches(r))
 
     flops = flops_per_image(step, real)
+    if device.type == "cuda":
+        print(f"# host syncs in one training step: {host_syncs(step, real)}", flush=True)
     print(
         f"# {args.config}: arch {cfg.model.arch}, batch {args.batch}, {cfg.train.precision}, "
         f"channels_last {cfg.train.channels_last}, fused Adam {cfg.optim.fused}, compile {cfg.train.compile}, "

@@ -90,8 +90,8 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards):
     assert "(a)/(c) = " in throughput.stdout and "GFLOP per image per iteration" in throughput.stdout
 
     data = run_python(
-        "bench/data.py", *common, "--data-dir", str(tmp_path / "data"), "--formats", "npy", "png@32",
-        "--workers", "0", "1", "--epochs", "1", "--repeats", "1", "--versus", "100", timeout=300,
+        "bench/data.py", *common, "--data-dir", str(tmp_path / "data"), "--formats", "npy png@32",
+        "--workers", "0,1", "--epochs", "1", "--repeats", "1", "--versus", "100", timeout=300,
     )  # fmt: skip
     assert data.returncode == 0, data.stderr[-3000:]
     rows = [line.split() for line in data.stdout.splitlines() if line.startswith(("npy ", "png@32 "))]
@@ -99,7 +99,7 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards):
     assert all(float(r[2]) > 0 for r in rows)
 
     scaling = run_python(
-        "bench/scaling.py", *common, "--shards", str(digit_shards), "--nproc", "1", "2", "--steps", "6",
+        "bench/scaling.py", *common, "--shards", str(digit_shards), "--nproc", "1,2", "--steps", "6",
         "--log-every", "2", "--repeats", "1", "--ddp-overhead", timeout=300,
     )  # fmt: skip
     assert scaling.returncode == 0, scaling.stderr[-3000:]
