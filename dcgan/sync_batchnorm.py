@@ -1,10 +1,11 @@
-"""SyncBatchNorm on every device: torch's on CUDA, a small autograd version on the CPU.
+"""SyncBatchNorm on every device: torch's on CUDA, a small one of ours on the CPU.
 
 torch.nn.SyncBatchNorm only runs on GPUs (its kernels are CUDA-only and DDP refuses it in
 a CPU module), yet CPU + gloo is how multi-process training is tested and debugged. On
 the CPU, ``CPUSyncBatchNorm`` all-reduces per-channel sums and counts in the forward and
-the two per-channel gradient sums in the backward, around torch's fused batch-norm kernels. Both forms have BatchNorm2d's parameters and buffers, so checkpoints move
-freely between them, plain BatchNorm2d and any world size.
+two per-channel gradient sums in the backward, around torch's fused batch-norm kernels.
+Both forms have BatchNorm2d's parameters and buffers, so checkpoints move freely between
+them, plain BatchNorm2d and any world size.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         d = -a * mean_dy - c * mean
         shape = (1, -1, 1, 1)
         dx = torch.addcmul(d.view(shape), x, c.view(shape)).addcmul_(dy, a.view(shape)).to(x.dtype)
-        return dx, grad_weight, grad_bias, None, None, None, None
+        needs = ctx.needs_input_grad  # no gradient for a weight or bias that is None (affine=False)
+        return dx, grad_weight if needs[1] else None, grad_bias if needs[2] else None, None, None, None, None
 
 
 class CPUSyncBatchNorm(nn.BatchNorm2d):
