@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dcgan.config import load_config
 from dcgan.distributed import DistInfo
 from dcgan.train import AMP_DTYPES, NO_FORWARD_BUFFER_SYNC, build_training, gan_step, memory_format
-from throughput import ensure_bench_shards, int_list, timed_steps  # bench/ is on sys.path when run as a script
+from throughput import bench_overrides, int_list, timed_steps  # bench/ is on sys.path when run as a script
 
 
 def trainer_rate(args, overrides: list[str], nproc: int, threads: int, out_dir: Path) -> tuple[float, list[float]]:
@@ -104,14 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="a.b=value config overrides")
     args = parser.parse_args(argv)
 
-    base = load_config(args.config, args.overrides)
-    shards = args.shards or str(ensure_bench_shards(base.model.image_size))
-    overrides = [
-        *args.overrides,
-        f"data.shards={shards}",
-        f"train.batch_size={args.batch}",
-        f"data.workers={args.workers}",
-    ]
+    overrides = bench_overrides(args)
+    base = load_config(args.config, overrides)
     cores = len(os.sched_getaffinity(0))
     threads = args.threads_per_process or max(1, cores // max(args.nproc))
     gpus = torch.cuda.device_count()
