@@ -7,8 +7,8 @@ shard encoding and DataLoader worker count. Nothing trains.
     python bench/data.py data.augment.hflip=true data.augment.degrees=10   # with augmentation
 
 A format ``F@S`` reads shards stored at S px, resized to the model's size while loading
-(what skipping `dcgan.shards --size` costs). Shards of 4096 photo patches are written
-once per format under data/ (bench/throughput.py's; --data-dir). Each run reads --epochs epochs and
+(what skipping `dcgan.shards --size` costs). Shards of 4096 photo patches (or of
+--source) are written once per format under data/ (bench/throughput.py's; --data-dir). Each run reads --epochs epochs and
 counts from each epoch's --skip-th batch on (worker start-up is a per-epoch cost that a
 real epoch of a large dataset amortises); the median of --repeats runs is printed.
 --versus: the trainer's consumption in img/s (bench/throughput.py's (b)), to print how
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--versus", type=float, help="the trainer's img/s, for the ratio")
     parser.add_argument("--data-dir", type=Path, default=BENCH_DATA, help="where the bench shards go")
+    parser.add_argument("--source", default="", help="images for the shards (default: photo patches)")
     parser.add_argument("overrides", nargs="*", help="a.b=value config overrides")
     args = parser.parse_args(argv)
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'shards':14s} {'workers':>7s} {'img/s':>9s}" + ("  x trainer" if args.versus else "") + "  runs")
     for fmt in args.formats:
         image_format, _, stored = fmt.partition("@")
-        shards = ensure_bench_shards(int(stored or size), image_format, args.data_dir)
+        shards = ensure_bench_shards(int(stored or size), image_format, args.data_dir, args.source)
         for workers in args.workers:
             run_cfg = load_config(
                 args.config,

@@ -63,15 +63,18 @@ def photo_patches(n: int, size: int, seed: int = 0) -> np.ndarray:
     return patches
 
 
-def ensure_bench_shards(size: int, image_format: str = "png", root: Path = BENCH_DATA) -> Path:
-    """Shards of 4096 photo patches at ``size`` px in ``image_format`` under ``root``, written once."""
-    out = root / (f"bench-photos{size}" + ("" if image_format == "png" else f"-{image_format}"))
+def ensure_bench_shards(size: int, image_format: str = "png", root: Path = BENCH_DATA, source: str = "") -> Path:
+    """Shards at ``size`` px in ``image_format`` under ``root``, written once: of ``source``
+    (anything `python -m dcgan.shards` reads) when given, else of 4096 photo patches."""
+    name = Path(source).stem.split(".")[0] if source else "bench-photos"
+    out = root / (f"{name}{size}" + ("" if image_format == "png" else f"-{image_format}"))
     if not (out / "manifest.json").exists():
         root.mkdir(parents=True, exist_ok=True)
-        source = root / f"bench-photos{size}.npy"
-        if not source.exists():
-            np.save(source, photo_patches(4096, size))
-        args = [str(source), str(out), "--per-shard", "1024", "--format", image_format, "--overwrite"]
+        if not source:
+            source = str(root / f"bench-photos{size}.npy")
+            if not Path(source).exists():
+                np.save(source, photo_patches(4096, size))
+        args = [source, str(out), "--size", str(size), "--per-shard", "1024", "--format", image_format, "--overwrite"]
         assert shards_main(args) == 0
     return out
 

@@ -3,6 +3,7 @@ runs, never what it computes or what a checkpoint holds; the bench scripts run."
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,8 +78,9 @@ def test_compiled_run_trains_and_checkpoints_plain_keys(tmp_path, digit_shards):
     assert again.returncode == 0 and "at step 4" in again.stderr, again.stderr[-3000:]
 
 
-def test_bench_scripts_print_their_tables(tmp_path, digit_shards):
+def test_bench_scripts_print_their_tables(tmp_path, digit_shards, real_images):
     config = write_config(tmp_path / "bench.yaml", digit_shards)
+    np.save(tmp_path / "digits.npy", real_images[0][:512])  # bench/data.py's source (no scikit-image here)
     common = ["--config", str(config), "--batch", "16"]
     throughput = run_python(
         "bench/throughput.py", *common, "--shards", str(digit_shards), "--steps", "2", "--warmup", "1",
@@ -90,8 +92,9 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards):
     assert "(a)/(c) = " in throughput.stdout and "GFLOP per image per iteration" in throughput.stdout
 
     data = run_python(
-        "bench/data.py", *common, "--data-dir", str(tmp_path / "data"), "--formats", "npy png@32",
-        "--workers", "0,1", "--epochs", "1", "--repeats", "1", "--versus", "100", timeout=300,
+        "bench/data.py", *common, "--data-dir", str(tmp_path / "data"), "--source", str(tmp_path / "digits.npy"),
+        "--formats", "npy png@32", "--workers", "0,1", "--epochs", "1", "--repeats", "1", "--versus", "100",
+        timeout=300,
     )  # fmt: skip
     assert data.returncode == 0, data.stderr[-3000:]
     rows = [line.split() for line in data.stdout.splitlines() if line.startswith(("npy ", "png@32 "))]
