@@ -16,6 +16,7 @@ metrics.jsonl: the median over the log intervals after the first (warm-up).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -73,15 +74,11 @@ def ddp_overhead(args, overrides: list[str]) -> None:
             state, g_bare, d_bare = build_training(cfg, dist)
             g_ddp, d_ddp = DDP(g_bare, **NO_FORWARD_BUFFER_SYNC), DDP(d_bare, **NO_FORWARD_BUFFER_SYNC)
 
-            def batches():
-                while True:
-                    yield real
-
             runs = {"bare": [], "DDP": []}
             for _ in range(args.repeats):
                 for name, (g, d) in {"bare": (g_bare, d_bare), "DDP": (g_ddp, d_ddp)}.items():
                     step = lambda r, g=g, d=d: gan_step(state, g, d, r, cfg.model.nz, amp_dtype)  # noqa: E731
-                    runs[name].append(timed_steps(step, batches(), 3, args.log_every, sync))
+                    runs[name].append(timed_steps(step, itertools.repeat(real), 3, args.log_every, sync))
             bare, wrapped = statistics.median(runs["bare"]), statistics.median(runs["DDP"])
             print(f"one process, batch in memory: bare {bare:.1f} img/s, under DDP {wrapped:.1f} img/s "
                   f"(DDP costs {100 * (1 - wrapped / bare):.1f}%)")  # fmt: skip

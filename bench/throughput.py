@@ -24,6 +24,7 @@ bundled sample photos, `pip install scikit-image`) to data/bench-photos64 once.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -170,23 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     loader = Loader(stream, device, memory_format=memory_format(cfg))
     real = next(batches(loader))
 
-    def memory_batches(batch: torch.Tensor) -> Iterator[torch.Tensor]:
-        while True:
-            yield batch
-
     # name -> (step, a fresh batch iterator per run)
     step = trainer_step(cfg, dist)
     variants: dict[str, tuple[Callable, Callable[[], Iterator]]] = {
         "(a) trainer reading shards": (step, lambda: batches(loader)),
-        "(b) same step, batch in RAM": (step, lambda: memory_batches(real)),
+        "(b) same step, batch in RAM": (step, lambda: itertools.repeat(real)),
     }
     plain = PlainLoop(cfg, device)  # fp32 whatever the config says
     plain_real = real.contiguous()  # the seeds' layout
-    variants["(c) plain seed-style loop"] = (plain.step, lambda: memory_batches(plain_real))
+    variants["(c) plain seed-style loop"] = (plain.step, lambda: itertools.repeat(plain_real))
     for override in args.ablate:
         ablated = load_config(args.config, [*overrides, override])
         ablated_real = real.contiguous(memory_format=memory_format(ablated))
-        variants[f"(b) with {override}"] = (trainer_step(ablated, dist), lambda r=ablated_real: memory_batches(r))
+        variants[f"(b) with {override}"] = (trainer_step(ablated, dist), lambda r=ablated_real: itertools.repeat(r))
 
     # Counted on an eager copy of the step: FLOPs do not depend on compilation.
     flops = flops_per_image(trainer_step(load_config(args.config, [*overrides, "train.compile=false"]), dist), real)
