@@ -37,9 +37,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dcgan.config import Config, load_config
-from dcgan.data import Loader, ShardStream, resolve_shards
+from dcgan.data import Loader, ShardStream
 from dcgan.distributed import DistInfo
 from dcgan.shards import main as shards_main
+from dcgan.shardset import resolve_shards
 from dcgan.train import AMP_DTYPES, build_training, gan_step, memory_format
 from plain_loop import PlainLoop, batches  # bench/ is on sys.path when run as a script
 

@@ -5,7 +5,7 @@ iterators, brace expansion, the shuffle buffer). The split of samples over ranks
 DataLoader workers is ours, because webdataset 1.0.2's shard-level split cannot promise
 equal batch counts per rank (DDP then hangs), repeats the same order every epoch, and
 keeps no position to resume from (shared/notes/pitfalls.md 1-2). The plan, identical
-on every rank and computed from the manifest's per-shard counts alone:
+on every rank and computed from the per-shard counts alone:
 
 * epoch e lays the shards out in a seeded random order and starts at a seeded random
   offset; read cyclically, that is one sequence of ``total`` sample positions;
@@ -17,117 +17,45 @@ on every rank and computed from the manifest's per-shard counts alone:
   buffer, decodes it and augments each batch with a generator seeded by (epoch, rank,
   batch). torch's DataLoader hands out batches from workers round-robin, so the rank
   sees batches 0, 1, 2, ... in order (checked on every batch);
-* a sample that fails to decode is counted, logged and replaced by the next sample after
-  the slot's run (so a slot never comes up short); an unreadable shard is counted,
-  logged and skipped. Only if no sample can be decoded at all does reading stop, with
-  an error that names the shards.
+* each shard gives exactly its planned count of positions (dcgan/shardset.py says where
+  counts come from). A shard that holds more samples is cut at its count; one that holds
+  fewer leaves its last positions empty. Either way the reader reports the shard, the
+  planned and the found count once, and the rest of the plan, including which samples
+  every other rank and worker reads, is unchanged;
+* a sample that fails to decode, and an empty position, is counted and replaced by the
+  next sample after the slot's run (so a slot never comes up short); an unreadable shard
+  is counted, logged and skipped. Only if no sample can be decoded at all does reading
+  stop, with an error that names the shard.
 
 Starting an epoch at batch k (resume) gives worker w the slot ``(k + w) % W`` and
 skips what that slot already delivered, so the rest of the epoch is the same batches,
 in the same order, as an uninterrupted run with the same world size and worker count.
 
-Decoding never unpickles: PNG/JPEG/WebP through PIL and ``.npy`` with
-``allow_pickle=False``; other members (``.pth``, ``.pickle``) are never decoded.
+Decoding never unpickles: images through PIL and ``.npy`` with ``allow_pickle=False``;
+other members (``.pth``, ``.pickle``, ``.json``) are never decoded.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
-import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator
+import re
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dcgan.config import AugmentConfig, ConfigError, DataConfig
-from dcgan.shards import IMAGE_EXTENSIONS, MANIFEST
+from dcgan.shardset import ShardSet, convert_image, image_member, open_image, shard_name, tar_samples
 
 log = logging.getLogger("dcgan.data")
 
 
 class DataError(RuntimeError):
-    """Reading cannot go on (nothing decodable); the message names the shards."""
-
-
-# --------------------------------------------------------------------------- shard sets
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    urls: tuple[str, ...]
-    counts: tuple[int, ...]  # samples per shard (from the manifest, or data.samples_per_shard)
-    image_size: int | None = None  # from the manifest, when it knows
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-
-def resolve_shards(cfg: DataConfig) -> ShardSet:
-    """Turn ``data.shards`` into shard URLs and counts; ConfigError names what is wrong."""
-    spec = cfg.shards.strip()
-    if not spec:
-        raise ConfigError("data.shards: not set (a folder made by `python -m dcgan.shards`, or a brace pattern)")
-    is_local = not spec.startswith("pipe:") and "://" not in spec
-    path = Path(spec)
-    if is_local and "{" not in spec and not path.exists():
-        raise ConfigError(f"data.shards: {spec} does not exist")
-    if is_local and (path.is_dir() or path.name == MANIFEST):
-        manifest_path = path / MANIFEST if path.is_dir() else path
-        if not manifest_path.exists():
-            raise ConfigError(
-                f"data.shards: {manifest_path} not found (is {spec} a folder written by `python -m dcgan.shards`? "
-                "an unfinished run of it leaves no manifest)"
-            )
-        manifest = _read_manifest(manifest_path)
-        urls = [str(manifest_path.parent / name) for name in manifest["shards"]]
-        shard_set = ShardSet(tuple(urls), tuple(manifest["shard_samples"]), manifest.get("image_size"))
-    else:
-        urls = wds.shardlists.expand_urls(spec)
-        for url in urls if is_local else ():
-            if not Path(url).exists():
-                raise ConfigError(f"data.shards: shard {url} does not exist")
-        counts = None
-        if is_local:
-            beside = Path(urls[0]).parent / MANIFEST
-            if beside.exists():
-                manifest = _read_manifest(beside)
-                by_name = dict(zip(manifest["shards"], manifest["shard_samples"]))
-                if all(Path(u).name in by_name for u in urls):
-                    counts = [by_name[Path(u).name] for u in urls]
-        if counts is None:
-            if cfg.samples_per_shard <= 0:
-                raise ConfigError(
-                    f"data.shards: {spec!r} has no manifest.json beside it; set data.samples_per_shard "
-                    "(samples in each shard) so every rank can plan the same number of steps"
-                )
-            counts = [cfg.samples_per_shard] * len(urls)
-        shard_set = ShardSet(tuple(urls), tuple(counts))
-    for url in shard_set.urls if is_local else ():
-        if not Path(url).exists():
-            raise ConfigError(f"data.shards: shard {url} (listed in the manifest) does not exist")
-    if not shard_set.urls or shard_set.total == 0:
-        raise ConfigError(f"data.shards: {spec} holds no samples")
-    return shard_set
-
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text())
-        if len(manifest["shards"]) != len(manifest["shard_samples"]):
-            raise ValueError("'shards' and 'shard_samples' differ in length")
-        return manifest
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"data.shards: {path} is not a valid manifest: {e!r}") from None
+    """Reading cannot go on (nothing decodable); the message names the shard."""
 
 
 # --------------------------------------------------------------------------- the plan
@@ -166,23 +94,20 @@ def slot_batches(steps: int, workers: int, slot: int) -> int:
 
 def decode_sample(sample: dict, channels: int, image_size: int) -> torch.Tensor:
     """uint8 (C, S, S) image from a webdataset sample dict; raises on anything unreadable."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        members = sorted(k for k in sample if not k.startswith("__"))
-        raise ValueError(f"no image member (has {members})")
-    if ext == "npy":
-        array = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
-        if array.dtype != np.uint8 or array.ndim not in (2, 3):
-            raise ValueError(f"npy image must be uint8 (H,W) or (H,W,C), got {array.dtype} {array.shape}")
-        image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
-    else:
-        image = Image.open(io.BytesIO(sample[ext]))
-    with image:
-        pixels = np.array(image.convert("L" if channels == 1 else "RGB"))
+    member = image_member(sample)
+    if member is None:
+        raise ValueError(f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})")
+    with open_image(sample[member], member) as image:
+        pixels = np.array(convert_image(image, channels))
     tensor = torch.from_numpy(pixels).reshape(pixels.shape[0], pixels.shape[1], channels).permute(2, 0, 1)
     if tensor.shape[-2:] != (image_size, image_size):
         tensor = TF.center_crop(TF.resize(tensor, image_size, antialias=True), image_size)
     return tensor.contiguous()
+
+
+def _plain(error: Exception) -> str:
+    """An error's message without the in-memory file PIL names ("<_io.BytesIO object at 0x...>")."""
+    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
 
 
 def sample_label(sample: dict) -> int:
@@ -216,11 +141,32 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
 # --------------------------------------------------------------------------- one rank's stream
 
 
-class ShardStream(IterableDataset):
-    """One rank's epoch as ``(images uint8 (B,C,S,S), labels (B,), batch index, bad samples, bad shards)``.
+class _Empty:
+    """A planned position that its shard does not hold (the shard has fewer samples than planned)."""
 
-    Set ``epoch`` and ``start_batch`` before iterating; DataLoader copies the object into
-    its workers when an iterator is created, so each epoch sees its own values.
+
+EMPTY = _Empty()
+MAX_LOGGED_CORRUPT = 5  # corrupt samples logged one by one per rank; the rest are counted
+
+
+class Batch(NamedTuple):
+    """What a worker hands the training process: one batch, and what reading it met."""
+
+    images: torch.Tensor  # uint8 (B, C, S, S)
+    labels: torch.Tensor  # int64 (B,), -1 where unlabelled
+    index: int  # the batch's place in the rank's epoch
+    corrupt: int  # samples that did not decode, replaced
+    empty: int  # planned positions their shard did not hold, replaced
+    unreadable_shards: int
+    miscounted: tuple[tuple[int, int, int], ...]  # (shard index, planned, found): new findings
+
+
+class ShardStream(IterableDataset):
+    """One rank's epoch as ``Batch`` es.
+
+    Set ``epoch`` and ``start_batch`` (and ``reported``: shards whose count was already
+    reported) before iterating; DataLoader copies the object into its workers when an
+    iterator is created, so each epoch sees its own values.
     """
 
     def __init__(
@@ -242,8 +188,10 @@ class ShardStream(IterableDataset):
         self.steps = steps_per_epoch(shards.total, world_size, batch_size)
         self.epoch = 0
         self.start_batch = 0
+        self.reported: set[int] = set()
+        self.corrupt_to_log = MAX_LOGGED_CORRUPT  # per worker this epoch; the rest are only counted
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if workers != self.slots:
@@ -256,70 +204,99 @@ class ShardStream(IterableDataset):
         B = self.batch_size
         slot_start = B * (self.rank * self.steps + sum(slot_batches(self.steps, workers, s) for s in range(slot)))
         order, offset = epoch_layout(self.shards.counts, self.seed, self.epoch)
+        self._unreadable, self._miscounted = 0, []  # found by _positions, handed on with the next batch
         raw = self._read_from((offset + slot_start) % self.shards.total, order)
         own = wds.filters.shuffle(
             self.cfg.shuffle_buffer, self.cfg.shuffle_buffer, seed=derive_seed(self.seed, self.epoch, self.rank, slot)
         )(itertools.islice(raw, n_batches * B))
         # After its own run, a slot keeps reading the sequence: replacements for bad samples.
         samples = itertools.chain(own, raw)
-        self.bad_shards = 0  # counted by _read_from, reported with the next batch
-        bad_samples_at_start = consecutive_bad = 0
+        corrupt = empty = consecutive_bad = logged = 0
         for j in range(n_batches):
-            images, labels, bad = [], [], 0
+            images, labels = [], []
             while len(images) < B:
                 sample = next(samples)
-                try:
-                    images.append(decode_sample(sample, self.channels, self.image_size))
-                    labels.append(sample_label(sample))
-                    consecutive_bad = 0
-                except Exception as e:  # any decoder failure means: this sample is corrupt
-                    bad += 1
-                    consecutive_bad += 1
-                    log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), e)
-                    if consecutive_bad > max(1000, self.shards.total):
-                        raise DataError(
-                            f"no decodable sample in {consecutive_bad} tries; shards: {self.shards.urls[:3]}..."
-                        ) from e
+                if sample is EMPTY:
+                    empty += 1
+                    error = "the planned positions are empty (the shards hold fewer samples than planned)"
+                else:
+                    try:
+                        images.append(decode_sample(sample, self.channels, self.image_size))
+                        labels.append(sample_label(sample))
+                        consecutive_bad = 0
+                        continue
+                    except Exception as e:  # any decoder failure means: this sample is corrupt
+                        corrupt += 1
+                        error = f"sample {sample['__key__']} in {sample['__url__']}: {type(e).__name__}: {_plain(e)}"
+                        logged += 1
+                        if logged <= self.corrupt_to_log:
+                            more = " (further ones are only counted)" if logged == self.corrupt_to_log else ""
+                            log.warning("skipping corrupt %s%s", error, more)
+                consecutive_bad += 1
+                if consecutive_bad > max(1000, self.shards.total):
+                    raise DataError(f"no sample decodes: {consecutive_bad} in a row failed; the last, {error}")
             if j < first:
-                bad_samples_at_start += bad
                 continue  # delivered before the resume point: only its effect on the stream matters
             gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, slot, j))
             batch = augment_batch(torch.stack(images), self.cfg.augment, gen)
-            index = slot + j * workers
-            bad_shards, self.bad_shards = self.bad_shards, 0
-            yield batch, torch.tensor(labels), index, bad + bad_samples_at_start, bad_shards
-            bad_samples_at_start = 0
+            yield Batch(
+                batch, torch.tensor(labels), slot + j * workers, corrupt, empty, self._unreadable,
+                tuple(self._miscounted),
+            )  # fmt: skip
+            corrupt = empty = self._unreadable = 0
+            self._miscounted = []
 
-    def _read_from(self, position: int, order: np.ndarray) -> Iterator[dict]:
-        """Samples from ``position`` of the epoch's shard sequence onwards, cyclically, forever."""
+    def _read_from(self, position: int, order: np.ndarray) -> Iterator[dict | _Empty]:
+        """The planned positions from ``position`` of the epoch's shard sequence on, cyclically,
+        forever: each a sample, or EMPTY where a shard holds fewer samples than planned."""
         counts = np.asarray(self.shards.counts)[order]
         k = int(np.searchsorted(np.cumsum(counts), position, side="right"))
         skip = position - int(counts[:k].sum())
-        empty_laps = 0
+        laps_without_a_sample = 0
         while True:
-            produced = False
+            read_any = False
             for i in range(len(order)):
-                url = self.shards.urls[order[(k + i) % len(order)]]
-                try:
-                    for sample in _tar_samples(url):
-                        if skip:
-                            skip -= 1
-                            continue
-                        produced = True
-                        yield sample
-                except Exception as e:  # missing, truncated or not a tar: skip the rest of it
-                    self.bad_shards += 1
-                    log.warning("skipping unreadable shard %s: %s", url, e)
+                for item in self._positions(int(order[(k + i) % len(order)]), skip):
+                    read_any = read_any or item is not EMPTY
+                    yield item
                 skip = 0
-            empty_laps = 0 if produced else empty_laps + 1
-            if empty_laps >= 2:
-                raise DataError(f"none of the {len(order)} shards yields a sample: {self.shards.urls[:3]}...")
+            laps_without_a_sample = 0 if read_any else laps_without_a_sample + 1
+            if laps_without_a_sample >= 2:
+                raise DataError(
+                    f"none of the {len(order)} shards yields a sample with an image member "
+                    f"(the first: {self.shards.urls[0]})"
+                )
 
-
-def _tar_samples(url: str) -> Iterator[dict]:
-    with contextlib.closing(wds.gopen(url)) as stream:
-        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-        yield from wds.tariterators.group_by_keys(files)
+    def _positions(self, shard: int, skip: int) -> Iterator[dict | _Empty]:
+        """Positions ``skip`` .. planned - 1 of one shard: its samples, cut at the planned
+        count, then EMPTY for what it lacks. Before handing on its last planned sample, a
+        reader looks for one more, so whoever reads a shard to its planned end learns the
+        true count; a difference is recorded once per shard."""
+        url, planned = self.shards.urls[shard], self.shards.counts[shard]
+        found, last, broken = 0, None, False
+        samples = tar_samples(url)
+        try:
+            for sample in samples:
+                found += 1
+                if found > planned:  # more than planned: count the rest, once
+                    found += 0 if shard in self.reported else sum(1 for _ in samples)
+                    break
+                if found == planned and found > skip:
+                    last = sample  # handed on once the shard's end is known
+                elif found > skip:
+                    yield sample
+        except Exception as e:  # missing, truncated or not a tar: skip the rest of it
+            broken = True
+            self._unreadable += 1
+            log.warning("skipping the rest of unreadable shard %s (after %d samples): %s", url, found, e)
+        finally:
+            samples.close()
+        if not broken and found != planned and shard not in self.reported:
+            self.reported.add(shard)
+            self._miscounted.append((shard, planned, found))
+        if last is not None:
+            yield last
+        yield from itertools.repeat(EMPTY, planned - max(skip, found) if found < planned else 0)
 
 
 # --------------------------------------------------------------------------- the loader
@@ -337,18 +314,26 @@ class Loader:
         device: torch.device,
         worker_init_fn: Callable[[int], None] | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
+        first_to_report: Callable[[str], bool] = lambda shard: True,
     ):
         self.stream = stream
         self.worker_init_fn = worker_init_fn  # runs first in each worker process (a picklable callable)
+        # Whether this process is the first of the run to find the count of a shard wrong
+        # (the others record it for the summary without logging it again).
+        self.first_to_report = first_to_report
         self.workers = stream.cfg.workers
         self.device = device
         self.memory_format = memory_format
         self.steps_per_epoch = stream.steps
-        self.corrupt_samples = 0  # totals over this process's life, for the log
+        # Totals over this process's life, for the log and the run's summary.
+        self.corrupt_samples = 0
+        self.empty_positions = 0
         self.corrupt_shards = 0
+        self.miscounted: dict[str, dict[str, int]] = {}  # shard name -> {"planned", "found"}
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.stream.epoch, self.stream.start_batch = epoch, start_batch
+        self.stream.corrupt_to_log = max(0, MAX_LOGGED_CORRUPT - self.corrupt_samples)
         loader = DataLoader(
             self.stream,
             batch_size=None,
@@ -361,14 +346,45 @@ class Loader:
             # seed themselves from (seed, epoch, rank, slot) and ignore it anyway).
             generator=torch.Generator().manual_seed(0),
         )
-        for expected, (images, labels, index, bad_samples, bad_shards) in enumerate(loader, start_batch):
-            if index != expected:  # the round-robin order the plan relies on did not hold
-                raise RuntimeError(f"data order broken: got batch {index}, expected {expected}")
-            self.corrupt_samples += bad_samples
-            self.corrupt_shards += bad_shards
-            images = images.to(self.device, non_blocking=True)
-            images = images.to(torch.float32, memory_format=self.memory_format).div_(127.5).sub_(1.0)
-            yield images, labels.to(self.device, non_blocking=True)
+        batches = iter(loader)
+        try:
+            for expected, batch in enumerate(batches, start_batch):
+                if batch.index != expected:  # the round-robin order the plan relies on did not hold
+                    raise RuntimeError(f"data order broken: got batch {batch.index}, expected {expected}")
+                self._note(batch)
+                images = batch.images.to(self.device, non_blocking=True)
+                images = images.to(torch.float32, memory_format=self.memory_format).div_(127.5).sub_(1.0)
+                yield images, batch.labels.to(self.device, non_blocking=True)
+        finally:
+            # Workers go on every exit path, an exception included. Left to the iterator's
+            # __del__, they would outlive a traceback that references it, and at exit
+            # multiprocessing would join them forever (they ignore the stop signals).
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _note(self, batch: Batch) -> None:
+        self.corrupt_samples += batch.corrupt
+        self.empty_positions += batch.empty
+        self.corrupt_shards += batch.unreadable_shards
+        shards = self.stream.shards
+        for shard, planned, found in batch.miscounted:
+            self.stream.reported.add(shard)
+            name = shard_name(shards.urls[shard])
+            if name in self.miscounted:
+                continue  # another worker reached the same shard's end
+            self.miscounted[name] = {"planned": planned, "found": found}
+            if not self.first_to_report(name):
+                continue
+            cost = (
+                f"its last {planned - found} planned positions are filled with other samples of the epoch (repeats)"
+                if found < planned
+                else f"{found - planned} of its samples are never read"
+            )
+            log.warning(
+                "shard %s holds %d samples, not the %d planned (%s): %s; %s",
+                shards.urls[shard], found, planned, shards.counted_by, cost, shards.fix,
+            )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- whole sets
@@ -388,7 +404,7 @@ def read_images(
     bar = progress(range(total), total, desc=f"reading {total} real images", unit="img", log=log)
     for url in shards.urls:
         try:
-            for sample in _tar_samples(url):
+            for sample in tar_samples(url):
                 try:
                     images.append(decode_sample(sample, channels, image_size))
                     labels.append(sample_label(sample))

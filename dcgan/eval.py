@@ -30,7 +30,7 @@ from torch import nn
 
 from dcgan import checkpoint, distributed
 from dcgan.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig, build_section
-from dcgan.data import read_images, resolve_shards
+from dcgan.data import read_images
 from dcgan.distributed import DistInfo
 from dcgan.features import (
     FeaturesError,
@@ -44,6 +44,7 @@ from dcgan.features import (
 from dcgan.logs import setup_logging
 from dcgan.models import build_models, sample_latent
 from dcgan.scores import quality_scores
+from dcgan.shardset import first_image_size, resolve_shards
 
 log = logging.getLogger("dcgan.eval")
 
@@ -297,7 +298,7 @@ def train_features_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-real", type=int, default=10000, help="real images whose features are saved")
     parser.add_argument("--channels", type=int, default=0, help="default: the manifest's, else 3")
-    parser.add_argument("--image-size", type=int, default=0, help="default: the manifest's")
+    parser.add_argument("--image-size", type=int, default=0, help="default: the manifest's, else the first image's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
@@ -307,13 +308,11 @@ def train_features_main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"dcgan.eval train-features: --shards: {str(e).removeprefix('data.shards: ')}", file=sys.stderr)
         return 2
-    manifest = {}
-    if Path(args.shards).is_dir():
-        manifest = json.loads((Path(args.shards) / "manifest.json").read_text())
-    channels = args.channels or manifest.get("channels") or 3
-    image_size = args.image_size or manifest.get("image_size") or 0
+    channels = args.channels or shard_set.channels or 3
+    width, height = first_image_size(shard_set) or (0, 0)
+    image_size = args.image_size or (width if width == height else 0)
     if not image_size:
-        print("dcgan.eval train-features: --image-size: the shards have no manifest; give the size", file=sys.stderr)
+        print("dcgan.eval train-features: --image-size: the shards' size is not known; give it", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.shards) / DEFAULT_FEATURES_NAME
     device = torch.device(

@@ -1,4 +1,5 @@
-"""python -m dcgan.shards SOURCE OUT_DIR: images -> webdataset tar shards + manifest.json.
+"""python -m dcgan.shards SOURCE OUT_DIR: images -> webdataset tar shards + manifest.json;
+python -m dcgan.shards index FOLDER: a manifest.json for shards another tool wrote.
 
 SOURCE is one of
   * a folder of images, searched recursively, any format PIL reads; the first level of
@@ -15,11 +16,18 @@ is shuffled first (``--seed``) so every shard holds a mix of classes. ``--size S
 resizes the shorter side to S and centre-crops S x S, as the seeds' transforms do, so
 training decodes small images and never resizes. Unreadable images are named, counted
 and skipped. ``manifest.json`` is written last: a folder without one is unfinished.
+
+``index FOLDER`` reads every shard in FOLDER (img2dataset's, webdataset's ShardWriter's,
+plain tar's), in parallel, and writes ``FOLDER/manifest.json`` with the samples of each
+shard and the image size and channels found in the data (fields of an existing manifest
+that it does not count, such as ``classes``, are kept). Training then plans with true
+counts; see dcgan/shardset.py for what counts as a sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
 import json
@@ -28,7 +36,8 @@ import multiprocessing
 import os
 import re
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,14 +47,11 @@ from PIL import Image
 
 from dcgan.fileio import write_atomic
 from dcgan.progress import progress
+from dcgan.shardset import GREY_MODES, MANIFEST, convert_image, image_member, index_command, open_image, tar_files
 
 log = logging.getLogger("dcgan.shards")
 
-MANIFEST = "manifest.json"
 SHARD_PATTERN = "shard-%06d.tar"
-# Member suffixes the data pipeline decodes, in order of preference (a tuple: a set's
-# order would change with each process's string hashing).
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "npy")
 
 
 class SourceError(ValueError):
@@ -223,9 +229,9 @@ def encode_item(item: Item, opts: EncodeOptions) -> Encoded:
     try:
         if item.path is not None:
             with Image.open(item.path) as opened:
-                img = opened.convert("L" if opts.channels == 1 else "RGB")
+                img = convert_image(opened, opts.channels)
         else:
-            img = Image.fromarray(item.pixels).convert("L" if opts.channels == 1 else "RGB")
+            img = convert_image(Image.fromarray(item.pixels), opts.channels)
         if opts.size is not None:
             img = resize_center_crop(img, opts.size)
         buf = io.BytesIO()
@@ -334,11 +340,129 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         p.unlink()
 
 
+# --------------------------------------------------------------------------- indexing other writers' shards
+
+
+@dataclass
+class ShardCount:
+    """What ``count_shard`` found in one shard."""
+
+    name: str
+    samples: int = 0  # groups with an image member: what the reader will read
+    sizes: Counter = field(default_factory=Counter)  # (width, height) -> images
+    grey: int = 0  # images with one channel of pixels
+    unopenable: int = 0  # image members that do not open (counted: the reader skips them as corrupt)
+    not_samples: int = 0  # groups with no image member (not counted, never read)
+    suffixes: set[str] = field(default_factory=set)  # the members of those groups
+    error: str = ""  # why the shard could not be read to its end
+
+
+def count_shard(path: str) -> ShardCount:
+    """Count the samples of one shard and note each image's size and channels (from the
+    image header: nothing is decoded)."""
+    found = ShardCount(Path(path).name)
+    try:
+        with contextlib.closing(wds.gopen(path)) as stream:
+            files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}])
+            for group in wds.tariterators.group_by_keys(files):
+                member = image_member(group)
+                if member is None:
+                    found.not_samples += 1
+                    found.suffixes.update(k for k in group if not k.startswith("__"))
+                    continue
+                found.samples += 1
+                try:
+                    with open_image(group[member], member) as image:
+                        found.sizes[image.size] += 1
+                        found.grey += image.mode in GREY_MODES
+                except Exception:  # PIL raises many types; all mean "this image will not decode"
+                    found.unopenable += 1
+    except Exception as e:  # truncated, not a tar, unreadable: the samples before the damage count
+        found.error = f"{type(e).__name__}: {e}"
+    return found
+
+
+def index_manifest(folder: Path, found: list[ShardCount], old: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of counted shards; fields of ``old`` that counting does not give are kept."""
+    sizes = sum((f.sizes for f in found), Counter())
+    (only,) = sizes if len(sizes) == 1 else (None,)
+    opened = sum(sizes.values())
+    return {
+        **old,
+        "format_version": 1,
+        "shards": [f.name for f in found],
+        "shard_samples": [f.samples for f in found],
+        "samples": sum(f.samples for f in found),
+        "image_size": only[0] if only and only[0] == only[1] else None,
+        "channels": 1 if opened and sum(f.grey for f in found) == opened else 3,
+        "image_sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(10)},
+        "indexed_by": index_command(folder),
+    }
+
+
+def index_folder(folder: Path, workers: int) -> dict[str, Any]:
+    """Count every shard in ``folder`` and write its manifest.json; returns the manifest."""
+    if not folder.is_dir():
+        raise SourceError(f"{folder}: not a folder")
+    tars = tar_files(folder)
+    if not tars:
+        raise SourceError(f"{folder}: no shards (.tar, .tar.gz, .tgz) in it")
+    paths = [str(t) for t in tars]
+    pool = multiprocessing.get_context("fork").Pool(min(workers, len(paths))) if workers > 1 else None
+    try:
+        counted = pool.imap(count_shard, paths) if pool else map(count_shard, paths)
+        found = list(progress(counted, len(paths), "counting samples", "shards", log))
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    if not any(f.samples for f in found):
+        seen = sorted(set().union(*(f.suffixes for f in found)))
+        raise SourceError(
+            f"{folder}: no shard holds an image member ({', '.join(s.rsplit('.', 1)[-1] for s in seen[:10]) or 'none'} "
+            "found; images are read from members ending in png, jpg, jpeg, webp, npy and the other formats of "
+            "dcgan/shardset.py)"
+        )
+    old_path = folder / MANIFEST
+    old = json.loads(old_path.read_text()) if old_path.exists() else {}
+    manifest = index_manifest(folder, found, old)
+    write_atomic(old_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    _report_index(found, old)
+    return manifest
+
+
+def _report_index(found: list[ShardCount], old: dict[str, Any]) -> None:
+    """Warnings for what training will skip, and the counts that changed."""
+    for f in found:
+        if f.error:
+            log.warning(
+                "%s: unreadable after %d samples (%s); training reads those %d", f.name, f.samples, f.error, f.samples
+            )
+        if f.unopenable:
+            log.warning("%s: %d image(s) do not open; training skips them as corrupt", f.name, f.unopenable)
+        if f.not_samples:
+            log.warning(
+                "%s: %d group(s) with no image member (%s) are not samples: not counted, never read",
+                f.name, f.not_samples, ", ".join(sorted(f.suffixes)[:5]),
+            )  # fmt: skip
+    before = dict(zip(old.get("shards", []), old.get("shard_samples", [])))
+    changed = [f"{f.name} {before[f.name]} -> {f.samples}" for f in found if before.get(f.name, f.samples) != f.samples]
+    if changed:
+        log.warning("manifest.json counts corrected for %d shard(s): %s", len(changed), "; ".join(changed[:10]))
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dcgan.shards", description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["index"]:
+        return index_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m dcgan.shards",
+        description=__doc__.split("\n")[0],
+        epilog="Shards written by another tool (img2dataset, webdataset): python -m dcgan.shards index FOLDER",
+    )
     parser.add_argument("source", type=Path, help="image folder, IDX file or folder, .npy or .npz")
     parser.add_argument("out_dir", type=Path, help="folder for shard-NNNNNN.tar and manifest.json")
     parser.add_argument("--size", type=int, help="resize shorter side + centre crop to SIZE x SIZE")
@@ -382,6 +506,30 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir,
         manifest["skipped"],
     )
+    return 0
+
+
+def index_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dcgan.shards index",
+        description="Count the samples of every shard in FOLDER (written by any tool: img2dataset, webdataset's "
+        "ShardWriter, tar) and write FOLDER/manifest.json with the counts, image size and channels, which "
+        "training plans with.",
+    )
+    parser.add_argument("folder", type=Path, help="folder of .tar shards")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="shards read in parallel")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        manifest = index_folder(args.folder, max(1, args.workers))
+    except SourceError as e:
+        print(f"dcgan.shards index: error: {e}", file=sys.stderr)
+        return 2
+    size = f"{manifest['image_size']}px" if manifest["image_size"] else "sizes " + ", ".join(manifest["image_sizes"])
+    log.info(
+        "wrote %s: %d samples in %d shards, %s, %d channel(s)",
+        args.folder / MANIFEST, manifest["samples"], len(manifest["shards"]), size, manifest["channels"],
+    )  # fmt: skip
     return 0
 
 

@@ -28,13 +28,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dcgan import checkpoint, distributed
 from dcgan.checkpoint import TrainState
 from dcgan.config import Config, ConfigError, load_config, save_config
-from dcgan.data import Loader, ShardSet, ShardStream, derive_seed, resolve_shards, steps_per_epoch
+from dcgan.data import Loader, ShardStream, derive_seed, steps_per_epoch
 from dcgan.distributed import DistInfo
 from dcgan.eval import Evaluator, check_eval_config, choose_extractor, eval_mode_sampler, format_scores
 from dcgan.fileio import write_atomic
 from dcgan.logs import LOG_DATE_FORMAT, log_format, setup_logging
 from dcgan.models import build_models, ema_copy, sample_latent, update_ema
 from dcgan.preemption import EXIT_PREEMPTED, StopRequest, ignore_in_worker
+from dcgan.shardset import ShardSet, resolve_shards
 from dcgan.sync_batchnorm import convert_sync_batchnorm
 from dcgan.tracking import Tracker
 

@@ -12,7 +12,8 @@ import webdataset as wds
 
 from conftest import make_shards
 from dcgan.config import AugmentConfig, ConfigError, DataConfig
-from dcgan.data import DataError, Loader, ShardStream, augment_batch, resolve_shards
+from dcgan.data import DataError, Loader, ShardStream, augment_batch
+from dcgan.shardset import resolve_shards
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +132,13 @@ def test_pickles_in_shards_are_never_loaded(tmp_path, real_images):
 
     Image.fromarray(real_images[0][0]).save(png, format="PNG")
     samples = [{"__key__": f"{i:04d}", "png": png.getvalue(), "pth": pickle.dumps(Evil())} for i in range(8)]
-    samples += [{"__key__": "9999", "pth": pickle.dumps(Evil())}]  # no image at all: corrupt
+    samples += [{"__key__": "9998", "pth": pickle.dumps(Evil())}]  # no image member: not a sample
+    samples += [{"__key__": "9999", "png": b"\x89PNG\r\n\x1a\n garbage", "pth": pickle.dumps(Evil())}]  # corrupt
     write_tar(tmp_path / "shard-000000.tar", samples)
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": ["shard-000000.tar"], "shard_samples": [9]}))
     loader = make_loader(tmp_path, batch_size=9, workers=0)
     batches = epoch_labels(loader, 0)
-    assert len(batches[0]) == 9 and loader.corrupt_samples == 1
+    assert len(batches[0]) == 9 and loader.corrupt_samples == 1 and loader.miscounted == {}
     assert not marker.exists()
 
 
@@ -149,11 +151,17 @@ def test_brace_patterns_and_pipe_urls(tmp_path, indexed_shards):
     alone.mkdir()
     for tar in indexed_shards.glob("*.tar"):
         (alone / tar.name).write_bytes(tar.read_bytes())
-    with pytest.raises(ConfigError, match="set data.samples_per_shard"):
+    with pytest.raises(ConfigError, match=f"count them once with `python -m dcgan.shards index {alone}`"):
         make_loader(f"{alone}/shard-{{000000..000002}}.tar")
+    # pipe: URLs need data.samples_per_shard; a wrong guess is found out and reported
     piped = make_loader(f"pipe:cat {alone}/shard-{{000000..000002}}.tar", samples_per_shard=32, workers=1)
     labels = sum(epoch_labels(piped, 0), [])
-    assert len(labels) == 96 and len(set(labels)) >= 90  # counts were a guess: a few repeats are allowed
+    assert len(labels) == 96 and len(set(labels)) == 32 + 32 + 16  # cut at 32, and 16 short
+    assert piped.miscounted == {
+        "shard-000000.tar": {"planned": 32, "found": 40},
+        "shard-000001.tar": {"planned": 32, "found": 40},
+        "shard-000002.tar": {"planned": 32, "found": 16},
+    }
 
 
 def test_augmentation_is_the_seeds_and_reproducible(real_images):

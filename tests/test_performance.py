@@ -9,9 +9,10 @@ import torch
 
 from conftest import run_module, run_python, write_config
 from dcgan.config import load_config
-from dcgan.data import Loader, ShardStream, resolve_shards
+from dcgan.data import Loader, ShardStream
 from dcgan.distributed import DistInfo
 from dcgan.models import build_models
+from dcgan.shardset import resolve_shards
 from dcgan.train import build_training, gan_step, memory_format
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

@@ -1,0 +1,301 @@
+"""What ``data.shards`` names: the shard URLs, how many samples each holds, and the set's identity.
+
+``data.shards`` is a folder of tar shards, a brace pattern
+(``data/x/shard-{000000..000009}.tar``) or ``pipe:`` / URL shards. The reader plans every
+epoch from the per-shard sample counts (``dcgan/data.py``), so they must be known before
+any process starts. They come from, in order:
+
+1. ``manifest.json``, written by ``python -m dcgan.shards`` and by
+   ``python -m dcgan.shards index FOLDER``, in the folder or beside the pattern's files;
+2. the writer's own records: img2dataset's ``NNNNN_stats.json`` (``successes``) beside
+   every ``NNNNN.tar``;
+3. ``data.samples_per_shard``, a guess for every shard.
+
+Otherwise the error names the index command, which counts the samples of every shard.
+Whatever their source, the counts are a plan that the reader checks while it reads.
+
+A sample is a group of tar members with one key (webdataset's convention) that holds an
+image member: one of ``IMAGE_EXTENSIONS``, matched on the member's last suffix. Other
+members (``.txt``, ``.json``, ``.cls``) ride along; a group with no image member (a
+``.json`` alone) is not a sample and is neither counted nor read.
+
+``ShardSet.identity()`` (shard names and counts, and their short fingerprint) travels with
+every checkpoint, so a run is not resumed on other data by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from dcgan.config import ConfigError, DataConfig
+
+log = logging.getLogger("dcgan.data")
+
+MANIFEST = "manifest.json"
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Member suffixes read as images, in order of preference when a sample has several (a
+# tuple: a set's order would change with each process's string hashing). npy is uint8
+# pixels (H, W) or (H, W, C), read with allow_pickle=False; the others go through PIL.
+IMAGE_EXTENSIONS = (
+    "png", "jpg", "jpeg", "webp", "jfif", "jpe", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm", "tga", "npy",
+)  # fmt: skip
+_STATS_SUFFIX = "_stats.json"  # img2dataset writes NNNNN_stats.json beside NNNNN.tar
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]  # samples per shard: the plan the reader checks
+    counted_by: str  # where the counts come from, for messages: "manifest.json", "img2dataset's stats", ...
+    fix: str  # what gives true counts, as a phrase: the index command for local shards
+    image_size: int | None = None  # square size of every image, when known
+    channels: int | None = None  # 1 or 3, when known
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(shard_name(url) for url in self.urls)
+
+    def identity(self) -> dict[str, Any]:
+        """Shard names, counts and their fingerprint: saved with every checkpoint."""
+        names, counts = list(self.names), list(self.counts)
+        digest = hashlib.sha256(json.dumps([names, counts]).encode()).hexdigest()[:16]
+        return {"fingerprint": digest, "samples": self.total, "shards": names, "counts": counts}
+
+
+def shard_name(url: str) -> str:
+    """A shard's name without its folder or bucket: the same data moved elsewhere keeps it."""
+    found = re.findall(r"[^/\s'\"]+\.(?:tar\.gz|tar|tgz)\b", url)
+    return found[-1] if found else url
+
+
+def describe_change(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """What differs between two ``ShardSet.identity()`` values, in one line (None: the same)."""
+    if saved["fingerprint"] == now["fingerprint"]:
+        return None
+    before, after = dict(zip(saved["shards"], saved["counts"])), dict(zip(now["shards"], now["counts"]))
+    parts = [
+        f"{len(before)} shards / {saved['samples']} samples then, {len(after)} / {now['samples']} now "
+        f"(fingerprint {saved['fingerprint']} -> {now['fingerprint']})"
+    ]
+    for label, names in (
+        ("added", [n for n in after if n not in before]),
+        ("removed", [n for n in before if n not in after]),
+    ):
+        if names:
+            parts.append(f"{label} {_some(names)}")
+    changed = [f"{n} {before[n]} -> {after[n]}" for n in after if n in before and before[n] != after[n]]
+    if changed:
+        parts.append(f"counts changed: {_some(changed)}")
+    if len(parts) == 1:
+        parts.append("same shards and counts in another order")
+    return "; ".join(parts)
+
+
+def _some(items: list[str], shown: int = 3) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+# --------------------------------------------------------------------------- resolving data.shards
+
+
+def resolve_shards(cfg: DataConfig) -> ShardSet:
+    """Turn ``data.shards`` into shard URLs and counts; ConfigError names what is wrong."""
+    spec = cfg.shards.strip()
+    if not spec:
+        raise ConfigError("data.shards: not set (a folder of .tar shards, a brace pattern, or pipe: URLs)")
+    if spec.startswith("pipe:") or "://" in spec:
+        return _remote(spec, cfg)
+    path = Path(spec)
+    if "{" not in spec and not path.exists():
+        raise ConfigError(f"data.shards: {spec} does not exist")
+    if path.is_dir():
+        return _folder(path, cfg)
+    if path.name == MANIFEST:
+        return _from_manifest(path)
+    urls = wds.shardlists.expand_urls(spec)
+    for url in urls:
+        if not Path(url).is_file():
+            raise ConfigError(f"data.shards: shard {url} does not exist")
+    folders = {str(Path(u).parent) for u in urls}
+    folder = folders.pop() if len(folders) == 1 else "FOLDER"
+    beside = Path(urls[0]).parent / MANIFEST
+    if beside.exists():
+        listed = _from_manifest(beside)
+        by_name = dict(zip(listed.names, listed.counts))
+        if all(Path(u).name in by_name for u in urls):
+            counts = tuple(by_name[Path(u).name] for u in urls)
+            return ShardSet(tuple(urls), counts, str(beside), listed.fix, listed.image_size, listed.channels)
+    return _counted(urls, cfg, spec, folder)
+
+
+def index_command(folder: str | Path) -> str:
+    return f"python -m dcgan.shards index {folder}"
+
+
+def fix_phrase(folder: str | Path) -> str:
+    return f"`{index_command(folder)}` writes the true counts"
+
+
+def _folder(folder: Path, cfg: DataConfig) -> ShardSet:
+    tars = tar_files(folder)
+    if (folder / MANIFEST).exists():
+        shard_set = _from_manifest(folder / MANIFEST)
+        unlisted = sorted(set(p.name for p in tars) - set(shard_set.names))
+        if unlisted:
+            log.warning(
+                "%s: %d shard(s) not in %s are not read (%s); `%s` lists every shard",
+                folder, len(unlisted), MANIFEST, _some(unlisted), index_command(folder),
+            )  # fmt: skip
+        return shard_set
+    if not tars:
+        raise ConfigError(f"data.shards: {folder} holds no {MANIFEST} and no shards ({', '.join(TAR_SUFFIXES)})")
+    return _counted([str(p) for p in tars], cfg, str(folder), folder)
+
+
+def tar_files(folder: Path) -> list[Path]:
+    """The shards in ``folder`` (not its sub-folders), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(TAR_SUFFIXES))
+
+
+def _counted(urls: list[str], cfg: DataConfig, spec: str, folder: str | Path) -> ShardSet:
+    """Counts for local shards with no manifest: the writer's records, else the setting."""
+    counts, why_not = img2dataset_counts(urls)
+    fix = fix_phrase(folder)
+    if counts is not None:
+        return ShardSet(tuple(urls), counts, "img2dataset's *_stats.json", fix)
+    if cfg.samples_per_shard > 0:
+        return ShardSet(tuple(urls), (cfg.samples_per_shard,) * len(urls), "data.samples_per_shard", fix)
+    raise ConfigError(
+        f"data.shards: {spec}: the samples in each shard are unknown ({why_not}); count them once with "
+        f"`{index_command(folder)}`, which writes manifest.json"
+    )
+
+
+def _remote(spec: str, cfg: DataConfig) -> ShardSet:
+    urls = wds.shardlists.expand_urls(spec)
+    fix = "set data.samples_per_shard to the true count (or index a local copy: python -m dcgan.shards index)"
+    if cfg.samples_per_shard <= 0:
+        raise ConfigError(
+            f"data.shards: {spec!r} names remote shards with no manifest; set data.samples_per_shard (samples in "
+            "each shard) so every rank can plan the same number of steps"
+        )
+    return ShardSet(tuple(urls), (cfg.samples_per_shard,) * len(urls), "data.samples_per_shard", fix)
+
+
+def _from_manifest(path: Path) -> ShardSet:
+    try:
+        manifest = json.loads(path.read_text())
+        names, counts = manifest["shards"], manifest["shard_samples"]
+        if len(names) != len(counts):
+            raise ValueError("'shards' and 'shard_samples' differ in length")
+        if not all(isinstance(c, int) and c >= 0 for c in counts):
+            raise ValueError("'shard_samples' must be counts (integers >= 0)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"data.shards: {path} is not a valid manifest: {e!r}") from None
+    urls = tuple(str(path.parent / name) for name in names)
+    for url in urls:
+        if not Path(url).exists():
+            raise ConfigError(f"data.shards: shard {url} (listed in {path}) does not exist")
+    if not urls or sum(counts) == 0:
+        raise ConfigError(f"data.shards: {path} lists no samples")
+    fix = fix_phrase(path.parent)
+    return ShardSet(urls, tuple(counts), str(path), fix, manifest.get("image_size"), manifest.get("channels"))
+
+
+def img2dataset_counts(urls: list[str]) -> tuple[tuple[int, ...] | None, str]:
+    """Every shard's ``successes`` from img2dataset's ``NNNNN_stats.json`` beside it, or
+    (None, why not): a shard without its record (img2dataset writes it when the shard is
+    complete) makes the records unusable for the whole set."""
+    counts = []
+    for url in urls:
+        tar = Path(url)
+        stats = tar.with_name(tar.name.split(".")[0] + _STATS_SUFFIX)
+        try:
+            counts.append(int(json.loads(stats.read_text())["successes"]))
+        except FileNotFoundError:
+            return None, f"no manifest.json, and {tar.name} has no {stats.name} beside it"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return None, f"{stats} is unreadable: {e!r}"
+    return tuple(counts), ""
+
+
+# --------------------------------------------------------------------------- reading samples
+
+
+def image_member(sample: dict[str, Any]) -> str | None:
+    """The key of ``sample``'s image member (its last suffix in IMAGE_EXTENSIONS), or None."""
+    found = {}
+    for key in sample:
+        if not key.startswith("__"):
+            found.setdefault(key.rsplit(".", 1)[-1], key)
+    return next((found[ext] for ext in IMAGE_EXTENSIONS if ext in found), None)
+
+
+def tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, in order: groups of members with one key that hold an image."""
+    with contextlib.closing(wds.gopen(url)) as stream:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+        for sample in wds.tariterators.group_by_keys(files):
+            if image_member(sample) is not None:
+                yield sample
+
+
+def open_image(data: bytes, member: str) -> Image.Image:
+    """The image of a member's bytes (``npy``: uint8 pixels; anything else: PIL, lazily)."""
+    if member.rsplit(".", 1)[-1] != "npy":
+        return Image.open(io.BytesIO(data))
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"npy image must be uint8 (H,W) or (H,W,C) with C in 1, 3, 4; got {array.dtype} {array.shape}")
+    return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+
+
+# PIL modes with one channel of pixels (an alpha channel aside).
+GREY_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def convert_image(image: Image.Image, channels: int) -> Image.Image:
+    """``image`` as 8-bit grey (``channels`` 1) or RGB (3), whatever its mode: grey, RGBA,
+    palette, CMYK or 16-bit. Alpha is dropped, as torchvision's ImageFolder loader does."""
+    if image.mode.startswith("I;16"):  # PIL's convert("L") would clip these at 255 instead of scaling
+        image = Image.fromarray((np.asarray(image, dtype=np.uint32) * 255 + 32767) // 65535).convert("L")
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def first_image_size(shards: ShardSet) -> tuple[int, int] | None:
+    """(width, height) of the set's images: the manifest's square size, else the first image
+    of a local set's first shard (None when unknown: remote shards, nothing readable)."""
+    if shards.image_size is not None:
+        return shards.image_size, shards.image_size
+    url = shards.urls[0]
+    seen = None if url.startswith("pipe:") or "://" in url else peek_image(url)
+    return None if seen is None else seen[:2]
+
+
+def peek_image(url: str) -> tuple[int, int, str] | None:
+    """(width, height, PIL mode) of a shard's first image, or None when it has none that opens."""
+    try:
+        for sample in tar_samples(url):
+            member = image_member(sample)
+            with open_image(sample[member], member) as image:
+                return image.width, image.height, image.mode
+    except Exception:  # unreadable: the reader will say so, with the shard's name
+        return None
+    return None
