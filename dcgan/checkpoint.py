@@ -36,6 +36,7 @@ from torch import nn
 
 from dcgan.config import ConfigError
 from dcgan.fileio import write_atomic
+from dcgan.shardset import ShardSet, describe_change
 
 if TYPE_CHECKING:
     from dcgan.config import Config
@@ -67,8 +68,11 @@ class TrainState:
     best_fid: float | None = None  # lowest FID of the in-training evaluations so far
     best_fid_step: int = 0  # the step it was measured at (checkpoints/best.pt)
 
-    def state_dict(self, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
-        """Everything to restart from; ``rng`` holds one ``capture_rng_state()`` per rank."""
+    def state_dict(
+        self, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Everything to restart from; ``rng`` holds one ``capture_rng_state()`` per rank,
+        ``data`` the identity of the shards trained on (``ShardSet.identity()``)."""
         return {
             "format_version": FORMAT_VERSION,
             "step": self.step,
@@ -89,6 +93,7 @@ class TrainState:
             "best_fid": self.best_fid,
             "best_fid_step": self.best_fid_step,
             "config": config,
+            "data": data,  # also in the record, where the start-up checks read it without loading this file
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -189,15 +194,21 @@ class Saved(NamedTuple):
 
 
 class _HashingFile:
-    """A write-only file that hashes what passes through it (one pass over the bytes)."""
+    """A write-only file that hashes what passes through it (one pass over the bytes), and
+    keeps the first write error: torch.save reports it as "unexpected pos ..." otherwise."""
 
     def __init__(self, f):
         self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         self.sha256.update(data)
         self.bytes += len(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:  # a full disk, a quota, an I/O error
+            self.error = self.error or e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -205,7 +216,12 @@ class _HashingFile:
 
 def _save_hashed(state_dict: dict[str, Any], f) -> _HashingFile:
     hashed = _HashingFile(f)
-    torch.save(state_dict, hashed)
+    try:
+        torch.save(state_dict, hashed)
+    except RuntimeError:
+        if hashed.error is not None:
+            raise hashed.error from None
+        raise
     return hashed
 
 
@@ -235,7 +251,10 @@ def _write_with_record(state_dict: dict[str, Any], path: Path, step: int) -> int
     path.parent.mkdir(parents=True, exist_ok=True)
     record_path(path).unlink(missing_ok=True)  # a stale record must never vouch for new bytes
     written = write_atomic(path, lambda f: _save_hashed(state_dict, f))
-    record = {"file": path.name, "step": step, "bytes": written.bytes, "sha256": written.sha256.hexdigest()}
+    record = {
+        "file": path.name, "step": step, "bytes": written.bytes, "sha256": written.sha256.hexdigest(),
+        "data": state_dict.get("data"),
+    }  # fmt: skip
     write_atomic(record_path(path), lambda f: f.write(json.dumps(record).encode()))
     return written.bytes
 
@@ -301,8 +320,10 @@ def remove_temp_files(ckpt_dir: Path) -> list[Path]:
 KEPT_ON_OVERWRITE = ("train.log", "slurm")
 
 
-def check_resume_setting(cfg: Config) -> None:
-    """The parts of train.resume a user can get wrong, checked before any process starts."""
+def check_resume_setting(cfg: Config, shards: ShardSet) -> None:
+    """The parts of train.resume a user can get wrong, checked before any process starts:
+    a setting that does not fit the run folder, and a resume on other data than the
+    checkpoint's (read from its record; ``train()`` checks the checkpoint it loads again)."""
     existing = list_checkpoints(cfg.run_dir / "checkpoints")
     if cfg.train.resume == "never" and existing and not cfg.train.overwrite:
         raise ConfigError(
@@ -311,6 +332,28 @@ def check_resume_setting(cfg: Config) -> None:
         )
     if cfg.train.resume not in ("auto", "never") and not Path(cfg.train.resume).is_file():
         raise ConfigError(f"train.resume: {cfg.train.resume} is not a file")
+    candidate = Path(cfg.train.resume) if cfg.train.resume not in ("auto", "never") else None
+    if cfg.train.resume == "auto":
+        candidate = next((p for p in reversed(existing) if record_path(p).exists()), None)
+    if candidate is not None and record_path(candidate).exists():
+        try:
+            saved = json.loads(record_path(candidate).read_text()).get("data")
+        except (OSError, ValueError, AttributeError):
+            saved = None  # a damaged record: choose() sets that checkpoint aside, train() checks the one it loads
+        check_same_data(saved, shards, candidate, cfg.train.data_changed)
+
+
+def check_same_data(saved: dict[str, Any] | None, shards: ShardSet, path: Path, policy: str) -> str | None:
+    """ConfigError when ``path`` was trained on other shards than ``shards`` and ``policy``
+    (train.data_changed) is "refuse"; the change, in one line, when it is "continue";
+    None when the data is the same or the checkpoint predates data identities."""
+    change = describe_change(saved, shards.identity()) if saved else None
+    if change is not None and policy == "refuse":
+        raise ConfigError(
+            f"data.shards: not the data {path} was trained on: {change}. To resume on this data anyway: "
+            "train.data_changed=continue; for a new run: another train.name"
+        )
+    return change
 
 
 def settle_restart(cfg: Config, restart: int) -> str | None:

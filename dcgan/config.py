@@ -58,11 +58,12 @@ class AugmentConfig:
 class DataConfig:
     """Where the training images come from and how they are read."""
 
-    # A folder written by `python -m dcgan.shards` (holds manifest.json), a brace pattern
-    # such as "data/x/shard-{000000..000009}.tar", or "pipe:" URLs.
+    # A folder of .tar shards (written by `python -m dcgan.shards`, img2dataset or any
+    # webdataset writer), a brace pattern such as "data/x/shard-{000000..000009}.tar", or
+    # "pipe:" URLs. Per-shard counts: dcgan/shardset.py.
     shards: str = ""
-    # Samples in each shard; only needed when `shards` is a pattern with no manifest.json
-    # beside it (the last shard may hold fewer).
+    # Samples in each shard, for shards with no manifest.json and no writer's records
+    # (pipe: URLs); the reader reports every shard that holds another count.
     samples_per_shard: int = 0
     workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
     shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
@@ -145,6 +146,10 @@ class TrainConfig:
     resume: str = "auto"
     # With resume "never": wipe a run folder that already holds checkpoints (otherwise refused).
     overwrite: bool = False
+    # Resuming a checkpoint trained on other shards (other names or counts): "refuse"
+    # (exit 2, saying what changed) or "continue" (the epoch in progress goes on at the
+    # same fraction under the new data's plan, with a warning).
+    data_changed: Literal["refuse", "continue"] = "refuse"
     # Signals that mean "checkpoint and stop" (Slurm sends SIGTERM at the time limit and
     # the signal of --signal=... before it). Exit code then: dcgan.preemption.EXIT_PREEMPTED.
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])

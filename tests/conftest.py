@@ -151,3 +151,21 @@ def slurm_cluster(tmp_path_factory):
             else:
                 os.environ[key] = value
         subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=120)
+
+
+# --------------------------------------------------------------------------- img2dataset
+
+
+@pytest.fixture(scope="session")
+def img2dataset() -> str:
+    """The img2dataset command (scripts/test.sh installs it in .venv-img2dataset). Skipped
+    where it is missing, unless DCGAN_REQUIRE_IMG2DATASET=1 (.ci/run sets it)."""
+    import shutil
+
+    found = os.environ.get("DCGAN_IMG2DATASET") or shutil.which("img2dataset")
+    if found and Path(found).is_file():
+        return found
+    reason = "img2dataset is not installed (scripts/test.sh installs it in .venv-img2dataset)"
+    if os.environ.get("DCGAN_REQUIRE_IMG2DATASET") == "1":
+        pytest.fail(f"DCGAN_REQUIRE_IMG2DATASET=1 but {reason}")
+    pytest.skip(reason)

@@ -269,3 +269,42 @@ def test_explicit_checkpoint_overwrite_and_a_new_world_size(tmp_path, digit_shar
         "step_00000003.pt",
         "step_00000006.pt",
     ]
+
+
+def test_resuming_on_other_data_is_refused_unless_asked_for(tmp_path, digit_shards):
+    config = write_config(tmp_path / "data.yaml", digit_shards)
+    assert run_module("dcgan.train", "--config", str(config)).returncode == 0
+    run_dir = tmp_path / "runs" / "data"
+    identity = final_state(run_dir, 6)["data"]  # the shards' names, counts and fingerprint travel with it
+    record = json.loads(checkpoint.record_path(checkpoint.checkpoint_path(run_dir / "checkpoints", 6)).read_text())
+    assert record["data"] == identity and identity["samples"] == 512 and len(identity["fingerprint"]) == 16
+
+    fewer = tmp_path / "fewer"  # the same shards but the last
+    fewer.mkdir()
+    manifest = json.loads((digit_shards / "manifest.json").read_text())
+    for name in manifest["shards"][:-1]:
+        (fewer / name).symlink_to(digit_shards / name)
+    manifest.update(shards=manifest["shards"][:-1], shard_samples=manifest["shard_samples"][:-1])
+    (fewer / "manifest.json").write_text(json.dumps(manifest))
+    config_before = (run_dir / "config.yaml").read_text()
+
+    refused = run_module("dcgan.train", "--config", str(config), f"data.shards={fewer}", "train.steps=9")
+    assert refused.returncode == 2, refused.stderr
+    assert "6 shards / 512 samples then, 5 / 500 now" in refused.stderr and "removed shard-000005.tar" in refused.stderr
+    assert "train.data_changed=continue" in refused.stderr
+    assert (run_dir / "config.yaml").read_text() == config_before  # refused before anything started
+
+    # Without the record's copy the start-up check cannot tell; the loaded checkpoint still does.
+    record_file = checkpoint.record_path(checkpoint.checkpoint_path(run_dir / "checkpoints", 6))
+    record_file.write_text(json.dumps({k: v for k, v in record.items() if k != "data"}))
+    refused = run_module("dcgan.train", "--config", str(config), f"data.shards={fewer}", "train.steps=9")
+    assert refused.returncode == 2 and "removed shard-000005.tar" in refused.stderr, refused.stderr
+    assert (run_dir / "config.yaml").read_text() == config_before
+
+    go_on = run_module(
+        "dcgan.train", "--config", str(config), f"data.shards={fewer}", "train.steps=9", "train.data_changed=continue"
+    )
+    assert go_on.returncode == 0 and resumed_at(go_on.stderr) == 6, go_on.stderr
+    assert "the data changed (6 shards / 512 samples then, 5 / 500 now" in go_on.stderr
+    assert "epoch 0 goes on at batch 6 of 31 (was 6 of 32)" in go_on.stderr
+    assert final_state(run_dir, 9)["data"]["samples"] == 500

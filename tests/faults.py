@@ -1,0 +1,73 @@
+"""``python tests/faults.py --config ...``: dcgan.train with one failure injected, for
+tests/test_failures.py. Runs alone or under torchrun, like ``-m dcgan.train``.
+
+DCGAN_FAULT says which, and where (comma-separated; empty: none):
+  step:RANK:STEP          gan_step raises on RANK when it computes step STEP
+  stuck:RANK:STEP         gan_step blocks forever on RANK at step STEP, as a rank does that
+                          waits in a collective its peers never enter (NCCL waits on)
+  checkpoint-write        every checkpoint write fails part-way with ENOSPC (a full disk)
+  checkpoint-gather:RANK  RANK fails while it hands its RNG state to rank 0 for a checkpoint
+"""
+
+import errno
+import os
+import sys
+import time
+
+from dcgan import checkpoint, train
+
+
+def inject(fault: str, rank: int) -> None:
+    kind, *args = fault.split(":")
+    if kind in ("step", "stuck"):
+        target_rank, target_step = (int(a) for a in args)
+        real_step, calls = train.gan_step, [0]
+
+        def failing_step(*a, **kw):
+            calls[0] += 1
+            if rank == target_rank and calls[0] == target_step:
+                if kind == "stuck":
+                    print(f"faults.py: rank {rank} is stuck at step {target_step}", file=sys.stderr, flush=True)
+                    while True:
+                        time.sleep(1)
+                raise RuntimeError(f"injected fault in gan_step at step {target_step}")
+            return real_step(*a, **kw)
+
+        train.gan_step = failing_step
+    elif kind == "checkpoint-write":
+        real_init = checkpoint._HashingFile.__init__
+
+        class FullDisk:
+            """The checkpoint file, on a disk that fills up after 4 KiB."""
+
+            def __init__(self, f):
+                self.f, self.written = f, 0
+
+            def write(self, data):
+                self.written += len(data)
+                if self.written > 4096:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return self.f.write(data)
+
+            def flush(self):
+                self.f.flush()
+
+        checkpoint._HashingFile.__init__ = lambda self, f: real_init(self, FullDisk(f))
+    elif kind == "checkpoint-gather":
+        (target_rank,) = (int(a) for a in args)
+        real_capture = checkpoint.capture_rng_state
+
+        def failing_capture(device):
+            if rank == target_rank:
+                raise RuntimeError("injected fault while capturing the RNG state for a checkpoint")
+            return real_capture(device)
+
+        checkpoint.capture_rng_state = failing_capture
+    else:
+        raise SystemExit(f"faults.py: unknown DCGAN_FAULT {fault!r}")
+
+
+if __name__ == "__main__":
+    for fault in filter(None, os.environ.get("DCGAN_FAULT", "").split(",")):
+        inject(fault, int(os.environ.get("RANK", "0")))
+    sys.exit(train.main())
