@@ -241,6 +241,9 @@ def img2dataset_counts(urls: list[str]) -> tuple[tuple[int, ...] | None, str]:
 
 def image_member(sample: dict[str, Any]) -> str | None:
     """The key of ``sample``'s image member (its last suffix in IMAGE_EXTENSIONS), or None."""
+    for ext in IMAGE_EXTENSIONS:  # the usual case, a plain "png" / "jpg" member: no scan
+        if ext in sample:
+            return ext
     found = {}
     for key in sample:
         if not key.startswith("__"):
