@@ -273,6 +273,8 @@ class ShardStream(IterableDataset):
         reader looks for one more, so whoever reads a shard to its planned end learns the
         true count; a difference is recorded once per shard."""
         url, planned = self.shards.urls[shard], self.shards.counts[shard]
+        if planned == 0:
+            return  # nothing planned (the index found the shard empty or unreadable): not opened
         found, last, broken = 0, None, False
         samples = tar_samples(url)
         try:

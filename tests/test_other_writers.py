@@ -222,3 +222,20 @@ def test_full_size_images_without_a_manifest_are_flagged(tmp_path, real_images, 
     assert "the shards hold 64x64 images and model.image_size is 28" in caplog.text
     with pytest.raises(ConfigError, match="python -m dcgan.shards index"):
         check_config(str(config), ["data.samples_per_shard=0"], world_size=1)
+
+
+def test_a_shard_the_index_found_unreadable_is_left_out(tmp_path, numbered_shards):
+    folder = tmp_path / "s"
+    shutil.copytree(numbered_shards, folder)
+    (folder / "manifest.json").unlink()
+    (folder / "zz-broken.tar").write_bytes(b"not a tar file" * 100)
+    indexed = run_module("dcgan.shards", "index", str(folder), timeout=120)
+    assert indexed.returncode == 0 and "zz-broken.tar: unreadable after 0 samples" in indexed.stderr
+    assert json.loads((folder / "manifest.json").read_text())["shard_samples"] == [32, 32, 32, 32, 0]
+    cfg = DataConfig(shards=str(folder), workers=0, shuffle_buffer=8)
+    stream = ShardStream(
+        resolve_shards(cfg), cfg, rank=0, world_size=1, batch_size=8, image_size=28, channels=1, seed=0
+    )
+    loader = Loader(stream, torch.device("cpu"))
+    labels = [i for _, y in loader.epoch(0) for i in y.tolist()]
+    assert sorted(labels) == list(range(128)) and loader.corrupt_shards == 0  # never opened
