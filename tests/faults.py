@@ -1,4 +1,4 @@
-"""``python tests/faults.py --config ...``: dcgan.train with one failure injected, for
+"""``python tests/faults.py --config ...``: dcgan.train with failures injected, for
 tests/test_failures.py. Runs alone or under torchrun, like ``-m dcgan.train``.
 
 DCGAN_FAULT says which, and where (comma-separated; empty: none):
@@ -6,7 +6,6 @@ DCGAN_FAULT says which, and where (comma-separated; empty: none):
   stuck:RANK:STEP         gan_step blocks forever on RANK at step STEP, as a rank does that
                           waits in a collective its peers never enter (NCCL waits on)
   checkpoint-write        every checkpoint write fails part-way with ENOSPC (a full disk)
-  checkpoint-gather:RANK  RANK fails while it hands its RNG state to rank 0 for a checkpoint
 """
 
 import errno
@@ -53,16 +52,6 @@ def inject(fault: str, rank: int) -> None:
                 self.f.flush()
 
         checkpoint._HashingFile.__init__ = lambda self, f: real_init(self, FullDisk(f))
-    elif kind == "checkpoint-gather":
-        (target_rank,) = (int(a) for a in args)
-        real_capture = checkpoint.capture_rng_state
-
-        def failing_capture(device):
-            if rank == target_rank:
-                raise RuntimeError("injected fault while capturing the RNG state for a checkpoint")
-            return real_capture(device)
-
-        checkpoint.capture_rng_state = failing_capture
     else:
         raise SystemExit(f"faults.py: unknown DCGAN_FAULT {fault!r}")
 

@@ -1,9 +1,10 @@
 """Every failure ends every process of a run within seconds, with one line that says what
 failed and where (dcgan/failure.py). Faults are injected into real runs, with two
 DataLoader workers per process, alone and under a 2-rank torchrun: undecodable data, an
-exception in a step, a full disk under a checkpoint write, a rank failing inside a
-checkpoint, and a DataLoader worker killed as the OOM killer would. Each run must exit
-non-zero within DEADLINE_S, and no process (rank, worker, launcher) may be left behind."""
+exception in a step, a full disk under a checkpoint write, a DataLoader worker killed as
+the OOM killer would, a rank stuck in a collective, and a rank killed outright. Each run
+must exit non-zero within DEADLINE_S, and no process (rank, worker, launcher) may be left
+behind."""
 
 import json
 import os
@@ -124,29 +125,17 @@ def test_full_disk_under_the_final_checkpoint(tmp_path, digit_shards, nproc):
     assert not list(ckpt_dir.iterdir())  # no temp file, no half checkpoint
 
 
-def test_rank_failing_inside_a_checkpoint_ends_rank_0(tmp_path, digit_shards):
-    result, seconds = run_with_fault(tmp_path, digit_shards, "checkpoint-gather:1", 2)
-    assert seconds < DEADLINE_S
-    line = "rank 1 failed (checkpoint at step 3): RuntimeError: injected fault while capturing the RNG state"
-    assert line in result.stderr and f"stopping rank 0: {line}" in result.stderr
-
-
-@TORCHRUN
-def test_killed_dataloader_worker_ends_the_run(tmp_path, digit_shards, nproc):
+def test_killed_dataloader_worker_ends_the_run(tmp_path, digit_shards):
     config = write_config(tmp_path / "long.yaml", digit_shards, data={"workers": 2}, train={"steps": 100000})
     marker = uuid.uuid4().hex
     log = tmp_path / "long.log"
-    proc = start_python("-m", "dcgan.train", "--config", str(config), nproc=nproc, log=log,
-                        env={"DCGAN_TEST_MARK": marker})  # fmt: skip
+    proc = start_python("-m", "dcgan.train", "--config", str(config), log=log, env={"DCGAN_TEST_MARK": marker})
     try:
         deadline = time.monotonic() + 120
-        ranks = [proc.pid]
         worker = None
         while worker is None:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            if nproc:
-                ranks = children(proc.pid)
-            workers = [k for r in ranks for k in children(r) if is_rank_copy(k)]
+            workers = [k for k in children(proc.pid) if is_rank_copy(k)]
             worker = workers[0] if workers and "step 2/" in log.read_text() else None
             time.sleep(0.05)
         os.kill(worker, signal.SIGKILL)
@@ -160,8 +149,6 @@ def test_killed_dataloader_worker_ends_the_run(tmp_path, digit_shards, nproc):
     assert proc.returncode != 0 and seconds < DEADLINE_S
     # torch says either, depending on where it notices: its SIGCHLD handler or its queue timeout
     assert re.search(rf"RuntimeError: DataLoader worker \(pid(\(s\))? {worker}\) (is killed by signal|exited)", text)
-    if nproc:
-        assert "stopping rank" in text  # the other rank did not wait for it
 
 
 def test_a_rank_stuck_in_a_collective_is_ended_when_a_peer_fails(tmp_path, digit_shards):
