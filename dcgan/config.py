@@ -27,6 +27,32 @@ class ConfigError(ValueError):
     """A bad key or value; the message names the key (and the file, once known)."""
 
 
+class Scalar(typing.NamedTuple):
+    """A plain YAML scalar that YAML reads as something other than a string (``1.10``,
+    ``0755``, ``12:30``, ``yes``): its value and the text it was written as. A setting
+    typed ``str`` takes the text, so ``train.name=1.10`` names the run ``1.10``."""
+
+    value: Any
+    text: str
+
+
+class _TextKeepingLoader(yaml.SafeLoader):
+    """yaml.SafeLoader, except that plain scalars read as numbers, booleans or dates come
+    back as ``Scalar`` (value and source text)."""
+
+    def construct_object(self, node, deep=False):
+        value = super().construct_object(node, deep)
+        plain = isinstance(node, yaml.ScalarNode) and node.style is None
+        if plain and value is not None and not isinstance(value, str):
+            return Scalar(value, node.value)
+        return value
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML (safe: no arbitrary objects) keeping the text of non-string scalars (``Scalar``)."""
+    return yaml.load(text, Loader=_TextKeepingLoader)
+
+
 _CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
 
 
@@ -151,17 +177,25 @@ class TrainConfig:
     # same fraction under the new data's plan, with a warning).
     data_changed: Literal["refuse", "continue"] = "refuse"
     # Signals that mean "checkpoint and stop" (Slurm sends SIGTERM at the time limit and
-    # the signal of --signal=... before it). Exit code then: dcgan.preemption.EXIT_PREEMPTED.
-    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    # the signal of --signal=... before it; SIGINT is Ctrl-C, and a second Ctrl-C while the
+    # checkpoint is written ends the process at once). Exit code then:
+    # dcgan.preemption.EXIT_PREEMPTED, also when the signal comes during start-up.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
     # Ranks compare stop requests every N steps (one tiny host-side all-reduce); a signal
     # is acted on at most N steps late.
     stop_check_every: int = 1
+    # Divergence: log intervals in a row whose losses or gradient norms are not finite
+    # before the run stops (exit 1, status "diverged"). Non-finite weights stop it at once,
+    # and no checkpoint holding a non-finite tensor is ever written. Under fp16 only the
+    # weights count: the grad scaler skips overflowing steps by design.
+    divergence_patience: int = 1
 
     def __post_init__(self) -> None:
         check_field(self.steps >= 1, "steps", "must be >= 1")
         check_field(self.batch_size >= 1, "batch_size", "must be >= 1")
         check_field("/" not in self.name, "name", "must not contain '/'")
         check_field(self.stop_check_every >= 1, "stop_check_every", "must be >= 1")
+        check_field(self.divergence_patience >= 1, "divergence_patience", "must be >= 1")
         for name in self.stop_signals:
             check_field(
                 name in _CATCHABLE_SIGNALS,
@@ -289,11 +323,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         where = str(path)
         try:
-            text = Path(path).read_text()
+            data = Path(path).read_bytes()
         except OSError as e:
             raise ConfigError(f"{where}: cannot read config: {e.strerror}") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise ConfigError(
+                f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8"
+            ) from None
+        try:
+            raw = read_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{where}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
@@ -302,7 +343,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{where}: override {item!r} is not of the form a.b=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "", where)
+        try:
+            parsed = read_yaml(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: override {item!r}: not a valid YAML value ({e.problem})") from None
+        _set_dotted(raw, key.strip(), parsed, where)
     try:
         cfg = _build(Config, raw, "")
     except ConfigError as e:
@@ -357,6 +402,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
+    text = None
+    if isinstance(value, Scalar):
+        value, text = value
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, key + ".")
@@ -398,6 +446,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if hint is str:
+        if text is not None:  # as written: "1.10", not 1.1
+            return text
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
