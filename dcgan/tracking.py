@@ -6,6 +6,11 @@ Run folder, W&B or not: ``metrics.jsonl`` (one object per log step), ``samples/*
 attempt). Other ranks hold a Tracker that does nothing, nothing here is a collective, and
 PNG writing and plotting happen on a background thread: no rank waits on tracking.
 
+A write to the run folder that fails (a full disk, a quota, an I/O error) is reported
+once per file kind and training goes on: metrics lines wait in memory and are written
+with the next line that gets through; the checkpoints decide the run's fate
+(``dcgan/train.py``).
+
 Resume: W&B keeps a run's history and needs increasing steps, so after a resume from
 step S the steps S+1..L that the stopped attempt had already logged (L: the last step in
 metrics.jsonl) are not sent again; metrics.jsonl is cut back to S and re-written as the
@@ -51,14 +56,19 @@ class Tracker:
         self.best: dict[str, dict[str, float]] = {}  # BEST metric -> {"value", "step"}
         self.progress = StepProgress(0, 0, enabled=False)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tracker") if enabled else None
-        self._pending: list[Future] = []
+        self._pending: list[tuple[str, Future]] = []
+        self._unwritten: list[str] = []  # metrics lines not on disk yet (a write failed)
+        self.failed_writes: dict[str, int] = {}  # what -> writes that failed
 
     def start(self, step: int, total: int, wandb_run_id: str | None, config: dict) -> str | None:
         """Open the outlets at ``step`` (0, or the step resumed from). ``wandb_run_id``:
         the checkpoint's, to continue that W&B run. Returns the id to store in checkpoints."""
         if not self.enabled:
             return wandb_run_id
-        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self._write_failed("sample grids", e)
         logged_through = self._rewind(step)
         if wandb_run_id is not None:
             self.wandb_has_through = logged_through
@@ -75,8 +85,7 @@ class Tracker:
         if not self.enabled:
             return
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
+        self._append_metrics(json.dumps({"step": step, **clean}) + "\n")
         self._remember(step, clean)
         log.info("%s | eta %s", line, self.progress.eta())
         self.progress.postfix(loss_d=clean.get("loss_d"), loss_g=clean.get("loss_g"))
@@ -90,7 +99,7 @@ class Tracker:
     def sample_grid(self, step: int, images: torch.Tensor) -> None:
         """G(fixed noise) at ``step``: ``samples/step_<step>.png``, W&B "samples"; redraws losses.png."""
         self._grid(images, "samples", self.samples_dir / f"step_{step:08d}.png", step)
-        self._in_background(plot_losses, self.metrics_path, self.run_dir / "losses.png")
+        self._in_background("losses.png", plot_losses, self.metrics_path, self.run_dir / "losses.png")
 
     def finish(self, exit_code: int, preempted: bool, facts: dict[str, Any]) -> None:
         """End of this attempt: summary.json (``facts`` + final and best values), the last
@@ -98,21 +107,33 @@ class Tracker:
         if not self.enabled:
             return
         self.progress.close()
-        self._in_background(plot_losses, self.metrics_path, self.run_dir / "losses.png")
+        self._in_background("losses.png", plot_losses, self.metrics_path, self.run_dir / "losses.png")
+        self._writer.shutdown(wait=True)
+        self._collect(wait=True)
+        if self._unwritten:
+            self._append_metrics("")  # a last try
         summary = {
             **facts,
             "final": self.last,
             "best": self.best,
             "wandb": {"mode": self.wandb.mode, "id": self.wandb.id, "dir": str(self.wandb.files_dir or "")},
+            "failed_writes": self.failed_writes,
         }
-        write_atomic(self.run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        try:
+            write_atomic(self.run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+        except OSError as e:
+            self._write_failed("summary.json", e)
+        if self.failed_writes:
+            log.warning(
+                "writes to %s that failed this attempt: %s%s", self.run_dir,
+                ", ".join(f"{what} {n}" for what, n in self.failed_writes.items()),
+                f"; {len(self._unwritten)} metrics line(s) never reached metrics.jsonl" if self._unwritten else "",
+            )  # fmt: skip
         self.wandb.summary({
             **{k: v for k, v in facts.items() if isinstance(v, (int, float, str))},
             **{f"best_{name}": b["value"] for name, b in self.best.items()},
         })  # fmt: skip
         self.wandb.finish(exit_code, preempted)
-        self._writer.shutdown(wait=True)
-        self._collect(wait=True)
 
     # ------------------------------------------------------------------ internals
 
@@ -120,7 +141,7 @@ class Tracker:
         if not self.enabled:
             return
         grid = to_uint8_grid(images, nrow=8)
-        self._in_background(save_png, grid, path)
+        self._in_background("sample grids", save_png, grid, path)
         if step > self.wandb_has_through:
             self.wandb.image(key, grid, step, caption=f"step {step}")
 
@@ -143,7 +164,10 @@ class Tracker:
                 kept.append(line)
                 self._remember(at, {k: v for k, v in record.items() if k != "step"})
         if len(kept) != len(lines):
-            self.metrics_path.write_text("".join(kept))
+            try:
+                write_atomic(self.metrics_path, lambda f: f.write("".join(kept).encode()))
+            except OSError as e:
+                self._write_failed(self.metrics_path.name, e)
         return last_step
 
     def _remember(self, step: int, values: dict[str, Any]) -> None:
@@ -156,19 +180,38 @@ class Tracker:
             if held is None or (value < held["value"] if direction == "min" else value > held["value"]):
                 self.best[name] = {"value": value, "step": step}
 
-    def _in_background(self, fn, *args) -> None:
+    def _append_metrics(self, line: str) -> None:
+        """Append ``line`` (and the lines a failed write left waiting) to metrics.jsonl."""
+        self._unwritten += [line] if line else []
+        lead = "\n" if self.metrics_path.name in self.failed_writes else ""  # a failed write may have left half a line
+        try:
+            append_text(self.metrics_path, lead + "".join(self._unwritten))
+        except OSError as e:
+            self._write_failed(self.metrics_path.name, e)
+            return
+        self._unwritten.clear()
+
+    def _write_failed(self, what: str, error: BaseException) -> None:
+        """Say once per kind of file that writing it fails; count every failure."""
+        if what not in self.failed_writes:
+            log.warning(
+                "cannot write %s in %s (%s: %s); training goes on (said once; the count goes into summary.json)",
+                what, self.run_dir, type(error).__name__, error,
+            )  # fmt: skip
+        self.failed_writes[what] = self.failed_writes.get(what, 0) + 1
+
+    def _in_background(self, what: str, fn, *args) -> None:
         self._collect(wait=False)
-        self._pending.append(self._writer.submit(fn, *args))
+        self._pending.append((what, self._writer.submit(fn, *args)))
 
     def _collect(self, wait: bool) -> None:
         """Report failures of finished background writes (a full disk must not go unseen)."""
         still = []
-        for future in self._pending:
+        for what, future in self._pending:
             if not wait and not future.done():
-                still.append(future)
+                still.append((what, future))
             elif future.exception() is not None:
-                e = future.exception()
-                log.warning("tracking: a background write failed (%s: %s)", type(e).__name__, e)
+                self._write_failed(what, future.exception())
         self._pending = still
 
 
@@ -178,8 +221,14 @@ def to_uint8_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+def append_text(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
 def save_png(grid: np.ndarray, path: Path) -> None:
     image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
