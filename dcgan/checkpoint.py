@@ -13,8 +13,12 @@ checkpoint is two files in ``<run>/checkpoints/``:
   file truncated or damaged later (a full disk, a copy cut short, a bad block) is
   detected before anything is loaded from it.
 
-``choose(cfg)`` applies ``train.resume`` to the run folder: the newest valid checkpoint,
-a given one, or none.
+``choose(cfg)`` applies ``train.resume`` to the run folder: the newest usable checkpoint,
+a given one, or none. Usable: it verifies against its record, ``weights_only=True``
+loads it, and every tensor in it is finite (a diverged run's last checkpoints must never
+be resumed from); one that is not is set aside and the one before is tried. Resuming
+from a checkpoint older than the run's newest starts a new timeline: the old timeline's
+later checkpoints, samples and metrics are moved to ``<run>/timelines/`` (never deleted).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -45,6 +50,10 @@ log = logging.getLogger("dcgan.checkpoint")
 
 FORMAT_VERSION = 2
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+_SAMPLE_NAME = re.compile(r"^step_(\d{8,})\.png$")
+TIMELINES_DIR = "timelines"  # <run>/timelines/<when>-after-step_<S>/: a timeline left by a branch
+# Model settings that shape the nets' tensors: a checkpoint cannot be loaded with others.
+FIXED_ON_RESUME = ("arch", "image_size", "channels", "nz", "ngf", "ndf")
 RECORD_SUFFIX = ".json"  # step_X.pt -> step_X.pt.json
 CORRUPT_SUFFIX = ".corrupt"  # a rejected checkpoint is renamed aside, never deleted
 BEST_NAME = "best.pt"  # the state with the lowest FID so far (eval.best_checkpoint)
@@ -253,7 +262,7 @@ def _write_with_record(state_dict: dict[str, Any], path: Path, step: int) -> int
     written = write_atomic(path, lambda f: _save_hashed(state_dict, f))
     record = {
         "file": path.name, "step": step, "bytes": written.bytes, "sha256": written.sha256.hexdigest(),
-        "data": state_dict.get("data"),
+        "data": state_dict.get("data"), "model": state_dict.get("config", {}).get("model"),
     }  # fmt: skip
     write_atomic(record_path(path), lambda f: f.write(json.dumps(record).encode()))
     return written.bytes
@@ -281,6 +290,63 @@ def verify(path: Path) -> str | None:
     if sha.hexdigest() != expected_sha:
         return "SHA-256 differs from its record (the file is damaged)"
     return None
+
+
+def nonfinite_tensors(state_dict: dict[str, Any], limit: int = 3) -> list[str]:
+    """Names of up to ``limit`` floating-point tensors in ``state_dict`` (nets, EMA,
+    optimiser states) holding a NaN or an infinity; one host sync per device."""
+    flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point():
+                flags.setdefault(obj.device, []).append((name, torch.isfinite(obj).all()))
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(value, f"{name}.{key}")
+
+    for part in ("generator", "discriminator", "generator_ema", "opt_g", "opt_d"):
+        walk(state_dict.get(part), part)
+    bad = []
+    for found in flags.values():
+        finite = torch.stack([flag for _, flag in found]).tolist()
+        bad += [name for (name, _), ok in zip(found, finite) if not ok]
+    return bad[:limit]
+
+
+def inspect(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(state dict, None) when ``path`` loads with weights_only=True and every tensor is
+    finite; (None, why not) otherwise. Call after ``verify``."""
+    try:
+        sd = load(path)
+    except CheckpointError as e:
+        return None, str(e).removeprefix(f"{path}: ")
+    if not isinstance(sd, dict) or "generator" not in sd:
+        return None, "not a dcgan.train checkpoint (no generator state)"
+    if not isinstance(sd, dict) or "generator" not in sd:
+        return None, "not a dcgan.train checkpoint (no generator state)"
+    if sd.get("format_version") != FORMAT_VERSION:
+        return None, f"checkpoint format {sd.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+    bad = nonfinite_tensors(sd)
+    if bad:
+        return None, f"non-finite values in {', '.join(bad)} (written by a run that diverged)"
+    return sd, None
+
+
+def check_model_unchanged(saved_model: dict[str, Any] | None, cfg: Config, path: Path) -> None:
+    """ConfigError when a FIXED_ON_RESUME setting differs from the one ``path`` was trained with."""
+    if not saved_model:
+        return
+    changed = [
+        f"model.{key} {saved_model[key]!r} -> {getattr(cfg.model, key)!r}"
+        for key in FIXED_ON_RESUME
+        if key in saved_model and saved_model[key] != getattr(cfg.model, key)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{', '.join(changed)}: {path} holds nets of another shape, and these settings cannot change on "
+            "resume; set them back, or start a new run (another train.name)"
+        )
 
 
 def latest_valid(ckpt_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
@@ -315,9 +381,10 @@ def remove_temp_files(ckpt_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- which one to resume from
 
 
-# What train.overwrite leaves in a run folder: the log that records the wipe, and the
-# launchers' folder (job scripts, pickles and logs of the job that is running now).
-KEPT_ON_OVERWRITE = ("train.log", "slurm")
+# What train.overwrite leaves in a run folder: the log that records the wipe, the lock of
+# the trainer that wipes it (dcgan/runlock.py) and the launchers' folder (job scripts,
+# pickles and logs of the job that is running now).
+KEPT_ON_OVERWRITE = ("train.log", "run.lock", "slurm")
 
 
 def check_resume_setting(cfg: Config, shards: ShardSet) -> None:
@@ -335,12 +402,26 @@ def check_resume_setting(cfg: Config, shards: ShardSet) -> None:
     candidate = Path(cfg.train.resume) if cfg.train.resume not in ("auto", "never") else None
     if cfg.train.resume == "auto":
         candidate = next((p for p in reversed(existing) if record_path(p).exists()), None)
-    if candidate is not None and record_path(candidate).exists():
-        try:
-            saved = json.loads(record_path(candidate).read_text()).get("data")
-        except (OSError, ValueError, AttributeError):
-            saved = None  # a damaged record: choose() sets that checkpoint aside, train() checks the one it loads
-        check_same_data(saved, shards, candidate, cfg.train.data_changed)
+    if candidate is None:
+        return
+    record = read_record(candidate)
+    if cfg.train.resume != "auto":  # a file the user named: unusable is their mistake, not a fallback
+        reason = verify(candidate) if record_path(candidate).exists() else None
+        sd, reason = (None, reason) if reason else inspect(candidate)
+        if reason is not None:
+            raise ConfigError(f"train.resume: {candidate}: {reason}")
+        record = {"data": sd.get("data"), "model": sd["config"]["model"]}
+    check_model_unchanged(record.get("model"), cfg, candidate)
+    check_same_data(record.get("data"), shards, candidate, cfg.train.data_changed)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The record beside ``path`` ({} when missing or damaged: choose() sets that checkpoint aside)."""
+    try:
+        record = json.loads(record_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def check_same_data(saved: dict[str, Any] | None, shards: ShardSet, path: Path, policy: str) -> str | None:
@@ -371,9 +452,26 @@ def settle_restart(cfg: Config, restart: int) -> str | None:
     return f"restart {restart} of this job: {was} applied to the first attempt only; now train.resume=auto"
 
 
-def choose(cfg: Config) -> Path | None:
-    """Rank 0 only: the checkpoint to resume from (None: start fresh). Rejected ones are
-    reported and set aside; raises ResumeError when checkpoints exist but none is usable."""
+class Resume(NamedTuple):
+    path: Path
+    state_dict: dict[str, Any]  # loaded on the CPU
+    new_timeline: Path | None  # where the later checkpoints of the run went (None: no branch)
+
+
+def choose(cfg: Config) -> Resume | None:
+    """Rank 0 only: the checkpoint to resume from, loaded (None: start fresh). Unusable
+    ones are reported and set aside; raises ResumeError when checkpoints exist but none is
+    usable, ConfigError when the chosen one holds nets of another shape."""
+    found = _choose_path(cfg)
+    if found is None:
+        return None
+    path, sd = found
+    check_model_unchanged(sd["config"]["model"], cfg, path)
+    moved = move_later_aside(cfg.run_dir, sd["step"])
+    return Resume(path, sd, moved)
+
+
+def _choose_path(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
     for tmp in remove_temp_files(ckpt_dir):
         log.warning("removed %s, left by a checkpoint write that was cut short", tmp)
@@ -391,17 +489,63 @@ def choose(cfg: Config) -> Path | None:
             raise ResumeError(f"train.resume: {path}: {reason}")
         if reason is not None:
             log.warning("%s has no size/checksum record beside it: loading it unverified", path)
-        return path
-    path, rejected = latest_valid(ckpt_dir)
-    for bad, reason in rejected:
-        aside = set_aside(bad)
-        log.warning("checkpoint %s is unusable: %s; moved aside to %s, trying the one before", bad, reason, aside.name)
-    if path is None and rejected:
+        sd, reason = inspect(path)
+        if reason is not None:
+            raise ResumeError(f"train.resume: {path}: {reason}")
+        return path, sd
+    candidates = list_checkpoints(ckpt_dir)
+    for path in reversed(candidates):
+        reason = verify(path)
+        sd, reason = (None, reason) if reason else inspect(path)
+        if reason is None:
+            return path, sd
+        aside = set_aside(path)
+        log.warning("checkpoint %s is unusable: %s; moved aside to %s, trying the one before", path, reason, aside.name)
+    if candidates:
         raise ResumeError(
-            f"no usable checkpoint in {ckpt_dir} (all {len(rejected)} rejected, see above); "
+            f"no usable checkpoint in {ckpt_dir} (all {len(candidates)} rejected, see above); "
             "to start again from scratch: train.resume=never train.overwrite=true"
         )
-    return path
+    return None
+
+
+def move_later_aside(run_dir: Path, step: int) -> Path | None:
+    """Resuming at ``step`` while the run folder holds later checkpoints: a new timeline.
+    The later checkpoints (best.pt too, when it is later) and sample grids move to
+    ``<run>/timelines/<when>-after-step_<step>/``, with a copy of metrics.jsonl and
+    summary.json as they were; returns that folder (None: nothing was later)."""
+    ckpt_dir = run_dir / "checkpoints"
+    later = [p for p in list_checkpoints(ckpt_dir) if step_of(p) > step]
+    best = ckpt_dir / BEST_NAME
+    if best.exists() and read_record(best).get("step", 0) > step:
+        later.append(best)
+    if not later:
+        return None
+    aside = run_dir / TIMELINES_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-after-step_{step:08d}"
+    (aside / "checkpoints").mkdir(parents=True)
+    for path in later:
+        path.replace(aside / "checkpoints" / path.name)
+        if record_path(path).exists():
+            record_path(path).replace(aside / "checkpoints" / record_path(path).name)
+    samples = run_dir / "samples"
+    grids = [
+        p
+        for p in (samples.iterdir() if samples.is_dir() else ())
+        if (m := _SAMPLE_NAME.match(p.name)) and int(m.group(1)) > step
+    ]
+    if grids:
+        (aside / "samples").mkdir()
+        for path in grids:
+            path.replace(aside / "samples" / path.name)
+    for name in ("metrics.jsonl", "summary.json"):
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, aside / name)
+    log.warning(
+        "resuming at step %d, before the run's newest checkpoint (step %d): a new timeline starts here; the old "
+        "one's later checkpoints, sample grids and metrics are in %s",
+        step, max((step_of(p) for p in later if p.name != BEST_NAME), default=step), aside,
+    )  # fmt: skip
+    return aside
 
 
 class CheckpointError(ValueError):
@@ -429,4 +573,15 @@ class ResumeError(RuntimeError):
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint's state dict; nothing arbitrary is unpickled (CheckpointError when
+    ``weights_only=True`` refuses the file: it was not written by dcgan.train)."""
+    try:
+        sd = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's text starts with how to load it unsafely; its own reason is on one line
+        found = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", str(e))
+        reason = found.group(1) if found else type(e).__name__
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True) ({reason}), not loaded") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file, unreadable
+        raise CheckpointError(f"{path}: cannot be read ({str(e).splitlines()[0][:200]})") from None
+    return sd

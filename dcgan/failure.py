@@ -79,7 +79,7 @@ def report(
         line = f"stopping rank {rank}: {peer}"
     else:
         line = f"rank {rank} failed ({where}): {describe(error)}"
-        _post(store, line)
+        post(store, line)
     details = "".join(traceback.format_exception(error))
     train_log = run_dir / "train.log" if run_dir is not None else None
     to_file = rank == 0 and train_log is not None and train_log.exists()
@@ -104,7 +104,8 @@ def posted(store) -> str | None:
         return None
 
 
-def _post(store, line: str) -> None:
+def post(store, line: str) -> None:
+    """Tell the other ranks' PeerWatch that this rank is ending (``line`` says why)."""
     if store is None:
         return
     try:

@@ -31,12 +31,30 @@ log = logging.getLogger("dcgan.train")
 EXIT_PREEMPTED = 75
 
 
+# A second SIGINT this long after the first is a second Ctrl-C; sooner, it is the same one
+# delivered twice (the terminal signals the whole process group, and torchrun forwards
+# the SIGINT it got to its workers).
+REPEATED_SIGINT_S = 1.0
+
+
+class StoppedDuringStartUp(BaseException):
+    """A stop signal before training began: nothing new to save, the run ends with
+    EXIT_PREEMPTED and the same command resumes from the last checkpoint. A BaseException,
+    so that a library's ``except Exception`` (W&B's start-up) cannot swallow it."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"{signal_name} during start-up")
+        self.signal_name = signal_name
+
+
 class StopRequest:
     """Handles ``signals`` for the rest of the process's life, by phase:
 
-    * before ``arm()`` (start-up, resume): the default action, the process ends at once
-      (nothing new to save; a rank stuck joining a group must stay killable);
-    * armed (the training loop): noted, acted on at the next agreed check;
+    * before ``arm()`` (start-up, resume): raises ``StoppedDuringStartUp`` in the main
+      thread (the trainer reports EXIT_PREEMPTED; a rank blocked in C code, joining a
+      group, is ended by its launcher as before);
+    * armed (the training loop): noted, acted on at the next agreed check; a second
+      Ctrl-C (SIGINT) while that check or the checkpoint runs ends the process at once;
     * after ``disarm()`` (state saved, shutting down): ignored (SIG_IGN, which unlike a
       Python handler survives interpreter shutdown), so the exit code stays ours when
       torchrun sends SIGTERM to ranks still finishing after one has exited.
@@ -46,6 +64,7 @@ class StopRequest:
         self.signal_name: str | None = None
         self.signal_time: float | None = None  # wall clock (time.time): comparable across hosts
         self._armed = False
+        self._raised = False
         self._reported = False
         self._in_flight: tuple | None = None  # (work, tensor) of the last check's all-reduce
         self._signals = [signal.Signals[name] for name in signals]
@@ -63,13 +82,19 @@ class StopRequest:
             self._in_flight = None
 
     def _on_signal(self, signum: int, frame) -> None:
-        if not self._armed:
+        name = signal.Signals(signum).name
+        if self.signal_time is None:
+            # Only note it: a handler runs between two bytecodes of the loop, where logging
+            # (locks) or a collective is not safe. Noted before start-up too, in case the
+            # exception below is swallowed: the loop then stops at its first check.
+            self.signal_time, self.signal_name = time.time(), name
+        elif signum == signal.SIGINT and time.time() - self.signal_time > REPEATED_SIGINT_S:
+            os.write(2, b"dcgan.train: second Ctrl-C: exiting now, without waiting for the checkpoint\n")
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        elif self.signal_time is None:
-            # Only note it: a handler runs between two bytecodes of the loop, where logging
-            # (locks) or a collective is not safe.
-            self.signal_time, self.signal_name = time.time(), signal.Signals(signum).name
+        if not self._armed and not self._raised:
+            self._raised = True
+            raise StoppedDuringStartUp(name)
 
     def agreed(self, info: DistInfo) -> float | None:
         """Collective, at the same steps on every rank: the earliest signal time over all

@@ -30,12 +30,14 @@ from dcgan.checkpoint import TrainState
 from dcgan.config import Config, ConfigError, load_config, save_config
 from dcgan.data import Loader, ShardStream, derive_seed, steps_per_epoch
 from dcgan.distributed import DistInfo
+from dcgan.divergence import DivergenceGuard, finite_weights
 from dcgan.eval import Evaluator, check_eval_config, choose_extractor, eval_mode_sampler, format_scores
 from dcgan.failure import Where
 from dcgan.fileio import write_atomic
-from dcgan.logs import LOG_DATE_FORMAT, log_format, setup_logging
+from dcgan.logs import LOG_DATE_FORMAT, RunLogHandler, log_format, setup_logging
 from dcgan.models import build_models, ema_copy, sample_latent, update_ema
-from dcgan.preemption import EXIT_PREEMPTED, StopRequest, ignore_in_worker
+from dcgan.preemption import EXIT_PREEMPTED, StoppedDuringStartUp, StopRequest, ignore_in_worker
+from dcgan.runlock import RunFolderBusy, RunLock
 from dcgan.shardset import ShardSet, first_image_size, resolve_shards
 from dcgan.sync_batchnorm import convert_sync_batchnorm
 from dcgan.tracking import Tracker
@@ -169,15 +171,23 @@ def gradient_norm(net: nn.Module, scaler: torch.amp.GradScaler, opt: torch.optim
     return torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
 
 
-def resume(path: Path, state: TrainState, cfg: Config, dist: DistInfo, shards: ShardSet, loader: Loader) -> None:
-    """Load ``path`` into ``state`` and put each rank's RNG and data position where it left
-    them. Exact with the world size, batch and data it was written with; otherwise the
+def resume(
+    path: Path, sd: dict | None, state: TrainState, cfg: Config, dist: DistInfo, shards: ShardSet, loader: Loader
+) -> None:
+    """Load ``path`` (``sd``: its state dict, already loaded on rank 0) into ``state``, apply
+    the optimiser settings given now, and put each rank's RNG and data position where it
+    left them. Exact with the world size, batch and data it was written with; otherwise the
     epoch goes on at the same fraction under the new plan, with per-rank RNG derived afresh.
-    ConfigError when the data changed and train.data_changed says "refuse"."""
+    ConfigError when the data changed and train.data_changed says "refuse", or when the
+    checkpoint's tensors do not fit the nets."""
     t_load = time.perf_counter()
-    sd = checkpoint.load(path, map_location=dist.device)
+    sd = sd if sd is not None else checkpoint.load(path)
     data_change = checkpoint.check_same_data(sd.get("data"), shards, path, cfg.train.data_changed)
-    state.load_state_dict(sd)
+    try:
+        state.load_state_dict(sd)
+    except (RuntimeError, KeyError, ValueError) as e:  # another architecture under the same settings
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"train.resume: {path} does not fit model.arch {cfg.model.arch!r} ({detail})") from None
     saved_world, saved_batch = sd["world_size"], sd["config"]["train"]["batch_size"]
     restarts = distributed.restart_count()
     log.info(
@@ -185,6 +195,7 @@ def resume(path: Path, state: TrainState, cfg: Config, dist: DistInfo, shards: S
         path, state.step, state.epoch, state.batch_in_epoch, time.perf_counter() - t_load,
         f"; restart {restarts} of this job" if restarts else "",
     )  # fmt: skip
+    apply_resume_overrides(state, cfg, sd["config"], dist)
     if (saved_world, saved_batch) == (dist.world_size, cfg.train.batch_size) and data_change is None:
         checkpoint.restore_rng_state(sd["rng"][dist.rank], dist.device)
         return
@@ -205,24 +216,58 @@ def resume(path: Path, state: TrainState, cfg: Config, dist: DistInfo, shards: S
     checkpoint.seed_rng(derive_seed(cfg.train.seed, dist.rank, state.step, 1))
 
 
-def save_checkpoint(state: TrainState, cfg: Config, dist: DistInfo, data: dict, best: bool = False) -> bool:
+def apply_resume_overrides(state: TrainState, cfg: Config, saved: dict, dist: DistInfo) -> None:
+    """Optimiser settings given now win over the checkpoint's (its param groups hold the
+    old lr, betas and weight decay); every setting that differs is logged."""
+    for net, opt in (("g", state.opt_g), ("d", state.opt_d)):
+        adam = getattr(cfg.optim, net)
+        for group in opt.param_groups:
+            group.update(lr=adam.lr, betas=adam.betas, weight_decay=adam.weight_decay)
+    changed = config_changes(saved, cfg.to_dict())
+    if dist.is_main and changed:
+        optim = [c for c in changed if c.startswith("optim.")]
+        other = [c for c in changed if not c.startswith("optim.")]
+        if optim:
+            log.warning("changed on resume, applied on top of the checkpoint's optimiser state: %s", "; ".join(optim))
+        if other:
+            log.info("settings that differ from the checkpoint's: %s", "; ".join(other))
+
+
+def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key old -> new`` for every setting that differs between two config dicts."""
+    changes = []
+    for key, value in now.items():
+        old = saved.get(key) if isinstance(saved, dict) else None
+        if isinstance(value, dict):
+            changes += config_changes(old or {}, value, f"{prefix}{key}.")
+        elif old != value and f"{prefix}{key}" not in ("train.resume", "train.overwrite"):
+            changes.append(f"{prefix}{key} {old!r} -> {value!r}")
+    return changes
+
+
+def save_checkpoint(state: TrainState, cfg: Config, dist: DistInfo, data: dict, best: bool = False) -> str:
     """Collective: every rank hands rank 0 its RNG state, rank 0 writes, all ranks wait
-    for the outcome (so no rank exits, and no launcher kills rank 0, mid-write). A
-    failed write is reported and leaves the previous checkpoints as they were.
+    for the outcome (so no rank exits, and no launcher kills rank 0, mid-write): "saved",
+    "failed" (the write failed: reported, the previous checkpoints stay as they were) or
+    "nonfinite" (the state holds NaN or infinite values: nothing is written).
     ``data``: the shards' identity. ``best``: write checkpoints/best.pt instead of step_<step>.pt."""
     rng = distributed.gather_objects(checkpoint.capture_rng_state(dist.device), dist)
-    ok = True
+    outcome = "saved"
     if dist.is_main:
         ckpt_dir = cfg.run_dir / "checkpoints"
         try:
             sd = state.state_dict(cfg.to_dict(), rng, dist.world_size, data)
+            bad = checkpoint.nonfinite_tensors(sd)
+            if bad:
+                log.error("checkpoint at step %d not written: non-finite values in %s", state.step, ", ".join(bad))
+                return distributed.broadcast_object("nonfinite", dist)
             if best:
                 saved = checkpoint.save_best(sd, ckpt_dir, state.step)
             else:
                 saved = checkpoint.save(sd, ckpt_dir, state.step, cfg.checkpoint.keep)
             log.info("checkpoint %s (%.1f MB in %.3fs)", saved.path, saved.bytes / 2**20, saved.seconds)
         except Exception as e:  # a full disk, an I/O error, a quota: keep the old ones, say so
-            ok = False
+            outcome = "failed"
             this = ckpt_dir / checkpoint.BEST_NAME if best else checkpoint.checkpoint_path(ckpt_dir, state.step)
             before = [p for p in checkpoint.list_checkpoints(ckpt_dir) if p != this]
             log.error(
@@ -233,7 +278,7 @@ def save_checkpoint(state: TrainState, cfg: Config, dist: DistInfo, data: dict, 
                 e,
                 before[-1].name if before else "the start of the run",
             )
-    return distributed.broadcast_object(ok, dist)
+    return distributed.broadcast_object(outcome, dist)
 
 
 def log_values(
@@ -267,19 +312,20 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest, wher
     ``where`` follows the phase and step, for the line a failure ends with (dcgan/failure.py)."""
     run_dir = cfg.run_dir
     if dist.is_main:
-        handler = logging.FileHandler(run_dir / "train.log")
+        handler = RunLogHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter(log_format(dist.rank), LOG_DATE_FORMAT))
         logging.getLogger().addHandler(handler)
     # Rank 0 decides what to resume from and tells the others (one reader of the folder).
-    resume_from, error = None, None
+    chosen, error = None, None
     if dist.is_main:
         try:
-            resume_from = checkpoint.choose(cfg)
-        except checkpoint.ResumeError as e:
-            error = str(e)
-    resume_from, error = distributed.broadcast_object((resume_from, error), dist)
+            chosen = checkpoint.choose(cfg)
+        except (checkpoint.ResumeError, ConfigError) as e:
+            error = e
+    where_from, error = distributed.broadcast_object((chosen and chosen._replace(state_dict=None), error), dist)
     if error is not None:
-        raise checkpoint.ResumeError(error)
+        raise error
+    resume_from = chosen if dist.is_main else where_from  # only rank 0 holds the loaded state
     tracker = Tracker(cfg, enabled=dist.is_main)
     try:
         return train_loop(cfg, shards, dist, stop, where, tracker, resume_from)
@@ -295,7 +341,7 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest, wher
 
 def train_loop(
     cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest, where: Where, tracker: Tracker,
-    resume_from: Path | None,
+    resume_from: checkpoint.Resume | None,
 ) -> int:  # fmt: skip
     run_dir, t = cfg.run_dir, cfg.train
     amp_dtype = AMP_DTYPES[t.precision]
@@ -320,12 +366,18 @@ def train_loop(
     checkpoint.seed_rng(derive_seed(t.seed, dist.rank, 0, 1))
     if resume_from is not None:
         where.at("loading the checkpoint")
-        resume(resume_from, state, cfg, dist, shards, loader)
+        resume(resume_from.path, resume_from.state_dict, state, cfg, dist, shards, loader)
+        resume_from = resume_from._replace(state_dict=None)  # loaded: free it
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    # The W&B run goes on only for a checkpoint of this run folder (resume=PATH from
-    # another run starts a new one); rank 0 fills in the id that checkpoints then carry.
-    same_run = resume_from is not None and resume_from.parent.parent.resolve() == run_dir.resolve()
+    # The W&B run goes on only for a checkpoint of this run folder's timeline (resume=PATH
+    # from another run, or a branch, starts a new one); rank 0 fills in the id that
+    # checkpoints then carry.
+    same_run = (
+        resume_from is not None
+        and resume_from.new_timeline is None
+        and resume_from.path.parent.parent.resolve() == run_dir.resolve()
+    )
     state.wandb_run_id = tracker.start(state.step, t.steps, state.wandb_run_id if same_run else None, cfg.to_dict())
     if state.batch_in_epoch >= loader.steps_per_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -363,6 +415,9 @@ def train_loop(
     )
     stats_sum = torch.zeros(len(STAT_NAMES), device=dist.device)
     stats_steps, data_wait = 0, 0.0
+    guard = DivergenceGuard(STAT_NAMES, t.divergence_patience, fp16=t.precision == "fp16")
+    nets = [state.generator, state.discriminator]
+    diverged: str | None = None
     t_start = t_log = time.perf_counter()
     start_step, train_seconds_before = state.step, state.train_seconds
     exit_code = EXIT_OK
@@ -389,7 +444,8 @@ def train_loop(
 
                 tracker.advance(step)
                 if step % cfg.log.every == 0 or step == t.steps:
-                    if dist.is_main:  # the other ranks skip the host sync: only rank 0 reports
+                    diverged = guard.check(stats_sum, nets, dist, (step - stats_steps + 1, step))
+                    if dist.is_main:  # only rank 0 reports
                         elapsed = time.perf_counter() - t_log
                         values = log_values(cfg, state, stats_sum, stats_steps, elapsed, data_wait, loader, dist)
                         tracker.metrics(step, values, (
@@ -400,9 +456,14 @@ def train_loop(
                         ))  # fmt: skip
                     stats_sum.zero_()
                     stats_steps, data_wait, t_log = 0, 0.0, time.perf_counter()
+                    if diverged is not None:
+                        break
                 if dist.is_main and (step % cfg.log.samples_every == 0 or step == t.steps):
                     tracker.sample_grid(step, sample(fixed_noise))
                 if evaluator is not None and (step % cfg.eval.every == 0 or step == t.steps):
+                    if not finite_weights(nets):  # a NaN generator makes black images, and a finite FID
+                        diverged = f"the weights hold NaN or infinite values at the evaluation of step {step}"
+                        break
                     where.at("evaluation at step", step)
                     t_eval = time.perf_counter()
                     scores = evaluator.evaluate(sample, cfg.model.nz)
@@ -424,7 +485,10 @@ def train_loop(
                     where.at("checkpoint at step", step)
                     state.train_seconds = train_seconds_before + time.perf_counter() - t_start
                     saved = save_checkpoint(state, cfg, dist, data_identity)
-                    if not saved and (stopping or step == t.steps):
+                    if saved == "nonfinite":
+                        diverged = f"the state holds NaN or infinite values at the checkpoint of step {step}"
+                        break
+                    if saved == "failed" and (stopping or step == t.steps):
                         exit_code = EXIT_FAILED
                     elif stopping:
                         exit_code = EXIT_PREEMPTED
@@ -438,14 +502,31 @@ def train_loop(
                     break
                 where.at("step", step + 1)
                 t_fetch = time.perf_counter()
-        if state.batch_in_epoch >= loader.steps_per_epoch:
+        if diverged is not None:
+            exit_code = EXIT_FAILED
+        elif state.batch_in_epoch >= loader.steps_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     stop.disarm()
 
     where.at("shutdown")
     wall = time.perf_counter() - t_start
     done = state.step - start_step
-    status = "failed" if exit_code == EXIT_FAILED else "done" if state.step >= t.steps else "stopped"
+    status = (
+        "diverged"
+        if diverged
+        else "failed"
+        if exit_code == EXIT_FAILED
+        else "done"
+        if state.step >= t.steps
+        else "stopped"
+    )
+    if diverged and dist.is_main:
+        newest, _ = checkpoint.latest_valid(run_dir / "checkpoints")
+        log.error(
+            "diverged at step %d: %s; stopped without writing a checkpoint, the resume point stays %s. "
+            "Lower the learning rates (optim.g.lr, optim.d.lr), or resume from an earlier checkpoint with other settings",
+            state.step, diverged, newest or "the start of the run",
+        )  # fmt: skip
     reading = reading_report(loader, shards, dist)
     tracker.finish(exit_code, preempted=exit_code == EXIT_PREEMPTED, facts={
         "status": status,
@@ -455,7 +536,8 @@ def train_loop(
         "epoch": state.epoch,
         "samples_seen": state.samples_seen,
         "world_size": dist.world_size,
-        "resumed_from": str(resume_from) if resume_from else None,
+        "resumed_from": str(resume_from.path) if resume_from else None,
+        "diverged": diverged,
         "steps_this_attempt": done,
         "wall_time_s": round(wall, 3),
         "train_time_s": round(train_seconds_before + wall, 3),  # all attempts together
@@ -552,24 +634,33 @@ def run(config: str, overrides: list[str], env: distributed.EnvRanks, on_exit: C
             on_exit(EXIT_CONFIG)
         return EXIT_CONFIG
 
-    if env.rank == 0:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        if restart_note:
-            log.warning("%s", restart_note)
     stop = StopRequest(cfg.train.stop_signals)  # before anything slow: from here on a signal means "stop"
-    where, dist, watch = Where(), None, None
+    where, dist, watch, lock = Where(), None, None, RunLock(cfg.run_dir)
     try:
         dist = distributed.setup(cfg.train.device)
         watch = failure.PeerWatch(dist.store, dist.rank)
+        claim_run_dir(cfg, dist, lock)
+        if dist.is_main and restart_note:
+            log.warning("%s", restart_note)
         code = train(cfg, shards, dist, stop, where)
-    except Exception as e:  # every failure ends here: one line, every process gone within seconds
+    except (
+        Exception,
+        StoppedDuringStartUp,
+    ) as e:  # every failure ends here: one line, every process gone within seconds
         peer_logged = watch.stop() if watch is not None else None
-        if isinstance(e, ConfigError):  # the checkpoint train() loaded was trained on other data
+        store = dist.store if dist is not None else None
+        if isinstance(e, StoppedDuringStartUp):
+            code = EXIT_PREEMPTED
+            failure.post(store, f"rank {env.rank} stopped by {e.signal_name} during start-up")
+            log.warning(
+                "stopped by %s during start-up, before training began; the same command resumes from the last "
+                "checkpoint (exit code %d)", e.signal_name, EXIT_PREEMPTED,
+            )  # fmt: skip
+        elif isinstance(e, ConfigError):  # other data, another net shape, a busy or unwritable run folder
             code = EXIT_CONFIG
             config_error(e, config)
         else:
             code = EXIT_FAILED
-            store = dist.store if dist is not None else None
             failure.report(e, where, env.rank, cfg.run_dir, store, peer_logged)
         if env.rank == 0:
             with contextlib.suppress(Exception):
@@ -583,7 +674,25 @@ def run(config: str, overrides: list[str], env: distributed.EnvRanks, on_exit: C
     watch.stop()  # past the barrier the store may go away with the rank that hosts it
     distributed.barrier(dist)  # no rank exits before rank 0 has handed on its exit code
     distributed.teardown()
+    lock.release()
     return code
+
+
+def claim_run_dir(cfg: Config, dist: DistInfo, lock: RunLock) -> None:
+    """Rank 0 creates the run folder and locks it for this run's life (dcgan/runlock.py);
+    every rank raises the same ConfigError when it is in use or cannot be written."""
+    error = None
+    if dist.is_main:
+        try:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except RunFolderBusy as e:
+            error = str(e)
+        except OSError as e:  # a read-only filesystem, no permission, a full disk
+            error = f"train.out_dir: cannot write the run folder {cfg.run_dir} ({e.strerror or e})"
+    error = distributed.broadcast_object(error, dist)
+    if error is not None:
+        raise RunFolderBusy(error)
 
 
 def config_error(error: ConfigError, config: str) -> None:
