@@ -6,6 +6,11 @@ DCGAN_FAULT says which, and where (comma-separated; empty: none):
   stuck:RANK:STEP         gan_step blocks forever on RANK at step STEP, as a rank does that
                           waits in a collective its peers never enter (NCCL waits on)
   checkpoint-write        every checkpoint write fails part-way with ENOSPC (a full disk)
+  nan:STEP                D's weights turn NaN in gan_step's call STEP (a run that diverges)
+  slow-checkpoint         every checkpoint write takes 60 s (time to press Ctrl-C twice)
+  slow-start              start-up blocks for 60 s where the checkpoint is chosen
+  run-folder-full:N       the first N appends to metrics.jsonl, and every sample grid, loss
+                          plot and summary.json write, fail with ENOSPC
 """
 
 import errno
@@ -13,7 +18,9 @@ import os
 import sys
 import time
 
-from dcgan import checkpoint, train
+import torch
+
+from dcgan import checkpoint, tracking, train
 
 
 def inject(fault: str, rank: int) -> None:
@@ -52,6 +59,44 @@ def inject(fault: str, rank: int) -> None:
                 self.f.flush()
 
         checkpoint._HashingFile.__init__ = lambda self, f: real_init(self, FullDisk(f))
+    elif kind == "nan":
+        (target_step,) = (int(a) for a in args)
+        real_step, calls = train.gan_step, [0]
+
+        def diverging_step(state, *a, **kw):
+            stats = real_step(state, *a, **kw)
+            calls[0] += 1
+            if calls[0] == target_step:
+                with torch.no_grad():
+                    for p in state.discriminator.parameters():
+                        p.fill_(float("nan"))
+            return stats
+
+        train.gan_step = diverging_step
+    elif kind in ("slow-checkpoint", "slow-start"):
+        module, name = (checkpoint, "_save_hashed") if kind == "slow-checkpoint" else (checkpoint, "choose")
+        real = getattr(module, name)
+
+        def slow(*a, **kw):
+            print(f"faults.py: {kind} begins", file=sys.stderr, flush=True)
+            time.sleep(60)
+            return real(*a, **kw)
+
+        setattr(module, name, slow)
+    elif kind == "run-folder-full":
+        (failures,) = (int(a) for a in args)
+        real_append, calls = tracking.append_text, [0]
+
+        def full(*a, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def append_on_full_disk(*a, **kw):
+            calls[0] += 1
+            return full() if calls[0] <= failures else real_append(*a, **kw)
+
+        tracking.append_text = append_on_full_disk
+        tracking.write_atomic = full
+        tracking.save_png = full
     else:
         raise SystemExit(f"faults.py: unknown DCGAN_FAULT {fault!r}")
 

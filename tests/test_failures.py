@@ -57,8 +57,8 @@ def is_rank_copy(pid: int) -> bool:
         return False
 
 
-def assert_nothing_left(marker: str) -> None:
-    deadline = time.monotonic() + 2  # a reaped child may take a moment to vanish from /proc
+def assert_nothing_left(marker: str, within_s: float = 2) -> None:
+    deadline = time.monotonic() + within_s  # a reaped child may take a moment to vanish from /proc
     while (left := marked(marker)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"processes left behind: {left}"
