@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dcgan import checkpoint  # noqa: E402
 from dcgan.config import load_config  # noqa: E402
 from dcgan.distributed import DistInfo  # noqa: E402
-from dcgan.train import AMP_DTYPES, build_training, gan_step  # noqa: E402
+from dcgan.training import AMP_DTYPES, build_training, gan_step  # noqa: E402
 from throughput import ensure_bench_shards  # noqa: E402
 
 

@@ -28,7 +28,7 @@ import torch
 from dcgan.config import load_config
 from dcgan.data import Loader, ShardStream
 from dcgan.shardset import resolve_shards
-from dcgan.train import memory_format
+from dcgan.training import memory_format
 from throughput import BENCH_DATA, ensure_bench_shards, int_list  # bench/ is on sys.path when run as a script
 
 

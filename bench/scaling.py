@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcgan.config import load_config
 from dcgan.distributed import DistInfo
-from dcgan.train import AMP_DTYPES, NO_FORWARD_BUFFER_SYNC, build_training, gan_step, memory_format
+from dcgan.training import AMP_DTYPES, NO_FORWARD_BUFFER_SYNC, build_training, gan_step, memory_format
 from throughput import bench_overrides, int_list, timed_steps  # bench/ is on sys.path when run as a script
 
 

@@ -1,6 +1,6 @@
 """Training throughput, img/s, for one config at one batch size, one process:
 
-(a) the trainer's step (dcgan.train.gan_step, as configured) fed by the shard pipeline;
+(a) the trainer's step (dcgan.training.gan_step, as configured) fed by the shard pipeline;
 (b) the same step fed one batch already in memory: (a)/(b) is what the data costs;
 (c) the plain seed-style loop of bench/plain_loop.py (fp32, Sigmoid + BCELoss, separate
     real/fake passes, no DDP, torch's default Adam and memory layout) on the same
@@ -41,7 +41,7 @@ from dcgan.data import Loader, ShardStream
 from dcgan.distributed import DistInfo
 from dcgan.shards import main as shards_main
 from dcgan.shardset import resolve_shards
-from dcgan.train import AMP_DTYPES, build_training, gan_step, memory_format
+from dcgan.training import AMP_DTYPES, build_training, gan_step, memory_format
 from plain_loop import PlainLoop, batches  # bench/ is on sys.path when run as a script
 
 BENCH_DATA = Path("data")  # where the photo-patch shards are written

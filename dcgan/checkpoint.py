@@ -1,8 +1,7 @@
 """What a run's state is, and how it reaches the disk and comes back.
 
-``TrainState`` is the one object holding everything a restart needs (nothing else holds
-hidden state); ``capture_rng_state`` adds each rank's random generators. On disk a
-checkpoint is two files in ``<run>/checkpoints/``:
+A checkpoint is ``TrainState.state_dict()`` (``dcgan/training.py``) plus each rank's
+random generators (``capture_rng_state``). On disk it is two files in ``<run>/checkpoints/``:
 
 * ``step_<step>.pt``: the state, written atomically (``fileio.write_atomic``: temp
   file in the same folder, fsync, rename, fsync of the folder), so a crash mid-write never leaves a half-written
@@ -31,7 +30,6 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -41,6 +39,7 @@ from torch import nn
 
 from dcgan.config import ConfigError
 from dcgan.fileio import write_atomic
+from dcgan.models import ModelConfig, build_models
 from dcgan.shardset import ShardSet, describe_change
 
 if TYPE_CHECKING:
@@ -57,73 +56,6 @@ FIXED_ON_RESUME = ("arch", "image_size", "channels", "nz", "ngf", "ndf")
 RECORD_SUFFIX = ".json"  # step_X.pt -> step_X.pt.json
 CORRUPT_SUFFIX = ".corrupt"  # a rejected checkpoint is renamed aside, never deleted
 BEST_NAME = "best.pt"  # the state with the lowest FID so far (eval.best_checkpoint)
-
-
-@dataclass
-class TrainState:
-    generator: nn.Module  # bare modules (not DDP): their state dicts load into any world size
-    discriminator: nn.Module
-    generator_ema: nn.Module | None  # moving average of G's weights; None when model.ema_decay is 0
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    scaler_g: torch.amp.GradScaler
-    scaler_d: torch.amp.GradScaler
-    step: int = 0  # optimisation steps done
-    epoch: int = 0  # data epoch in progress
-    batch_in_epoch: int = 0  # batches of that epoch already consumed (per rank)
-    samples_seen: int = 0  # real images consumed, all ranks together
-    wandb_run_id: str | None = None  # set by tracking, so a restart continues the same W&B run
-    train_seconds: float = 0.0  # wall time of the training loops so far, all attempts together
-    best_fid: float | None = None  # lowest FID of the in-training evaluations so far
-    best_fid_step: int = 0  # the step it was measured at (checkpoints/best.pt)
-
-    def state_dict(
-        self, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int, data: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Everything to restart from; ``rng`` holds one ``capture_rng_state()`` per rank,
-        ``data`` the identity of the shards trained on (``ShardSet.identity()``)."""
-        return {
-            "format_version": FORMAT_VERSION,
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "samples_seen": self.samples_seen,
-            "world_size": world_size,  # batch_in_epoch is a position in this world size's split
-            "generator": self.generator.state_dict(),
-            "discriminator": self.discriminator.state_dict(),
-            "generator_ema": None if self.generator_ema is None else self.generator_ema.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "scaler_g": self.scaler_g.state_dict(),
-            "scaler_d": self.scaler_d.state_dict(),
-            "rng": rng,
-            "wandb_run_id": self.wandb_run_id,
-            "train_seconds": self.train_seconds,
-            "best_fid": self.best_fid,
-            "best_fid_step": self.best_fid_step,
-            "config": config,
-            "data": data,  # also in the record, where the start-up checks read it without loading this file
-        }
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore nets, optimisers and counters (RNG states: ``restore_rng_state``)."""
-        if sd.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint format {sd.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-        self.generator.load_state_dict(sd["generator"])
-        self.discriminator.load_state_dict(sd["discriminator"])
-        if self.generator_ema is not None:
-            # Turned on for a run whose checkpoint has none: start the average from G.
-            self.generator_ema.load_state_dict(sd["generator_ema"] or sd["generator"])
-        self.opt_g.load_state_dict(sd["opt_g"])
-        self.opt_d.load_state_dict(sd["opt_d"])
-        if sd["scaler_g"]:  # empty when saved with grad scaling off
-            self.scaler_g.load_state_dict(sd["scaler_g"])
-            self.scaler_d.load_state_dict(sd["scaler_d"])
-        self.step, self.epoch = sd["step"], sd["epoch"]
-        self.batch_in_epoch, self.samples_seen = sd["batch_in_epoch"], sd["samples_seen"]
-        self.wandb_run_id = sd["wandb_run_id"]
-        self.train_seconds = sd.get("train_seconds", 0.0)  # absent before issue 5's checkpoints
-        self.best_fid, self.best_fid_step = sd.get("best_fid"), sd.get("best_fid_step", 0)  # absent before issue 6's
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -437,21 +369,6 @@ def check_same_data(saved: dict[str, Any] | None, shards: ShardSet, path: Path, 
     return change
 
 
-def settle_restart(cfg: Config, restart: int) -> str | None:
-    """A restarted attempt of the same job (torchrun --max-restarts, a Slurm requeue)
-    must carry on from the run folder, whatever train.resume says: the first attempt
-    already started fresh (never), wiped the folder (overwrite) or loaded a file (PATH).
-    Adjusts ``cfg`` in place and returns a line saying what changed (None: nothing)."""
-    t = cfg.train
-    if restart == 0 or t.resume == "auto":
-        return None
-    if t.resume != "never" and not list_checkpoints(cfg.run_dir / "checkpoints"):
-        return None  # PATH, and this job has saved nothing of its own yet: load PATH again
-    was = f"train.resume={t.resume}" + (" train.overwrite=true" if t.overwrite else "")
-    t.resume, t.overwrite = "auto", False
-    return f"restart {restart} of this job: {was} applied to the first attempt only; now train.resume=auto"
-
-
 class Resume(NamedTuple):
     path: Path
     state_dict: dict[str, Any]  # loaded on the CPU
@@ -546,6 +463,17 @@ def move_later_aside(run_dir: Path, step: int) -> Path | None:
         step, max((step_of(p) for p in later if p.name != BEST_NAME), default=step), aside,
     )  # fmt: skip
     return aside
+
+
+def load_generator(sd: dict, model: ModelConfig, weights: str, path: Path) -> nn.Module:
+    """The checkpoint's EMA generator (``weights='ema'``, falling back to G when the run
+    had none) or G, on the CPU in eval mode."""
+    generator, _ = build_models(model)
+    state = sd["generator_ema"] if weights == "ema" and sd.get("generator_ema") is not None else sd["generator"]
+    if weights == "ema" and sd.get("generator_ema") is None:
+        log.warning("%s has no EMA generator (model.ema_decay was 0): using G", path)
+    generator.load_state_dict(state)
+    return generator.eval()
 
 
 class CheckpointError(ValueError):

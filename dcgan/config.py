@@ -22,9 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad key or value; the message names the key (and the file, once known)."""
+from dcgan.checks import ConfigError, _FieldError, check_field
+from dcgan.models import ModelConfig
 
 
 class Scalar(typing.NamedTuple):
@@ -102,26 +101,6 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Which seed architecture, at which widths. See dcgan/models.py for the layer lists."""
-
-    arch: str = "celeba"  # celeba | pumpkins | mnist | pokemon | kmnist
-    image_size: int = 64  # must be the arch's native size (64 for RGB seeds, 28 for digits)
-    channels: int = 3  # image channels (1 grey, 3 RGB); decoded images are converted to it
-    nz: int = 100  # latent size
-    ngf: int = 64  # generator base width
-    ndf: int = 64  # discriminator base width
-    # Decay of the moving average of G's weights (the EMA generator used for sample
-    # grids); it ramps up as min(decay, (1 + step) / (10 + step)). 0 disables it.
-    ema_decay: float = 0.999
-
-    def __post_init__(self) -> None:
-        for name in ("image_size", "channels", "nz", "ngf", "ndf"):
-            check_field(getattr(self, name) >= 1, name, "must be >= 1")
-        check_field(0 <= self.ema_decay < 1, "ema_decay", "must lie in [0, 1) (0 disables the EMA generator)")
-
-
-@dataclass
 class AdamConfig:
     """Adam settings of one network."""
 
@@ -162,7 +141,7 @@ class TrainConfig:
     # layout oneDNN (CPU) and tensor cores (GPU) run fastest; the maths is unchanged.
     channels_last: bool = True
     # torch.compile the forwards of G and D (compiled on the first steps; recompiled once
-    # for D's frozen G-step pass). Pays on GPUs; on this CPU it did not (README, Performance).
+    # for D's frozen G-step pass). Pays on GPUs; on the CPU it did not (bench/README.md).
     compile: bool = False
     seed: int = 0
     sync_bn: bool = True  # SyncBatchNorm when world size > 1
@@ -291,18 +270,6 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        from dcgan.models import ARCH_IMAGE_SIZE  # models.py imports nothing from here
-
-        if self.model.arch not in ARCH_IMAGE_SIZE:
-            raise ConfigError(f"model.arch: {self.model.arch!r} is not one of {', '.join(ARCH_IMAGE_SIZE)}")
-        native = ARCH_IMAGE_SIZE[self.model.arch]
-        if self.model.image_size != native:
-            raise ConfigError(
-                f"model.image_size: arch {self.model.arch!r} makes {native}x{native} images "
-                f"(its seed's layer list); {self.model.image_size} is impossible"
-            )
 
     @property
     def run_dir(self) -> Path:
@@ -452,17 +419,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise TypeError(f"unsupported config annotation {hint!r} for {key}")  # a bug here, not user input
-
-
-class _FieldError(ConfigError):
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"{key}: {problem}")
-        self.key, self.problem = key, problem
-
-
-def check_field(ok: bool, key: str, problem: str) -> None:
-    if not ok:
-        raise _FieldError(key, problem)
 
 
 def _plain(obj: Any) -> Any:

@@ -4,7 +4,7 @@ webdataset supplies the reading (``gopen`` for paths, ``pipe:`` and URLs, its ta
 iterators, brace expansion, the shuffle buffer). The split of samples over ranks and
 DataLoader workers is ours, because webdataset 1.0.2's shard-level split cannot promise
 equal batch counts per rank (DDP then hangs), repeats the same order every epoch, and
-keeps no position to resume from (shared/notes/pitfalls.md 1-2). The plan, identical
+keeps no position to resume from. The plan, identical
 on every rank and computed from the per-shard counts alone:
 
 * epoch e lays the shards out in a seeded random order and starts at a seeded random

@@ -29,21 +29,22 @@ import torch
 from torch import nn
 
 from dcgan import checkpoint, distributed
-from dcgan.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig, build_section
+from dcgan.config import ConfigError, DataConfig, EvalConfig, ModelConfig, build_section
 from dcgan.data import read_images
 from dcgan.distributed import DistInfo
+from dcgan.exits import EXIT_CONFIG
 from dcgan.features import (
     FeaturesError,
     InceptionFeatures,
     load_classifier,
     read_classifier_file,
     save_classifier,
-    to_uint8,
     train_classifier,
 )
+from dcgan.images import to_uint8
 from dcgan.logs import setup_logging
-from dcgan.models import build_models, sample_latent
-from dcgan.scores import quality_scores
+from dcgan.models import sample_latent
+from dcgan.scores import format_scores, quality_scores
 from dcgan.shardset import first_image_size, resolve_shards
 
 log = logging.getLogger("dcgan.eval")
@@ -185,6 +186,21 @@ class Evaluator:
             raise RuntimeError(f"evaluation failed on rank 0: {error}")
         return scores
 
+    def due(self, step: int, last_step: int) -> bool:
+        """An evaluation every eval.every steps while training, and one at the last step."""
+        return step % self.cfg.every == 0 or step == last_step
+
+    def evaluate_at(
+        self, step: int, sample: Callable[[torch.Tensor], torch.Tensor], nz: int, state
+    ) -> tuple[dict, bool]:
+        """Collective, while training: the scores at ``step`` and whether they are the best
+        FID so far, which ``state`` (the run's TrainState) then records."""
+        scores = self.evaluate(sample, nz)
+        improved = state.best_fid is None or scores["fid"] < state.best_fid
+        if improved:
+            state.best_fid, state.best_fid_step = scores["fid"], step
+        return scores, improved
+
 
 def eval_mode_sampler(generator: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """G(z) with running BN statistics, no grad: no batch dependence and no SyncBN
@@ -200,13 +216,6 @@ def eval_mode_sampler(generator: nn.Module) -> Callable[[torch.Tensor], torch.Te
             generator.train(was_training)
 
     return sample
-
-
-def format_scores(scores: dict[str, float]) -> str:
-    return (
-        f"FID {scores['fid']:.3f} | KID {scores['kid']:.5f} ± {scores['kid_std']:.5f} | "
-        f"precision {scores['precision']:.3f} | recall {scores['recall']:.3f}"
-    )
 
 
 # --------------------------------------------------------------------------- CLI: score
@@ -245,10 +254,10 @@ def score_main(argv: list[str]) -> int:
         choice = choose_extractor(ecfg, shards, model)
     except (ConfigError, checkpoint.CheckpointError) as e:
         print(f"dcgan.eval: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     dist = distributed.setup(args.device)
     try:
-        generator = generator_from_checkpoint(sd, model, args.weights, path).to(dist.device)
+        generator = checkpoint.load_generator(sd, model, args.weights, path).to(dist.device)
         evaluator = Evaluator.build(choice, ecfg, DataConfig(shards=shards), model, dist)
         scores = evaluator.evaluate(eval_mode_sampler(generator), model.nz)
         if dist.is_main:
@@ -270,17 +279,6 @@ def score_main(argv: list[str]) -> int:
         return 0
     finally:
         distributed.teardown()
-
-
-def generator_from_checkpoint(sd: dict, model: ModelConfig, weights: str, path: Path) -> nn.Module:
-    """The checkpoint's EMA generator (``weights='ema'``, falling back to G when the run
-    had none) or G, on the CPU in eval mode."""
-    generator, _ = build_models(model)
-    state = sd["generator_ema"] if weights == "ema" and sd.get("generator_ema") is not None else sd["generator"]
-    if weights == "ema" and sd.get("generator_ema") is None:
-        log.warning("%s has no EMA generator (model.ema_decay was 0): using G", path)
-    generator.load_state_dict(state)
-    return generator.eval()
 
 
 # --------------------------------------------------------------------------- CLI: train-features
@@ -307,13 +305,13 @@ def train_features_main(argv: list[str]) -> int:
         shard_set = resolve_shards(DataConfig(shards=args.shards))
     except ConfigError as e:
         print(f"dcgan.eval train-features: --shards: {str(e).removeprefix('data.shards: ')}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     channels = args.channels or shard_set.channels or 3
     width, height = first_image_size(shard_set) or (0, 0)
     image_size = args.image_size or (width if width == height else 0)
     if not image_size:
         print("dcgan.eval train-features: --image-size: the shards' size is not known; give it", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     out = Path(args.out) if args.out else Path(args.shards) / DEFAULT_FEATURES_NAME
     device = torch.device(
         "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -329,7 +327,7 @@ def train_features_main(argv: list[str]) -> int:
             "folders of class sub-folders); for unlabelled data use eval.inception / --inception",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_CONFIG
     if not labelled.all():
         log.warning("%d of %d samples have no label: trained on the others", (~labelled).sum().item(), len(labels))
     t0 = time.perf_counter()
@@ -363,13 +361,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "train-features":
         return train_features_main(argv[1:])
     return score_main(argv)
-
-
-def check_eval_config(cfg: Config) -> ExtractorChoice | None:
-    """The eval section checked before training starts (None: no evaluation)."""
-    if cfg.eval.every == 0:
-        return None
-    return choose_extractor(cfg.eval, cfg.data.shards, cfg.model)
 
 
 if __name__ == "__main__":

@@ -44,12 +44,6 @@ class FeaturesError(ValueError):
     """A features or weights file that cannot be used; the message names it."""
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Generator output in [-1, 1] -> uint8 [0, 255], quantised as a saved PNG would be, so
-    fakes reach the extractor exactly as real images (decoded from PNG/JPEG) do."""
-    return images.float().add(1).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
-
-
 # --------------------------------------------------------------------------- classifier
 
 

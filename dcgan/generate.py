@@ -27,12 +27,11 @@ import torch
 
 from dcgan import checkpoint
 from dcgan.config import ConfigError, ModelConfig, build_section
-from dcgan.eval import generator_from_checkpoint
-from dcgan.features import to_uint8
+from dcgan.exits import EXIT_CONFIG
+from dcgan.images import save_png, to_uint8, to_uint8_grid
 from dcgan.logs import setup_logging
 from dcgan.models import sample_latent
 from dcgan.progress import progress
-from dcgan.tracking import save_png, to_uint8_grid
 
 log = logging.getLogger("dcgan.generate")
 
@@ -76,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         model = build_section(ModelConfig, sd["config"]["model"], str(path), "model.")
     except (checkpoint.CheckpointError, ConfigError) as e:
         print(f"dcgan.generate: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     device = torch.device(args.device)
-    generator = generator_from_checkpoint(sd, model, args.weights, path).to(device)
+    generator = checkpoint.load_generator(sd, model, args.weights, path).to(device)
     out = Path(args.out) if args.out else path.parent.parent / "generated" / path.stem
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(args.seed)

@@ -1,4 +1,4 @@
-"""The five seed DCGANs (shared/seeds), each a pair of plain ``nn.Sequential`` layer lists.
+"""The five reference DCGANs (configs/*.yaml), each a pair of plain ``nn.Sequential`` layer lists.
 
 Every list keeps its seed's layers, widths, kernel/stride/padding, bias flags and
 norm/activation order. One change for all: the discriminator ends in a logit (no
@@ -15,13 +15,13 @@ matches class names on "Conv" / "BatchNorm" and touches weights only.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from dcgan.config import Config, ModelConfig
+from dcgan.checks import check_field
 
 
 def _up(cin: int, cout: int, k: int = 4, s: int = 2, p: int = 1) -> nn.ConvTranspose2d:
@@ -141,6 +141,36 @@ ARCHS: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module], int]]
 ARCH_IMAGE_SIZE = {arch: size for arch, (_, _, size) in ARCHS.items()}
 
 
+@dataclass
+class ModelConfig:
+    """Which reference architecture, at which widths (the layer lists above)."""
+
+    arch: str = "celeba"  # celeba | pumpkins | mnist | pokemon | kmnist
+    image_size: int = 64  # must be the arch's native size (64 for RGB seeds, 28 for digits)
+    channels: int = 3  # image channels (1 grey, 3 RGB); decoded images are converted to it
+    nz: int = 100  # latent size
+    ngf: int = 64  # generator base width
+    ndf: int = 64  # discriminator base width
+    # Decay of the moving average of G's weights (the EMA generator used for sample
+    # grids); it ramps up as min(decay, (1 + step) / (10 + step)). 0 disables it.
+    ema_decay: float = 0.999
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "channels", "nz", "ngf", "ndf"):
+            check_field(getattr(self, name) >= 1, name, "must be >= 1")
+        check_field(0 <= self.ema_decay < 1, "ema_decay", "must lie in [0, 1) (0 disables the EMA generator)")
+        check_field(self.arch in ARCH_IMAGE_SIZE, "arch", f"{self.arch!r} is not one of {', '.join(ARCH_IMAGE_SIZE)}")
+        native = ARCH_IMAGE_SIZE[self.arch]
+        check_field(
+            self.image_size == native, "image_size",
+            f"arch {self.arch!r} makes {native}x{native} images (its seed's layer list); {self.image_size} is impossible",
+        )  # fmt: skip
+
+
+class HasModel(Protocol):
+    model: ModelConfig
+
+
 def dcgan_init_(module: nn.Module) -> None:
     """The seeds' weights_init, applied to every submodule."""
     for m in module.modules():
@@ -151,7 +181,7 @@ def dcgan_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_models(cfg: Config | ModelConfig) -> tuple[nn.Module, nn.Module]:
+def build_models(cfg: ModelConfig | HasModel) -> tuple[nn.Module, nn.Module]:
     """(G, D) for ``cfg.model`` (or a ModelConfig), DCGAN-initialised, on the CPU."""
     m = getattr(cfg, "model", cfg)
     make_g, make_d, _ = ARCHS[m.arch]

@@ -27,9 +27,6 @@ from dcgan.distributed import DistInfo
 
 log = logging.getLogger("dcgan.train")
 
-# EX_TEMPFAIL from sysexits.h ("temporary failure, try again"): a launcher requeues on it.
-EXIT_PREEMPTED = 75
-
 
 # A second SIGINT this long after the first is a second Ctrl-C; sooner, it is the same one
 # delivered twice (the terminal signals the whole process group, and torchrun forwards

@@ -94,3 +94,10 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     precision = share_inside(fake, real, knn_radii(real, k))
     recall = share_inside(real, fake, knn_radii(fake, k))
     return precision, recall
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    return (
+        f"FID {scores['fid']:.3f} | KID {scores['kid']:.5f} ± {scores['kid_std']:.5f} | "
+        f"precision {scores['precision']:.3f} | recall {scores['recall']:.3f}"
+    )

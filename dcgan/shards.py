@@ -45,6 +45,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from dcgan.exits import EXIT_CONFIG
 from dcgan.fileio import write_atomic
 from dcgan.progress import progress
 from dcgan.shardset import GREY_MODES, MANIFEST, convert_image, image_member, index_command, open_image, tar_files
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except SourceError as e:
         print(f"dcgan.shards: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     log.info(
         "wrote %d samples in %d shards to %s (%d skipped)",
         manifest["samples"],
@@ -524,7 +525,7 @@ def index_main(argv: list[str]) -> int:
         manifest = index_folder(args.folder, max(1, args.workers))
     except SourceError as e:
         print(f"dcgan.shards index: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     size = f"{manifest['image_size']}px" if manifest["image_size"] else "sizes " + ", ".join(manifest["image_sizes"])
     log.info(
         "wrote %s: %d samples in %d shards, %s, %d channel(s)",

@@ -1,6 +1,10 @@
 """Where a run's progress goes, from rank 0: the console (a bar on a terminal, plain lines
 otherwise), the run folder and W&B (``dcgan/wandb_run.py``).
 
+The tracker also keeps the log interval on every rank (``Interval``: the summed step
+statistics on the device, the data wait, the time) and decides when a log line and a
+sample grid are due (``log_due``, ``sample_grid_if_due``).
+
 Run folder, W&B or not: ``metrics.jsonl`` (one object per log step), ``samples/*.png``,
 ``losses.png`` (redrawn with every sample grid) and ``summary.json`` (at the end of each
 attempt). Other ranks hold a Tracker that does nothing, nothing here is a collective, and
@@ -22,18 +26,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torchvision.utils as vutils
-from PIL import Image
 
 from dcgan.config import Config
+from dcgan.distributed import DistInfo
 from dcgan.fileio import write_atomic
+from dcgan.images import save_png, to_uint8_grid
 from dcgan.progress import StepProgress
+from dcgan.scores import format_scores
+from dcgan.training import STAT_NAMES, TrainState
 from dcgan.wandb_run import WandbRun, open_run
 
 log = logging.getLogger("dcgan.train")
@@ -44,9 +51,39 @@ BEST = {"fid": "min", "kid": "min", "precision": "max", "recall": "max"}
 PLOT_PANELS = (("loss", ("loss_d", "loss_g")), ("discriminator output", ("d_real", "d_fake", "d_fake_after")))
 
 
+class Interval:
+    """The log interval in progress, on every rank: the sum of its steps' gan_step
+    statistics (on the device: read once, at the log step), its steps, data wait and time."""
+
+    def __init__(self, device: torch.device):
+        self.stats = torch.zeros(len(STAT_NAMES), device=device)
+        self.steps, self.data_wait, self.started = 0, 0.0, time.perf_counter()
+
+    def add(self, stats: torch.Tensor) -> None:
+        self.stats += stats
+        self.steps += 1
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """``batches``, counting the time spent waiting for each as data wait."""
+        t_fetch = time.perf_counter()
+        for batch in batches:
+            self.data_wait += time.perf_counter() - t_fetch
+            yield batch
+            t_fetch = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation) out of the interval's img/s."""
+        self.started += seconds
+
+    def reset(self) -> None:
+        self.stats.zero_()
+        self.steps, self.data_wait, self.started = 0, 0.0, time.perf_counter()
+
+
 class Tracker:
-    def __init__(self, cfg: Config, enabled: bool):
+    def __init__(self, cfg: Config, enabled: bool, device: torch.device | None = None):
         self.cfg, self.enabled = cfg, enabled
+        self.interval = Interval(device or torch.device("cpu"))
         self.run_dir = cfg.run_dir
         self.samples_dir = self.run_dir / "samples"
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -76,8 +113,39 @@ class Tracker:
         self.progress = StepProgress(total, step, enabled=True)
         return self.wandb.id or wandb_run_id  # W&B off this time: keep the id for the next attempt
 
-    def advance(self, step: int) -> None:
+    def advance(self, step: int, stats: torch.Tensor) -> None:
+        """A step is done: add its statistics to the interval, move the progress bar."""
+        self.interval.add(stats)
         self.progress.update(step)
+
+    def log_due(self, step: int) -> bool:
+        return step % self.cfg.log.every == 0 or step == self.cfg.train.steps
+
+    def log_interval(self, step: int, state: TrainState, corrupt_samples: int, dist: DistInfo) -> None:
+        """The interval's metrics line (rank 0; the one host sync of the interval), then a new interval."""
+        if self.enabled:
+            values = interval_values(self.interval, state, self.cfg.train.batch_size, dist)
+            values.update(epoch=state.epoch, corrupt_samples=corrupt_samples)
+            self.metrics(step, values, (
+                f"step {step}/{self.cfg.train.steps} | epoch {state.epoch} | "
+                f"loss_D {values['loss_d']:.3f} | loss_G {values['loss_g']:.3f} | "
+                f"D(x) {values['d_real']:.3f} | D(G(z)) {values['d_fake']:.3f} -> {values['d_fake_after']:.3f} | "
+                f"{values['img_per_s']:.0f} img/s | data wait {100 * values['data_wait']:.0f}%"
+            ))  # fmt: skip
+        self.interval.reset()
+
+    def sample_grid_if_due(
+        self, step: int, sample: Callable[[torch.Tensor], torch.Tensor], noise: torch.Tensor
+    ) -> None:
+        """G(fixed noise) every log.samples_every steps and at the end (rank 0)."""
+        if self.enabled and (step % self.cfg.log.samples_every == 0 or step == self.cfg.train.steps):
+            self.sample_grid(step, sample(noise))
+
+    def scores(self, step: int, scores: dict[str, float], state: TrainState, improved: bool) -> None:
+        """An evaluation's line and metrics (state: after the evaluator updated the best FID)."""
+        best = " | best so far" if improved else f" | best {state.best_fid:.3f} at step {state.best_fid_step}"
+        line = f"eval step {step}: {format_scores(scores)} | {scores['eval_seconds']:.1f}s{best}"
+        self.metrics(step, {**scores, "best_fid": state.best_fid}, line)
 
     def metrics(self, step: int, values: dict[str, float], line: str) -> None:
         """Log ``line`` (with the ETA) and record ``values`` at ``step``; a non-finite
@@ -215,21 +283,30 @@ class Tracker:
         self._pending = still
 
 
-def to_uint8_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
-    """Images in [-1, 1] (N, C, H, W) as one HxWxC uint8 grid: PNG and W&B both want uint8."""
-    grid = vutils.make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
-    return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+def interval_values(interval: Interval, state: TrainState, batch_size: int, dist: DistInfo) -> dict[str, float]:
+    """The metrics of one log interval: the mean step statistics plus rates, learning rates and memory."""
+    seconds = time.perf_counter() - interval.started
+    values = dict(zip(STAT_NAMES, (interval.stats / interval.steps).tolist()))
+    global_rate = interval.steps * batch_size * dist.world_size / seconds
+    values.update(
+        loss_d=values["loss_d_real"] + values["loss_d_fake"],
+        lr_g=state.opt_g.param_groups[0]["lr"],
+        lr_d=state.opt_d.param_groups[0]["lr"],
+        img_per_s=global_rate,
+        img_per_s_per_process=global_rate / dist.world_size,
+        step_time_s=seconds / interval.steps,
+        data_wait=interval.data_wait / seconds,
+    )
+    if dist.device.type == "cuda":
+        values["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
+    if state.scaler_g.is_enabled():
+        values.update(grad_scale_g=state.scaler_g.get_scale(), grad_scale_d=state.scaler_d.get_scale())
+    return values
 
 
 def append_text(path: Path, text: str) -> None:
     with open(path, "a") as f:
         f.write(text)
-
-
-def save_png(grid: np.ndarray, path: Path) -> None:
-    image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: image.save(f, format="PNG"))
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

@@ -1,10 +1,12 @@
 """python -m dcgan.train --config configs/celeba.yaml [a.b=value ...]
 
 Alone, or under ``torchrun --nproc_per_node=N`` (DDP, one process per GPU or CPU slot).
-The loop below is the whole algorithm, in the seeds' order: D on a real batch, D on a
-fake batch (separate batches, so batch norm never mixes them), one D update, then a G
-update through the frozen D. Run folder: ``<train.out_dir>/<train.name>/`` with
-config.yaml, train.log, metrics.jsonl, samples/ and checkpoints/.
+The data flows one way: config -> preflight (``dcgan/preflight.py``) -> distributed ->
+data -> models and step (``dcgan/training.py``) -> the loop below -> checkpointer and
+tracker. ``train_loop()`` is the whole algorithm: fetch a batch, one GAN step (D on a
+real batch, D on a fake batch, one D update, then a G update through the frozen D),
+then ask each component whether it is due. Run folder: ``<train.out_dir>/<train.name>/``
+with config.yaml, train.log, metrics.jsonl, samples/ and checkpoints/.
 """
 
 from __future__ import annotations
@@ -12,323 +14,77 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dcgan import checkpoint, distributed, failure
-from dcgan.checkpoint import TrainState
-from dcgan.config import Config, ConfigError, load_config, save_config
-from dcgan.data import Loader, ShardStream, derive_seed, steps_per_epoch
+from dcgan import checkpoint, distributed, failure, training
+from dcgan.checkpointer import Checkpointer, restore
+from dcgan.config import Config, ConfigError, save_config
+from dcgan.data import Loader, ShardStream, derive_seed
 from dcgan.distributed import DistInfo
 from dcgan.divergence import DivergenceGuard, finite_weights
-from dcgan.eval import Evaluator, check_eval_config, choose_extractor, eval_mode_sampler, format_scores
+from dcgan.eval import Evaluator, eval_mode_sampler
+from dcgan.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_PREEMPTED, Ending
 from dcgan.failure import Where
 from dcgan.fileio import write_atomic
 from dcgan.logs import LOG_DATE_FORMAT, RunLogHandler, log_format, setup_logging
-from dcgan.models import build_models, ema_copy, sample_latent, update_ema
-from dcgan.preemption import EXIT_PREEMPTED, StoppedDuringStartUp, StopRequest, ignore_in_worker
+from dcgan.models import sample_latent, update_ema
+from dcgan.preemption import StoppedDuringStartUp, StopRequest, ignore_in_worker
+from dcgan.preflight import RunPlan, plan_run
 from dcgan.runlock import RunFolderBusy, RunLock
-from dcgan.shardset import ShardSet, first_image_size, resolve_shards
-from dcgan.sync_batchnorm import convert_sync_batchnorm
+from dcgan.shardset import ShardSet
 from dcgan.tracking import Tracker
+from dcgan.training import AMP_DTYPES, TrainState, build_training, memory_format
 
 log = logging.getLogger("dcgan.train")
 
-# torch 2.14 renamed DDP's broadcast_buffers; older releases know only the old name.
-NO_FORWARD_BUFFER_SYNC = (
-    {"forward_sync_buffers": False}
-    if "forward_sync_buffers" in inspect.signature(DDP).parameters
-    else {"broadcast_buffers": False}
-)
-# Exit codes. EXIT_PREEMPTED (75): stopped on a signal with the state saved; run the same
-# command again (launchers requeue on it). EXIT_FAILED: the final or stop checkpoint could
-# not be written, or no checkpoint of the run folder is usable.
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 # After a failure the process ends within this many seconds, whatever blocks on the way out.
 EXIT_DEADLINE_S = 10.0
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-# What gan_step measures each step (averaged over log.every steps): losses, D's mean
-# output on real data and on fakes before (d_fake) and after (d_fake_after) the D update,
-# and the gradient norms (unscaled under fp16).
-STAT_NAMES = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "d_fake_after", "grad_norm_d", "grad_norm_g")
 
 
-def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, nn.Module]:
-    """(state, G as trained, D as trained): the bare nets live in ``state``; the trained
-    ones are their DDP wrappers when there are several processes."""
-    torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
-    G, D = build_models(cfg)
-    layout = memory_format(cfg)
-    G_ema = ema_copy(G).to(dist.device, memory_format=layout) if cfg.model.ema_decay > 0 else None
-    if dist.distributed and cfg.train.sync_bn:
-        G = convert_sync_batchnorm(G, dist.device)
-        D = convert_sync_batchnorm(D, dist.device)
-    G, D = G.to(dist.device, memory_format=layout), D.to(dist.device, memory_format=layout)
-    o = cfg.optim
-    opt_g = torch.optim.Adam(G.parameters(), lr=o.g.lr, betas=o.g.betas, weight_decay=o.g.weight_decay, fused=o.fused)
-    opt_d = torch.optim.Adam(D.parameters(), lr=o.d.lr, betas=o.d.betas, weight_decay=o.d.weight_decay, fused=o.fused)
-    if cfg.train.compile:  # in place: state-dict keys stay those of the bare nets, DDP wraps the compiled call
-        G.compile()
-        D.compile()
-    # One scaler per network: their gradients live on different scales (fp16 only).
-    fp16 = cfg.train.precision == "fp16"
-    state = TrainState(
-        G,
-        D,
-        G_ema,
-        opt_g,
-        opt_d,
-        torch.amp.GradScaler(dist.device.type, enabled=fp16),
-        torch.amp.GradScaler(dist.device.type, enabled=fp16),
-    )
-    if not dist.distributed:
-        return state, G, D
-    # No buffer broadcast at each forward: BN statistics are SyncBN's business, and
-    # rebroadcasting them between D's two forwards breaks autograd (pitfalls.md 3).
-    return state, DDP(G, **NO_FORWARD_BUFFER_SYNC), DDP(D, **NO_FORWARD_BUFFER_SYNC)
+@dataclass
+class Run:
+    """Everything the loop works with, built once per attempt by ``build_run``."""
+
+    cfg: Config
+    dist: DistInfo
+    shards: ShardSet
+    state: TrainState
+    g_train: nn.Module  # G as trained: its DDP wrapper with several processes
+    d_train: nn.Module
+    loader: Loader
+    tracker: Tracker
+    checkpointer: Checkpointer
+    evaluator: Evaluator | None
+    sample: Callable[[torch.Tensor], torch.Tensor]  # the EMA generator (G without one), in eval mode
+    fixed_noise: torch.Tensor  # the latents of every sample grid
+    resumed_from: checkpoint.Resume | None
+
+    @property
+    def nets(self) -> list[nn.Module]:
+        return [self.state.generator, self.state.discriminator]
 
 
-def init_data_worker(stop_signals: tuple[str, ...], worker_id: int) -> None:
-    """Each DataLoader worker leaves the stop signals to its rank, and dies with it."""
-    ignore_in_worker(stop_signals)
-    failure.die_with_parent()
-
-
-def memory_format(cfg: Config) -> torch.memory_format:
-    """The layout of the nets' 4-d weights and of the batches fed to them."""
-    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-
-
-def gan_step(
-    state: TrainState,
-    g_train: nn.Module,
-    d_train: nn.Module,
-    real: torch.Tensor,
-    nz: int,
-    amp_dtype: torch.dtype | None,
-    real_target: float = 1.0,
-) -> torch.Tensor:
-    """One D update and one G update; returns the STAT_NAMES values as a tensor on the
-    device (no host sync here: the caller reads them only at log steps). ``real_target``:
-    D's label for real images (below 1: one-sided label smoothing)."""
-    D = state.discriminator
-    amp = torch.autocast(real.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    n = real.shape[0]
-    ones = torch.ones(n, device=real.device)
-    zeros = torch.zeros(n, device=real.device)
-
-    # D on real, then on fake: two backward passes, one gradient all-reduce (the second).
-    state.opt_d.zero_grad(set_to_none=True)
-    with d_train.no_sync() if isinstance(d_train, DDP) else contextlib.nullcontext():
-        with amp:
-            out_real = d_train(real).view(-1).float()
-        loss_d_real = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, real_target))
-        state.scaler_d.scale(loss_d_real).backward()
-    z = sample_latent(n, nz, real.device)
-    with amp:
-        fake = g_train(z)
-        out_fake = d_train(fake.detach()).view(-1).float()
-    loss_d_fake = F.binary_cross_entropy_with_logits(out_fake, zeros)
-    state.scaler_d.scale(loss_d_fake).backward()
-    grad_norm_d = gradient_norm(D, state.scaler_d, state.opt_d)
-    state.scaler_d.step(state.opt_d)
-    state.scaler_d.update()
-
-    # G through the bare, frozen D: no D gradients, no D all-reduce (pitfalls.md 5).
-    state.opt_g.zero_grad(set_to_none=True)
-    D.requires_grad_(False)
-    with amp:
-        out_g = D(fake).view(-1).float()
-    loss_g = F.binary_cross_entropy_with_logits(out_g, ones)
-    state.scaler_g.scale(loss_g).backward()
-    grad_norm_g = gradient_norm(state.generator, state.scaler_g, state.opt_g)
-    state.scaler_g.step(state.opt_g)
-    state.scaler_g.update()
-    D.requires_grad_(True)
-
-    with torch.no_grad():
-        return torch.stack([
-            loss_d_real, loss_d_fake, loss_g,
-            out_real.sigmoid().mean(), out_fake.sigmoid().mean(), out_g.sigmoid().mean(),
-            grad_norm_d, grad_norm_g,
-        ])  # fmt: skip
-
-
-def gradient_norm(net: nn.Module, scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> torch.Tensor:
-    """L2 norm of ``net``'s gradients, on the device. Under fp16 the grads are unscaled
-    first (``scaler.step`` then knows not to do it again); inf when the step overflowed."""
-    scaler.unscale_(opt)
-    return torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
-
-
-def resume(
-    path: Path, sd: dict | None, state: TrainState, cfg: Config, dist: DistInfo, shards: ShardSet, loader: Loader
-) -> None:
-    """Load ``path`` (``sd``: its state dict, already loaded on rank 0) into ``state``, apply
-    the optimiser settings given now, and put each rank's RNG and data position where it
-    left them. Exact with the world size, batch and data it was written with; otherwise the
-    epoch goes on at the same fraction under the new plan, with per-rank RNG derived afresh.
-    ConfigError when the data changed and train.data_changed says "refuse", or when the
-    checkpoint's tensors do not fit the nets."""
-    t_load = time.perf_counter()
-    sd = sd if sd is not None else checkpoint.load(path)
-    data_change = checkpoint.check_same_data(sd.get("data"), shards, path, cfg.train.data_changed)
-    try:
-        state.load_state_dict(sd)
-    except (RuntimeError, KeyError, ValueError) as e:  # another architecture under the same settings
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"train.resume: {path} does not fit model.arch {cfg.model.arch!r} ({detail})") from None
-    saved_world, saved_batch = sd["world_size"], sd["config"]["train"]["batch_size"]
-    restarts = distributed.restart_count()
-    log.info(
-        "resumed from %s at step %d (epoch %d, batch %d), loaded in %.2fs%s",
-        path, state.step, state.epoch, state.batch_in_epoch, time.perf_counter() - t_load,
-        f"; restart {restarts} of this job" if restarts else "",
-    )  # fmt: skip
-    apply_resume_overrides(state, cfg, sd["config"], dist)
-    if (saved_world, saved_batch) == (dist.world_size, cfg.train.batch_size) and data_change is None:
-        checkpoint.restore_rng_state(sd["rng"][dist.rank], dist.device)
-        return
-    saved_total = sd["data"]["samples"] if sd.get("data") else shards.total
-    saved_steps = steps_per_epoch(saved_total, saved_world, saved_batch)
-    batch = round(state.batch_in_epoch * loader.steps_per_epoch / saved_steps)
-    changes = [
-        f"world size {saved_world} -> {dist.world_size}" if saved_world != dist.world_size else "",
-        f"batch per process {saved_batch} -> {cfg.train.batch_size}" if saved_batch != cfg.train.batch_size else "",
-        f"the data changed ({data_change}; train.data_changed=continue)" if data_change else "",
-    ]
-    log.warning(
-        "%s: the data is split afresh; epoch %d goes on at batch %d of %d (was %d of %d) and each rank's RNG is "
-        "derived from the seed again. Exact resume needs the same world size, batch and data.",
-        ", ".join(filter(None, changes)), state.epoch, batch, loader.steps_per_epoch, state.batch_in_epoch, saved_steps,
-    )  # fmt: skip
-    state.batch_in_epoch = batch
-    checkpoint.seed_rng(derive_seed(cfg.train.seed, dist.rank, state.step, 1))
-
-
-def apply_resume_overrides(state: TrainState, cfg: Config, saved: dict, dist: DistInfo) -> None:
-    """Optimiser settings given now win over the checkpoint's (its param groups hold the
-    old lr, betas and weight decay); every setting that differs is logged."""
-    for net, opt in (("g", state.opt_g), ("d", state.opt_d)):
-        adam = getattr(cfg.optim, net)
-        for group in opt.param_groups:
-            group.update(lr=adam.lr, betas=adam.betas, weight_decay=adam.weight_decay)
-    changed = config_changes(saved, cfg.to_dict())
-    if dist.is_main and changed:
-        optim = [c for c in changed if c.startswith("optim.")]
-        other = [c for c in changed if not c.startswith("optim.")]
-        if optim:
-            log.warning("changed on resume, applied on top of the checkpoint's optimiser state: %s", "; ".join(optim))
-        if other:
-            log.info("settings that differ from the checkpoint's: %s", "; ".join(other))
-
-
-def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """``key old -> new`` for every setting that differs between two config dicts."""
-    changes = []
-    for key, value in now.items():
-        old = saved.get(key) if isinstance(saved, dict) else None
-        if isinstance(value, dict):
-            changes += config_changes(old or {}, value, f"{prefix}{key}.")
-        elif old != value and f"{prefix}{key}" not in ("train.resume", "train.overwrite"):
-            changes.append(f"{prefix}{key} {old!r} -> {value!r}")
-    return changes
-
-
-def save_checkpoint(state: TrainState, cfg: Config, dist: DistInfo, data: dict, best: bool = False) -> str:
-    """Collective: every rank hands rank 0 its RNG state, rank 0 writes, all ranks wait
-    for the outcome (so no rank exits, and no launcher kills rank 0, mid-write): "saved",
-    "failed" (the write failed: reported, the previous checkpoints stay as they were) or
-    "nonfinite" (the state holds NaN or infinite values: nothing is written).
-    ``data``: the shards' identity. ``best``: write checkpoints/best.pt instead of step_<step>.pt."""
-    rng = distributed.gather_objects(checkpoint.capture_rng_state(dist.device), dist)
-    outcome = "saved"
-    if dist.is_main:
-        ckpt_dir = cfg.run_dir / "checkpoints"
-        try:
-            sd = state.state_dict(cfg.to_dict(), rng, dist.world_size, data)
-            bad = checkpoint.nonfinite_tensors(sd)
-            if bad:
-                log.error("checkpoint at step %d not written: non-finite values in %s", state.step, ", ".join(bad))
-                return distributed.broadcast_object("nonfinite", dist)
-            if best:
-                saved = checkpoint.save_best(sd, ckpt_dir, state.step)
-            else:
-                saved = checkpoint.save(sd, ckpt_dir, state.step, cfg.checkpoint.keep)
-            log.info("checkpoint %s (%.1f MB in %.3fs)", saved.path, saved.bytes / 2**20, saved.seconds)
-        except Exception as e:  # a full disk, an I/O error, a quota: keep the old ones, say so
-            outcome = "failed"
-            this = ckpt_dir / checkpoint.BEST_NAME if best else checkpoint.checkpoint_path(ckpt_dir, state.step)
-            before = [p for p in checkpoint.list_checkpoints(ckpt_dir) if p != this]
-            log.error(
-                "checkpoint at step %d could not be written to %s (%s: %s); the resume point stays %s",
-                state.step,
-                ckpt_dir,
-                type(e).__name__,
-                e,
-                before[-1].name if before else "the start of the run",
-            )
-    return distributed.broadcast_object(outcome, dist)
-
-
-def log_values(
-    cfg: Config, state: TrainState, stats: torch.Tensor, steps: int, seconds: float, data_wait: float,
-    loader: Loader, dist: DistInfo,
-) -> dict[str, float]:  # fmt: skip
-    """The metrics of one log interval: ``stats`` (the sum of ``steps`` gan_step results,
-    read here in the interval's one host sync) plus rates, learning rates and memory."""
-    values = dict(zip(STAT_NAMES, (stats / steps).tolist()))
-    global_rate = steps * cfg.train.batch_size * dist.world_size / seconds
-    values.update(
-        loss_d=values["loss_d_real"] + values["loss_d_fake"],
-        lr_g=state.opt_g.param_groups[0]["lr"],
-        lr_d=state.opt_d.param_groups[0]["lr"],
-        img_per_s=global_rate,
-        img_per_s_per_process=global_rate / dist.world_size,
-        step_time_s=seconds / steps,
-        data_wait=data_wait / seconds,
-        epoch=state.epoch,
-        corrupt_samples=loader.corrupt_samples,
-    )
-    if dist.device.type == "cuda":
-        values["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
-    if state.scaler_g.is_enabled():
-        values.update(grad_scale_g=state.scaler_g.get_scale(), grad_scale_d=state.scaler_d.get_scale())
-    return values
-
-
-def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest, where: Where) -> int:
-    """Train until ``train.steps`` or an agreed ``stop``; returns the exit code (EXIT_*).
+def train(plan: RunPlan, dist: DistInfo, stop: StopRequest, where: Where) -> int:
+    """Train until ``train.steps`` or an agreed ``stop``; returns the exit code (dcgan/exits.py).
     ``where`` follows the phase and step, for the line a failure ends with (dcgan/failure.py)."""
-    run_dir = cfg.run_dir
+    cfg = plan.cfg
     if dist.is_main:
-        handler = RunLogHandler(run_dir / "train.log")
+        handler = RunLogHandler(cfg.run_dir / "train.log")
         handler.setFormatter(logging.Formatter(log_format(dist.rank), LOG_DATE_FORMAT))
         logging.getLogger().addHandler(handler)
-    # Rank 0 decides what to resume from and tells the others (one reader of the folder).
-    chosen, error = None, None
-    if dist.is_main:
-        try:
-            chosen = checkpoint.choose(cfg)
-        except (checkpoint.ResumeError, ConfigError) as e:
-            error = e
-    where_from, error = distributed.broadcast_object((chosen and chosen._replace(state_dict=None), error), dist)
-    if error is not None:
-        raise error
-    resume_from = chosen if dist.is_main else where_from  # only rank 0 holds the loaded state
-    tracker = Tracker(cfg, enabled=dist.is_main)
+    resume_from = agree_on_resume(cfg, dist)
+    tracker = Tracker(cfg, enabled=dist.is_main, device=dist.device)
     try:
-        return train_loop(cfg, shards, dist, stop, where, tracker, resume_from)
+        return train_loop(build_run(plan, dist, tracker, resume_from, where), stop, where)
     except ConfigError:
         raise  # refused before training (other data): the run folder's summary stays the last attempt's
     except Exception as e:
@@ -339,16 +95,99 @@ def train(cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest, wher
         raise
 
 
-def train_loop(
-    cfg: Config, shards: ShardSet, dist: DistInfo, stop: StopRequest, where: Where, tracker: Tracker,
-    resume_from: checkpoint.Resume | None,
-) -> int:  # fmt: skip
-    run_dir, t = cfg.run_dir, cfg.train
-    amp_dtype = AMP_DTYPES[t.precision]
-    real_target = 1.0 - cfg.optim.label_smoothing
+def agree_on_resume(cfg: Config, dist: DistInfo) -> checkpoint.Resume | None:
+    """Rank 0 chooses (and loads) what to resume from and tells the others where it is;
+    one reader of the folder. Every rank raises the same error when nothing is usable."""
+    chosen, error = None, None
+    if dist.is_main:
+        try:
+            chosen = checkpoint.choose(cfg)
+        except (checkpoint.ResumeError, ConfigError) as e:
+            error = e
+    where_from, error = distributed.broadcast_object((chosen and chosen._replace(state_dict=None), error), dist)
+    if error is not None:
+        raise error
+    return chosen if dist.is_main else where_from  # only rank 0 holds the loaded state
+
+
+def train_loop(run: Run, stop: StopRequest, where: Where) -> int:
+    cfg, state, dist, tracker = run.cfg, run.state, run.dist, run.tracker
+    amp_dtype, real_target = AMP_DTYPES[cfg.train.precision], 1.0 - cfg.optim.label_smoothing
+    guard = DivergenceGuard(training.STAT_NAMES, cfg.train.divergence_patience, cfg.train.precision == "fp16")
+    started = (state.step, time.perf_counter(), state.train_seconds)
+    ending = None if state.step < cfg.train.steps else Ending("done")  # resumed at or past train.steps
+    stop.arm()
+    while ending is None:
+        where.at("step", state.step + 1)
+        # closing: an exception in the loop shuts the epoch's DataLoader workers down at once
+        with contextlib.closing(run.loader.epoch(state.epoch, state.batch_in_epoch)) as batches:
+            for real, _ in tracker.interval.timed(batches):
+                if state.step == 0:
+                    tracker.real_grid(real[: cfg.log.num_samples])
+                stats = training.gan_step(state, run.g_train, run.d_train, real, cfg.model.nz, amp_dtype, real_target)
+                step = advance(state, stats, cfg, dist)
+                tracker.advance(step, stats)
+
+                if tracker.log_due(step):
+                    diverged = guard.check(
+                        tracker.interval.stats, run.nets, dist, (step - tracker.interval.steps + 1, step)
+                    )
+                    tracker.log_interval(step, state, run.loader.corrupt_samples, dist)
+                    if diverged is not None:
+                        ending = Ending("diverged", diverged)
+                        break
+                tracker.sample_grid_if_due(step, run.sample, run.fixed_noise)
+                if run.evaluator is not None and run.evaluator.due(step, cfg.train.steps):
+                    ending = evaluate(run, step, where)
+                    if ending is not None:
+                        break
+                # Stop requests and checkpoints: the same decision on every rank, after the same step.
+                signal_time = stop.agreed(dist) if step % cfg.train.stop_check_every == 0 else None
+                state.train_seconds = started[2] + time.perf_counter() - started[1]
+                ending = run.checkpointer.at_step(state, signal_time, where)
+                if ending is not None:
+                    break
+                where.at("step", step + 1)
+        if (ending is None or ending.status != "diverged") and state.batch_in_epoch >= run.loader.steps_per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    stop.disarm()
+    where.at("shutdown")
+    return finish_attempt(run, ending, started)
+
+
+def advance(state: TrainState, stats: torch.Tensor, cfg: Config, dist: DistInfo) -> int:
+    """Count a step done (step, position in the epoch, samples) and update the EMA generator."""
+    state.step += 1
+    state.batch_in_epoch += 1
+    state.samples_seen += cfg.train.batch_size * dist.world_size
+    if state.generator_ema is not None:
+        update_ema(state.generator_ema, state.generator, state.step, cfg.model.ema_decay)
+    return state.step
+
+
+def evaluate(run: Run, step: int, where: Where) -> Ending | None:
+    """Collective: score the EMA generator, log it, keep best.pt; a NaN generator is divergence
+    (it makes black images, and a finite FID)."""
+    if not finite_weights(run.nets):
+        return Ending("diverged", f"the weights hold NaN or infinite values at the evaluation of step {step}")
+    where.at("evaluation at step", step)
+    t_eval = time.perf_counter()
+    scores, improved = run.evaluator.evaluate_at(step, run.sample, run.cfg.model.nz, run.state)
+    run.tracker.scores(step, scores, run.state, improved)
+    if improved and run.cfg.eval.best_checkpoint:
+        run.checkpointer.save_best(run.state)
+    run.tracker.interval.exclude(time.perf_counter() - t_eval)  # the interval's img/s counts training only
+    return None
+
+
+def build_run(
+    plan: RunPlan, dist: DistInfo, tracker: Tracker, resume_from: checkpoint.Resume | None, where: Where
+) -> Run:
+    """Nets, optimisers, data, checkpointer and evaluator of this attempt; the checkpoint
+    loaded into them; the tracker started at the step it resumes from."""
+    cfg, shards, t = plan.cfg, plan.shards, plan.cfg.train
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
     state, g_train, d_train = build_training(cfg, dist)
     stream = ShardStream(
         shards, cfg.data, rank=dist.rank, world_size=dist.world_size, batch_size=t.batch_size,
@@ -361,198 +200,99 @@ def train_loop(
         memory_format=memory_format(cfg),
         first_to_report=lambda shard: distributed.first_to_claim(f"miscounted/{shard}", dist),
     )
-    data_identity = shards.identity()
     # Each rank draws its own latents; the fixed grid noise is the same everywhere.
     checkpoint.seed_rng(derive_seed(t.seed, dist.rank, 0, 1))
     if resume_from is not None:
         where.at("loading the checkpoint")
-        resume(resume_from.path, resume_from.state_dict, state, cfg, dist, shards, loader)
+        restore(resume_from.path, resume_from.state_dict, state, cfg, dist, shards, loader)
         resume_from = resume_from._replace(state_dict=None)  # loaded: free it
     if dist.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, cfg.run_dir / "config.yaml")
     # The W&B run goes on only for a checkpoint of this run folder's timeline (resume=PATH
     # from another run, or a branch, starts a new one); rank 0 fills in the id that
     # checkpoints then carry.
     same_run = (
         resume_from is not None
         and resume_from.new_timeline is None
-        and resume_from.path.parent.parent.resolve() == run_dir.resolve()
+        and resume_from.path.parent.parent.resolve() == cfg.run_dir.resolve()
     )
     state.wandb_run_id = tracker.start(state.step, t.steps, state.wandb_run_id if same_run else None, cfg.to_dict())
     if state.batch_in_epoch >= loader.steps_per_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     fixed_noise = sample_latent(cfg.log.num_samples, cfg.model.nz, generator=torch.Generator().manual_seed(t.seed))
-    fixed_noise = fixed_noise.to(dist.device)
-    # Grids and evaluations: the EMA generator (G without one), in eval mode.
-    sample = eval_mode_sampler(state.generator_ema if state.generator_ema is not None else state.generator)
     evaluator = None
-    if cfg.eval.every:  # every rank takes part in each evaluation (dcgan/eval.py)
+    if plan.extractor is not None:  # every rank takes part in each evaluation (dcgan/eval.py)
         where.at("building the evaluator")
-        choice = choose_extractor(cfg.eval, cfg.data.shards, cfg.model)
-        evaluator = Evaluator.build(choice, cfg.eval, cfg.data, cfg.model, dist)
+        evaluator = Evaluator.build(plan.extractor, cfg.eval, cfg.data, cfg.model, dist)
+    run = Run(
+        cfg, dist, shards, state, g_train, d_train, loader, tracker, Checkpointer(cfg, dist, shards.identity()), evaluator,
+        eval_mode_sampler(state.generator_ema if state.generator_ema is not None else state.generator),
+        fixed_noise.to(dist.device), resume_from,
+    )  # fmt: skip
+    log_start(run, plan)
+    return run
 
-    global_batch = t.batch_size * dist.world_size
+
+def log_start(run: Run, plan: RunPlan) -> None:
+    cfg, t, dist, shards = run.cfg, run.cfg.train, run.dist, plan.shards
     log.info(
         "training %s: arch %s, %d process(es) on %s, batch %d x %d, %s%s%s, %d steps "
         "(%d per epoch of %d samples in %d shards, counts from %s), G %.2fM params, D %.2fM params, EMA %s",
-        t.name,
-        cfg.model.arch,
-        dist.world_size,
-        dist.device.type,
-        t.batch_size,
-        dist.world_size,
-        t.precision,
-        ", channels_last" if t.channels_last else "",
-        ", torch.compile" if t.compile else "",
-        t.steps,
-        loader.steps_per_epoch,
-        shards.total,
-        len(shards.urls),
-        shards.counted_by,
-        sum(p.numel() for p in state.generator.parameters()) / 1e6,
-        sum(p.numel() for p in state.discriminator.parameters()) / 1e6,
+        t.name, cfg.model.arch, dist.world_size, dist.device.type, t.batch_size, dist.world_size, t.precision,
+        ", channels_last" if t.channels_last else "", ", torch.compile" if t.compile else "", t.steps,
+        run.loader.steps_per_epoch, shards.total, len(shards.urls), shards.counted_by,
+        sum(p.numel() for p in run.state.generator.parameters()) / 1e6,
+        sum(p.numel() for p in run.state.discriminator.parameters()) / 1e6,
         cfg.model.ema_decay or "off",
-    )
-    stats_sum = torch.zeros(len(STAT_NAMES), device=dist.device)
-    stats_steps, data_wait = 0, 0.0
-    guard = DivergenceGuard(STAT_NAMES, t.divergence_patience, fp16=t.precision == "fp16")
-    nets = [state.generator, state.discriminator]
-    diverged: str | None = None
-    t_start = t_log = time.perf_counter()
-    start_step, train_seconds_before = state.step, state.train_seconds
-    exit_code = EXIT_OK
+    )  # fmt: skip
 
-    stop.arm()
-    while state.step < t.steps and exit_code == EXIT_OK:
-        where.at("step", state.step + 1)
-        t_fetch = time.perf_counter()
-        # closing: an exception in the loop shuts the epoch's DataLoader workers down at once
-        with contextlib.closing(loader.epoch(state.epoch, state.batch_in_epoch)) as batches:
-            for real, _ in batches:
-                data_wait += time.perf_counter() - t_fetch
-                if state.step == 0:
-                    tracker.real_grid(real[: cfg.log.num_samples])
 
-                stats_sum += gan_step(state, g_train, d_train, real, cfg.model.nz, amp_dtype, real_target)
-                stats_steps += 1
-                state.step += 1
-                state.batch_in_epoch += 1
-                state.samples_seen += global_batch
-                step = state.step
-                if state.generator_ema is not None:
-                    update_ema(state.generator_ema, state.generator, step, cfg.model.ema_decay)
+def init_data_worker(stop_signals: tuple[str, ...], worker_id: int) -> None:
+    """Each DataLoader worker leaves the stop signals to its rank, and dies with it."""
+    ignore_in_worker(stop_signals)
+    failure.die_with_parent()
 
-                tracker.advance(step)
-                if step % cfg.log.every == 0 or step == t.steps:
-                    diverged = guard.check(stats_sum, nets, dist, (step - stats_steps + 1, step))
-                    if dist.is_main:  # only rank 0 reports
-                        elapsed = time.perf_counter() - t_log
-                        values = log_values(cfg, state, stats_sum, stats_steps, elapsed, data_wait, loader, dist)
-                        tracker.metrics(step, values, (
-                            f"step {step}/{t.steps} | epoch {state.epoch} | "
-                            f"loss_D {values['loss_d']:.3f} | loss_G {values['loss_g']:.3f} | "
-                            f"D(x) {values['d_real']:.3f} | D(G(z)) {values['d_fake']:.3f} -> {values['d_fake_after']:.3f} | "
-                            f"{values['img_per_s']:.0f} img/s | data wait {100 * values['data_wait']:.0f}%"
-                        ))  # fmt: skip
-                    stats_sum.zero_()
-                    stats_steps, data_wait, t_log = 0, 0.0, time.perf_counter()
-                    if diverged is not None:
-                        break
-                if dist.is_main and (step % cfg.log.samples_every == 0 or step == t.steps):
-                    tracker.sample_grid(step, sample(fixed_noise))
-                if evaluator is not None and (step % cfg.eval.every == 0 or step == t.steps):
-                    if not finite_weights(nets):  # a NaN generator makes black images, and a finite FID
-                        diverged = f"the weights hold NaN or infinite values at the evaluation of step {step}"
-                        break
-                    where.at("evaluation at step", step)
-                    t_eval = time.perf_counter()
-                    scores = evaluator.evaluate(sample, cfg.model.nz)
-                    improved = state.best_fid is None or scores["fid"] < state.best_fid
-                    if improved:
-                        state.best_fid, state.best_fid_step = scores["fid"], step
-                    tracker.metrics(step, {**scores, "best_fid": state.best_fid}, (
-                        f"eval step {step}: {format_scores(scores)} | {scores['eval_seconds']:.1f}s"
-                        + (" | best so far" if improved else f" | best {state.best_fid:.3f} at step {state.best_fid_step}")
-                    ))  # fmt: skip
-                    if improved and cfg.eval.best_checkpoint:
-                        save_checkpoint(state, cfg, dist, data_identity, best=True)
-                    t_log += time.perf_counter() - t_eval  # the next interval's img/s counts training only
 
-                # Stop requests and checkpoints: the same decision on every rank, after the same step.
-                signal_time = stop.agreed(dist) if step % t.stop_check_every == 0 else None
-                stopping = signal_time is not None and step < t.steps
-                if step % cfg.checkpoint.every == 0 or step == t.steps or stopping:
-                    where.at("checkpoint at step", step)
-                    state.train_seconds = train_seconds_before + time.perf_counter() - t_start
-                    saved = save_checkpoint(state, cfg, dist, data_identity)
-                    if saved == "nonfinite":
-                        diverged = f"the state holds NaN or infinite values at the checkpoint of step {step}"
-                        break
-                    if saved == "failed" and (stopping or step == t.steps):
-                        exit_code = EXIT_FAILED
-                    elif stopping:
-                        exit_code = EXIT_PREEMPTED
-                        if dist.is_main:
-                            log.warning(
-                                "stopped on request after step %d/%d; checkpoint on disk %.2fs after the signal; "
-                                "the same command carries on from here (exit code %d)",
-                                step, t.steps, time.time() - signal_time, EXIT_PREEMPTED,
-                            )  # fmt: skip
-                if step >= t.steps or exit_code != EXIT_OK:
-                    break
-                where.at("step", step + 1)
-                t_fetch = time.perf_counter()
-        if diverged is not None:
-            exit_code = EXIT_FAILED
-        elif state.batch_in_epoch >= loader.steps_per_epoch:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    stop.disarm()
-
-    where.at("shutdown")
-    wall = time.perf_counter() - t_start
-    done = state.step - start_step
-    status = (
-        "diverged"
-        if diverged
-        else "failed"
-        if exit_code == EXIT_FAILED
-        else "done"
-        if state.step >= t.steps
-        else "stopped"
-    )
-    if diverged and dist.is_main:
-        newest, _ = checkpoint.latest_valid(run_dir / "checkpoints")
+def finish_attempt(run: Run, ending: Ending, started: tuple[int, float, float]) -> int:
+    """summary.json, the W&B summary and the closing lines; returns the exit code. Collective.
+    ``started``: the step, clock and train seconds at the start of the loop."""
+    cfg, state, dist = run.cfg, run.state, run.dist
+    wall, done = time.perf_counter() - started[1], state.step - started[0]
+    global_batch = cfg.train.batch_size * dist.world_size
+    if ending.status == "diverged" and dist.is_main:
+        newest, _ = checkpoint.latest_valid(cfg.run_dir / "checkpoints")
         log.error(
             "diverged at step %d: %s; stopped without writing a checkpoint, the resume point stays %s. "
             "Lower the learning rates (optim.g.lr, optim.d.lr), or resume from an earlier checkpoint with other settings",
-            state.step, diverged, newest or "the start of the run",
+            state.step, ending.reason, newest or "the start of the run",
         )  # fmt: skip
-    reading = reading_report(loader, shards, dist)
-    tracker.finish(exit_code, preempted=exit_code == EXIT_PREEMPTED, facts={
-        "status": status,
-        "exit_code": exit_code,
+    reading = reading_report(run.loader, run.shards, dist)
+    run.tracker.finish(ending.exit_code, preempted=ending.status == "stopped", facts={
+        "status": ending.status,
+        "exit_code": ending.exit_code,
         "step": state.step,
-        "steps": t.steps,
+        "steps": cfg.train.steps,
         "epoch": state.epoch,
         "samples_seen": state.samples_seen,
         "world_size": dist.world_size,
-        "resumed_from": str(resume_from.path) if resume_from else None,
-        "diverged": diverged,
+        "resumed_from": str(run.resumed_from.path) if run.resumed_from else None,
+        "diverged": ending.reason if ending.status == "diverged" else None,
         "steps_this_attempt": done,
         "wall_time_s": round(wall, 3),
-        "train_time_s": round(train_seconds_before + wall, 3),  # all attempts together
+        "train_time_s": round(started[2] + wall, 3),  # all attempts together
         "img_per_s": done * global_batch / max(wall, 1e-9),
-        "data": {"fingerprint": data_identity["fingerprint"], "counted_by": shards.counted_by, **(reading or {})},
+        "data": {"fingerprint": run.checkpointer.data["fingerprint"], "counted_by": run.shards.counted_by,
+                 **(reading or {})},
     })  # fmt: skip
     if reading is not None:
         log.info(
             "%s: %d steps in %.1fs (%.2f steps/s, %.0f img/s); all ranks: corrupt samples %d, empty positions %d, "
             "unreadable shards %d, shards with other counts than planned %d",
-            status, done, wall, done / max(wall, 1e-9), done * global_batch / max(wall, 1e-9),
+            ending.status, done, wall, done / max(wall, 1e-9), done * global_batch / max(wall, 1e-9),
             reading["corrupt_samples"], reading["empty_positions"], reading["unreadable_shards"],
             len(reading["miscounted_shards"]),
         )  # fmt: skip
-    return exit_code
+    return ending.exit_code
 
 
 def reading_report(loader: Loader, shards: ShardSet, dist: DistInfo) -> dict | None:
@@ -575,29 +315,6 @@ def reading_report(loader: Loader, shards: ShardSet, dist: DistInfo) -> dict | N
         "unreadable_shards": sum(r[2] for r in reports),
         "miscounted_shards": [{"shard": n, **c} for n, c in sorted(miscounted.items())],
     }
-
-
-def check_config(
-    config: str, overrides: list[str], world_size: int, on_this_machine: bool = True
-) -> tuple[Config, ShardSet]:
-    """Everything a user can get wrong, checked before any process group or model (and by
-    the Slurm launchers before anything is submitted): raises ConfigError naming the key.
-    ``on_this_machine``: also check what depends on where it runs (a CUDA device)."""
-    cfg = load_config(config, overrides)
-    shards = resolve_shards(cfg.data)
-    steps_per_epoch(shards.total, world_size, cfg.train.batch_size)  # the data fills a batch per process
-    check_eval_config(cfg)
-    if on_this_machine and cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda', but torch sees no CUDA device here")
-    size = first_image_size(shards)
-    if size is not None and size != (cfg.model.image_size, cfg.model.image_size):
-        log.warning(
-            "the shards hold %dx%d images and model.image_size is %d: every image is resized and centre-cropped "
-            "while training, which cuts the data pipeline's rate about 3x; resize them once instead "
-            "(python -m dcgan.shards SOURCE OUT --size %d, or img2dataset --image_size %d)",
-            *size, cfg.model.image_size, cfg.model.image_size, cfg.model.image_size,
-        )  # fmt: skip
-    return cfg, shards
 
 
 def main(argv: list[str] | None = None, on_exit: Callable[[int], object] | None = None) -> int:
@@ -625,43 +342,28 @@ def report_exit_code(code: int) -> None:
 
 def run(config: str, overrides: list[str], env: distributed.EnvRanks, on_exit: Callable[[int], object]) -> int:
     try:
-        cfg, shards = check_config(config, overrides, env.world_size)
-        restart_note = checkpoint.settle_restart(cfg, distributed.restart_count())
-        checkpoint.check_resume_setting(cfg, shards)
+        plan = plan_run(config, overrides, env.world_size, distributed.restart_count())
     except ConfigError as e:
         config_error(e, config)
         if env.rank == 0:
             on_exit(EXIT_CONFIG)
         return EXIT_CONFIG
 
+    cfg = plan.cfg
     stop = StopRequest(cfg.train.stop_signals)  # before anything slow: from here on a signal means "stop"
     where, dist, watch, lock = Where(), None, None, RunLock(cfg.run_dir)
     try:
         dist = distributed.setup(cfg.train.device)
         watch = failure.PeerWatch(dist.store, dist.rank)
         claim_run_dir(cfg, dist, lock)
-        if dist.is_main and restart_note:
-            log.warning("%s", restart_note)
-        code = train(cfg, shards, dist, stop, where)
+        if dist.is_main and plan.restart_note:
+            log.warning("%s", plan.restart_note)
+        code = train(plan, dist, stop, where)
     except (
         Exception,
         StoppedDuringStartUp,
     ) as e:  # every failure ends here: one line, every process gone within seconds
-        peer_logged = watch.stop() if watch is not None else None
-        store = dist.store if dist is not None else None
-        if isinstance(e, StoppedDuringStartUp):
-            code = EXIT_PREEMPTED
-            failure.post(store, f"rank {env.rank} stopped by {e.signal_name} during start-up")
-            log.warning(
-                "stopped by %s during start-up, before training began; the same command resumes from the last "
-                "checkpoint (exit code %d)", e.signal_name, EXIT_PREEMPTED,
-            )  # fmt: skip
-        elif isinstance(e, ConfigError):  # other data, another net shape, a busy or unwritable run folder
-            code = EXIT_CONFIG
-            config_error(e, config)
-        else:
-            code = EXIT_FAILED
-            failure.report(e, where, env.rank, cfg.run_dir, store, peer_logged)
+        code = ended_by(e, config, cfg, env, dist, watch, where)
         if env.rank == 0:
             with contextlib.suppress(Exception):
                 on_exit(code)
@@ -676,6 +378,27 @@ def run(config: str, overrides: list[str], env: distributed.EnvRanks, on_exit: C
     distributed.teardown()
     lock.release()
     return code
+
+
+def ended_by(
+    e: BaseException, config: str, cfg: Config, env: distributed.EnvRanks, dist: DistInfo | None,
+    watch: failure.PeerWatch | None, where: Where,
+) -> int:  # fmt: skip
+    """Say why the run ends early (one line), tell the other ranks; returns the exit code."""
+    peer_logged = watch.stop() if watch is not None else None
+    store = dist.store if dist is not None else None
+    if isinstance(e, StoppedDuringStartUp):
+        failure.post(store, f"rank {env.rank} stopped by {e.signal_name} during start-up")
+        log.warning(
+            "stopped by %s during start-up, before training began; the same command resumes from the last "
+            "checkpoint (exit code %d)", e.signal_name, EXIT_PREEMPTED,
+        )  # fmt: skip
+        return EXIT_PREEMPTED
+    if isinstance(e, ConfigError):  # other data, another net shape, a busy or unwritable run folder
+        config_error(e, config)
+        return EXIT_CONFIG
+    failure.report(e, where, env.rank, cfg.run_dir, store, peer_logged)
+    return EXIT_FAILED
 
 
 def claim_run_dir(cfg: Config, dist: DistInfo, lock: RunLock) -> None:

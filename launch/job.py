@@ -6,7 +6,7 @@ LOCAL_RANK, WORLD_SIZE), then calls ``dcgan.train.main`` exactly as torchrun's w
 
 Preemption. submitit's own USR2 handler calls ``checkpoint()`` on global rank 0 only
 and lets the other ranks run on, so it cannot make the ranks agree on a stop step
-(pitfalls.md 9). The trainer installs its own handler for USR2 / SIGTERM: every rank
+(a rank that stops alone leaves the others in a collective). The trainer installs its own handler for USR2 / SIGTERM: every rank
 stops after the same step, rank 0 writes the checkpoint and all return
 ``EXIT_PREEMPTED``. Then global rank 0 runs ``scontrol requeue`` (at most
 ``max_requeues`` times over the job's life) and every task exits without a result, so
@@ -30,7 +30,7 @@ import submitit
 
 from dcgan import checkpoint, train
 from dcgan.config import load_config
-from dcgan.preemption import EXIT_PREEMPTED
+from dcgan.exits import EXIT_OK, EXIT_PREEMPTED
 
 log = logging.getLogger("launch.job")
 
@@ -71,7 +71,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 self.requeue(job, requeues, not_requeued)
 
         code = train.main(["--config", self.config, *self.overrides], on_exit=on_exit)
-        if code == train.EXIT_OK:
+        if code == EXIT_OK:
             return self.summary() if job.global_rank == 0 else None
         if code != EXIT_PREEMPTED:
             raise JobFailed(f"dcgan.train exited with code {code} on rank {job.global_rank}; see the task logs")

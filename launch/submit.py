@@ -17,21 +17,18 @@ from pathlib import Path
 
 import submitit
 
-from dcgan.checkpoint import check_resume_setting
 from dcgan.config import Config, ConfigError
-from dcgan.train import check_config
+from dcgan.exits import EXIT_CONFIG
+from dcgan.preflight import plan_run
 from launch.job import TrainingJob
 from launch.options import SlurmOptions, add_arguments, from_arguments, make_executor
-
-EXIT_CONFIG = 2
 
 
 def submit_run(
     config: str, overrides: list[str], opts: SlurmOptions, executor: submitit.Executor | None = None
 ) -> tuple[submitit.Job, Config]:
     """Check, then submit one run; returns the job and the run's config. Raises ConfigError."""
-    cfg, shards = check_config(config, overrides, opts.world_size, on_this_machine=False)
-    check_resume_setting(cfg, shards)
+    cfg = plan_run(config, overrides, opts.world_size, on_this_machine=False).cfg
     folder = Path(opts.folder) if opts.folder else cfg.run_dir / "slurm"
     executor = executor or make_executor(opts, folder, name=cfg.train.name)
     job = executor.submit(TrainingJob(str(config), list(overrides), os.getcwd(), opts.max_requeues))

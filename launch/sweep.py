@@ -46,12 +46,12 @@ import yaml
 
 from dcgan import checkpoint
 from dcgan.config import Config, ConfigError, load_config
+from dcgan.exits import EXIT_CONFIG
 from dcgan.fileio import write_atomic
-from dcgan.train import check_config
+from dcgan.preflight import plan_run
 from launch.job import TrainingJob
 from launch.options import SlurmOptions, add_arguments, from_arguments, make_executor
 
-EXIT_CONFIG = 2
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 SWEEP_KEYS = ("base", "name", "set", "grid", "random", "slurm")
 
@@ -125,8 +125,7 @@ def expand(path: Path, spec: dict[str, Any], world_size: int | None = None) -> S
         try:
             out_dir = Path(load_config(sweep.base, own).train.out_dir) / name
             placed = [*own, f"train.name=r{index:03d}-{digest}", f"train.out_dir={out_dir}", f"wandb.group={name}"]
-            cfg, shards = check_config(sweep.base, placed, world_size or 1, on_this_machine=False)
-            checkpoint.check_resume_setting(cfg, shards)
+            cfg = plan_run(sweep.base, placed, world_size or 1, on_this_machine=False).cfg
         except ConfigError as e:
             raise ConfigError(f"{where}: run {index} ({' '.join(own) or 'no overrides'}): {e}") from None
         sweep.runs.append(Run(index, placed, cfg, finished=is_finished(cfg)))

@@ -16,7 +16,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from dcgan import distributed
 from dcgan.config import Config, DataConfig, ModelConfig, TrainConfig
 from dcgan.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
-from dcgan.train import build_training, gan_step
+from dcgan.training import build_training, gan_step
 
 
 def check_sync_batchnorm(rank: int) -> None:

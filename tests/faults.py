@@ -20,14 +20,14 @@ import time
 
 import torch
 
-from dcgan import checkpoint, tracking, train
+from dcgan import checkpoint, tracking, train, training
 
 
 def inject(fault: str, rank: int) -> None:
     kind, *args = fault.split(":")
     if kind in ("step", "stuck"):
         target_rank, target_step = (int(a) for a in args)
-        real_step, calls = train.gan_step, [0]
+        real_step, calls = training.gan_step, [0]
 
         def failing_step(*a, **kw):
             calls[0] += 1
@@ -39,7 +39,7 @@ def inject(fault: str, rank: int) -> None:
                 raise RuntimeError(f"injected fault in gan_step at step {target_step}")
             return real_step(*a, **kw)
 
-        train.gan_step = failing_step
+        training.gan_step = failing_step
     elif kind == "checkpoint-write":
         real_init = checkpoint._HashingFile.__init__
 
@@ -61,7 +61,7 @@ def inject(fault: str, rank: int) -> None:
         checkpoint._HashingFile.__init__ = lambda self, f: real_init(self, FullDisk(f))
     elif kind == "nan":
         (target_step,) = (int(a) for a in args)
-        real_step, calls = train.gan_step, [0]
+        real_step, calls = training.gan_step, [0]
 
         def diverging_step(state, *a, **kw):
             stats = real_step(state, *a, **kw)
@@ -72,7 +72,7 @@ def inject(fault: str, rank: int) -> None:
                         p.fill_(float("nan"))
             return stats
 
-        train.gan_step = diverging_step
+        training.gan_step = diverging_step
     elif kind in ("slow-checkpoint", "slow-start"):
         module, name = (checkpoint, "_save_hashed") if kind == "slow-checkpoint" else (checkpoint, "choose")
         real = getattr(module, name)

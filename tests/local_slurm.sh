@@ -3,7 +3,6 @@
 # (tests/conftest.py: fixture slurm_cluster): Debian's slurm-wlm, two fake nodes n1, n2,
 # a "high" partition that preempts "debug", accounting (MariaDB + slurmdbd) so submitit
 # can tell a dead job from a running one. Needs root and apt-get (or slurm installed).
-# Adapted from the team's reference start-local-slurm.sh (shared/notes/local-slurm/).
 #
 # Usage: local_slurm.sh {start|stop|restart|status|env}
 #   start   : apt-install slurm if missing, write config, start daemons, wait for idle nodes

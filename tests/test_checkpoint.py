@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dcgan import checkpoint
+from dcgan.preflight import settle_restart
 
 
 def tiny_state(value: float) -> dict:
@@ -111,11 +112,11 @@ def test_a_restarted_job_resumes_from_its_run_folder(tmp_path, resume, overwrite
     cfg = Config(train=TrainConfig(out_dir=str(tmp_path), name="r", resume=resume, overwrite=overwrite))
     if has_checkpoints:
         checkpoint.save(tiny_state(5), cfg.run_dir / "checkpoints", 5, keep=1)
-    first = Config(train=TrainConfig(out_dir=str(tmp_path), name="r", resume=resume, overwrite=overwrite))
-    assert checkpoint.settle_restart(first, restart=0) is None  # the first attempt: as configured
-    assert (first.train.resume, first.train.overwrite) == (resume, overwrite)
-    note = checkpoint.settle_restart(cfg, restart=2)
-    assert (cfg.train.resume, cfg.train.overwrite) == after
+    first, note = settle_restart(cfg, restart=0)
+    assert note is None and (first.train.resume, first.train.overwrite) == (resume, overwrite)  # as configured
+    settled, note = settle_restart(cfg, restart=2)
+    assert (settled.train.resume, settled.train.overwrite) == after
+    assert (cfg.train.resume, cfg.train.overwrite) == (resume, overwrite)  # the plan's input stays as it was
     assert (note is None) == ((resume, overwrite) == after)
     if note:
         assert note.startswith("restart 2 of this job") and f"train.resume={resume}" in note

@@ -19,8 +19,8 @@ from PIL import Image
 from conftest import make_shards, run_module, write_config
 from dcgan.config import ConfigError, DataConfig
 from dcgan.data import Loader, ShardStream, decode_sample, read_images
+from dcgan.preflight import plan_run
 from dcgan.shardset import resolve_shards, tar_samples
-from dcgan.train import check_config
 
 I2D_COUNTS = [63, 63, 24]  # 152 URLs, 2 of them missing, 64 per shard
 
@@ -218,10 +218,10 @@ def test_full_size_images_without_a_manifest_are_flagged(tmp_path, real_images, 
             sink.write({"__key__": f"{i:03d}", "png": encode(big, "png")})
     config = write_config(tmp_path / "big.yaml", tmp_path, data={"samples_per_shard": 40})
     with caplog.at_level(logging.WARNING):
-        check_config(str(config), [], world_size=1)
+        plan_run(str(config), [], world_size=1)
     assert "the shards hold 64x64 images and model.image_size is 28" in caplog.text
     with pytest.raises(ConfigError, match="python -m dcgan.shards index"):
-        check_config(str(config), ["data.samples_per_shard=0"], world_size=1)
+        plan_run(str(config), ["data.samples_per_shard=0"], world_size=1)
 
 
 def test_a_shard_the_index_found_unreadable_is_left_out(tmp_path, numbered_shards):

@@ -13,7 +13,7 @@ from dcgan.data import Loader, ShardStream
 from dcgan.distributed import DistInfo
 from dcgan.models import build_models
 from dcgan.shardset import resolve_shards
-from dcgan.train import build_training, gan_step, memory_format
+from dcgan.training import build_training, gan_step, memory_format
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 

@@ -20,7 +20,7 @@ import torch
 
 from conftest import run_module, start_python, write_config
 from dcgan import checkpoint
-from dcgan.preemption import EXIT_PREEMPTED
+from dcgan.exits import EXIT_PREEMPTED
 from wandb_files import read_run
 
 STEPS, EVERY = 120, 40  # epochs of 32 steps (1 rank) or 16 (2 ranks): stops land mid-epoch

@@ -22,7 +22,8 @@ from PIL import Image
 from conftest import REPO, run_module, start_python, write_config
 from dcgan import checkpoint
 from dcgan.config import ConfigError, WandbConfig, load_config
-from dcgan.tracking import Tracker, to_uint8_grid
+from dcgan.images import to_uint8_grid
+from dcgan.tracking import Tracker
 from dcgan.wandb_run import resolve_mode
 from wandb_files import read_run
 

@@ -1,0 +1,80 @@
+"""Everything a run needs decided before any process group exists, in one place.
+
+``plan_run()`` reads the config and its overrides, resolves the shards and their counts,
+checks that the data fills a batch on every rank, picks the evaluation's feature
+extractor, settles what a restarted attempt resumes from and checks that choice
+against the run folder. It returns a ``RunPlan`` and changes nothing on disk or in its
+arguments. ``dcgan.train`` runs it on every rank; ``launch.submit`` and ``launch.sweep``
+run it on the login node before anything is submitted. Every mistake a user can make
+raises ConfigError naming the key, and the entry points exit 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from dcgan.checkpoint import check_resume_setting, list_checkpoints
+from dcgan.config import Config, ConfigError, load_config
+from dcgan.data import steps_per_epoch
+from dcgan.eval import ExtractorChoice, choose_extractor
+from dcgan.shardset import ShardSet, first_image_size, resolve_shards
+
+log = logging.getLogger("dcgan.train")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: Config  # as this attempt runs it (restart settled)
+    shards: ShardSet  # the shards with their per-shard counts
+    extractor: ExtractorChoice | None  # the evaluation's feature extractor (None: eval.every is 0)
+    world_size: int
+    restart_note: str | None  # what settling the restart changed, for the log (None: nothing)
+
+
+def plan_run(
+    config: str, overrides: list[str], world_size: int, restart: int = 0, on_this_machine: bool = True
+) -> RunPlan:
+    """The plan of one attempt of a run. ``restart``: how many times this job was restarted
+    (``distributed.restart_count()``). ``on_this_machine``: also check what depends on where
+    it runs (a CUDA device); the launchers plan for another machine."""
+    cfg = load_config(config, overrides)
+    shards = resolve_shards(cfg.data)
+    steps_per_epoch(shards.total, world_size, cfg.train.batch_size)  # the data fills a batch per process
+    extractor = choose_extractor(cfg.eval, cfg.data.shards, cfg.model) if cfg.eval.every else None
+    if on_this_machine and cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda', but torch sees no CUDA device here")
+    warn_if_resized(shards, cfg.model.image_size)
+    cfg, note = settle_restart(cfg, restart)
+    check_resume_setting(cfg, shards)
+    return RunPlan(cfg, shards, extractor, world_size, note)
+
+
+def warn_if_resized(shards: ShardSet, image_size: int) -> None:
+    size = first_image_size(shards)
+    if size is not None and size != (image_size, image_size):
+        log.warning(
+            "the shards hold %dx%d images and model.image_size is %d: every image is resized and centre-cropped "
+            "while training, which cuts the data pipeline's rate about 3x; resize them once instead "
+            "(python -m dcgan.shards SOURCE OUT --size %d, or img2dataset --image_size %d)",
+            *size, image_size, image_size, image_size,
+        )  # fmt: skip
+
+
+def settle_restart(cfg: Config, restart: int) -> tuple[Config, str | None]:
+    """A restarted attempt of the same job (torchrun --max-restarts, a Slurm requeue)
+    must carry on from the run folder, whatever train.resume says: the first attempt
+    already started fresh (never), wiped the folder (overwrite) or loaded a file (PATH).
+    Returns the config to run (a copy when it changes) and a line saying what changed."""
+    t = cfg.train
+    if restart == 0 or t.resume == "auto":
+        return cfg, None
+    if t.resume != "never" and not list_checkpoints(cfg.run_dir / "checkpoints"):
+        return cfg, None  # PATH, and this job has saved nothing of its own yet: load PATH again
+    was = f"train.resume={t.resume}" + (" train.overwrite=true" if t.overwrite else "")
+    settled = copy.deepcopy(cfg)
+    settled.train.resume, settled.train.overwrite = "auto", False
+    return settled, f"restart {restart} of this job: {was} applied to the first attempt only; now train.resume=auto"

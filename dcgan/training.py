@@ -1,0 +1,208 @@
+"""The training step as a library: the state a run carries (``TrainState``), the nets and
+optimisers built for a config (``build_training``) and one GAN step (``gan_step``).
+``dcgan/train.py`` runs them in a loop; ``bench/`` and the tests call them directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dcgan.checkpoint import FORMAT_VERSION
+from dcgan.config import Config
+from dcgan.distributed import DistInfo
+from dcgan.models import build_models, ema_copy, sample_latent
+from dcgan.sync_batchnorm import convert_sync_batchnorm
+
+# torch 2.14 renamed DDP's broadcast_buffers; older releases know only the old name.
+NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# What gan_step measures each step (averaged over log.every steps): losses, D's mean
+# output on real data and on fakes before (d_fake) and after (d_fake_after) the D update,
+# and the gradient norms (unscaled under fp16).
+STAT_NAMES = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "d_fake_after", "grad_norm_d", "grad_norm_g")
+
+
+@dataclass
+class TrainState:
+    generator: nn.Module  # bare modules (not DDP): their state dicts load into any world size
+    discriminator: nn.Module
+    generator_ema: nn.Module | None  # moving average of G's weights; None when model.ema_decay is 0
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    step: int = 0  # optimisation steps done
+    epoch: int = 0  # data epoch in progress
+    batch_in_epoch: int = 0  # batches of that epoch already consumed (per rank)
+    samples_seen: int = 0  # real images consumed, all ranks together
+    wandb_run_id: str | None = None  # set by tracking, so a restart continues the same W&B run
+    train_seconds: float = 0.0  # wall time of the training loops so far, all attempts together
+    best_fid: float | None = None  # lowest FID of the in-training evaluations so far
+    best_fid_step: int = 0  # the step it was measured at (checkpoints/best.pt)
+
+    def state_dict(
+        self, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int, data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Everything to restart from; ``rng`` holds one ``capture_rng_state()`` per rank,
+        ``data`` the identity of the shards trained on (``ShardSet.identity()``)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples_seen": self.samples_seen,
+            "world_size": world_size,  # batch_in_epoch is a position in this world size's split
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "generator_ema": None if self.generator_ema is None else self.generator_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "scaler_g": self.scaler_g.state_dict(),
+            "scaler_d": self.scaler_d.state_dict(),
+            "rng": rng,
+            "wandb_run_id": self.wandb_run_id,
+            "train_seconds": self.train_seconds,
+            "best_fid": self.best_fid,
+            "best_fid_step": self.best_fid_step,
+            "config": config,
+            "data": data,  # also in the record, where the start-up checks read it without loading this file
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore nets, optimisers and counters (RNG states: ``restore_rng_state``)."""
+        if sd.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"checkpoint format {sd.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        self.generator.load_state_dict(sd["generator"])
+        self.discriminator.load_state_dict(sd["discriminator"])
+        if self.generator_ema is not None:
+            # Turned on for a run whose checkpoint has none: start the average from G.
+            self.generator_ema.load_state_dict(sd["generator_ema"] or sd["generator"])
+        self.opt_g.load_state_dict(sd["opt_g"])
+        self.opt_d.load_state_dict(sd["opt_d"])
+        if sd["scaler_g"]:  # empty when saved with grad scaling off
+            self.scaler_g.load_state_dict(sd["scaler_g"])
+            self.scaler_d.load_state_dict(sd["scaler_d"])
+        self.step, self.epoch = sd["step"], sd["epoch"]
+        self.batch_in_epoch, self.samples_seen = sd["batch_in_epoch"], sd["samples_seen"]
+        self.wandb_run_id = sd["wandb_run_id"]
+        self.train_seconds = sd.get("train_seconds", 0.0)  # absent from older checkpoints
+        self.best_fid, self.best_fid_step = (
+            sd.get("best_fid"),
+            sd.get("best_fid_step", 0),
+        )  # absent from older checkpoints
+
+
+def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, nn.Module]:
+    """(state, G as trained, D as trained): the bare nets live in ``state``; the trained
+    ones are their DDP wrappers when there are several processes."""
+    torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
+    G, D = build_models(cfg)
+    layout = memory_format(cfg)
+    G_ema = ema_copy(G).to(dist.device, memory_format=layout) if cfg.model.ema_decay > 0 else None
+    if dist.distributed and cfg.train.sync_bn:
+        G = convert_sync_batchnorm(G, dist.device)
+        D = convert_sync_batchnorm(D, dist.device)
+    G, D = G.to(dist.device, memory_format=layout), D.to(dist.device, memory_format=layout)
+    o = cfg.optim
+    opt_g = torch.optim.Adam(G.parameters(), lr=o.g.lr, betas=o.g.betas, weight_decay=o.g.weight_decay, fused=o.fused)
+    opt_d = torch.optim.Adam(D.parameters(), lr=o.d.lr, betas=o.d.betas, weight_decay=o.d.weight_decay, fused=o.fused)
+    if cfg.train.compile:  # in place: state-dict keys stay those of the bare nets, DDP wraps the compiled call
+        G.compile()
+        D.compile()
+    # One scaler per network: their gradients live on different scales (fp16 only).
+    fp16 = cfg.train.precision == "fp16"
+    state = TrainState(
+        G,
+        D,
+        G_ema,
+        opt_g,
+        opt_d,
+        torch.amp.GradScaler(dist.device.type, enabled=fp16),
+        torch.amp.GradScaler(dist.device.type, enabled=fp16),
+    )
+    if not dist.distributed:
+        return state, G, D
+    # No buffer broadcast at each forward: BN statistics are SyncBN's business, and
+    # rebroadcasting them between D's two forwards breaks autograd (in-place buffer update).
+    return state, DDP(G, **NO_FORWARD_BUFFER_SYNC), DDP(D, **NO_FORWARD_BUFFER_SYNC)
+
+
+def memory_format(cfg: Config) -> torch.memory_format:
+    """The layout of the nets' 4-d weights and of the batches fed to them."""
+    return torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+
+def gan_step(
+    state: TrainState,
+    g_train: nn.Module,
+    d_train: nn.Module,
+    real: torch.Tensor,
+    nz: int,
+    amp_dtype: torch.dtype | None,
+    real_target: float = 1.0,
+) -> torch.Tensor:
+    """One D update and one G update; returns the STAT_NAMES values as a tensor on the
+    device (no host sync here: the caller reads them only at log steps). ``real_target``:
+    D's label for real images (below 1: one-sided label smoothing)."""
+    D = state.discriminator
+    amp = torch.autocast(real.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    n = real.shape[0]
+    ones = torch.ones(n, device=real.device)
+    zeros = torch.zeros(n, device=real.device)
+
+    # D on real, then on fake: two backward passes, one gradient all-reduce (the second).
+    state.opt_d.zero_grad(set_to_none=True)
+    with d_train.no_sync() if isinstance(d_train, DDP) else contextlib.nullcontext():
+        with amp:
+            out_real = d_train(real).view(-1).float()
+        loss_d_real = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, real_target))
+        state.scaler_d.scale(loss_d_real).backward()
+    z = sample_latent(n, nz, real.device)
+    with amp:
+        fake = g_train(z)
+        out_fake = d_train(fake.detach()).view(-1).float()
+    loss_d_fake = F.binary_cross_entropy_with_logits(out_fake, zeros)
+    state.scaler_d.scale(loss_d_fake).backward()
+    grad_norm_d = gradient_norm(D, state.scaler_d, state.opt_d)
+    state.scaler_d.step(state.opt_d)
+    state.scaler_d.update()
+
+    # G through the bare, frozen D: no D gradients, no D all-reduce (and no stale-gradient mix-up in the next D step).
+    state.opt_g.zero_grad(set_to_none=True)
+    D.requires_grad_(False)
+    with amp:
+        out_g = D(fake).view(-1).float()
+    loss_g = F.binary_cross_entropy_with_logits(out_g, ones)
+    state.scaler_g.scale(loss_g).backward()
+    grad_norm_g = gradient_norm(state.generator, state.scaler_g, state.opt_g)
+    state.scaler_g.step(state.opt_g)
+    state.scaler_g.update()
+    D.requires_grad_(True)
+
+    with torch.no_grad():
+        return torch.stack([
+            loss_d_real, loss_d_fake, loss_g,
+            out_real.sigmoid().mean(), out_fake.sigmoid().mean(), out_g.sigmoid().mean(),
+            grad_norm_d, grad_norm_g,
+        ])  # fmt: skip
+
+
+def gradient_norm(net: nn.Module, scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """L2 norm of ``net``'s gradients, on the device. Under fp16 the grads are unscaled
+    first (``scaler.step`` then knows not to do it again); inf when the step overflowed."""
+    scaler.unscale_(opt)
+    return torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
