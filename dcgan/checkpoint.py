@@ -40,6 +40,7 @@ from torch import nn
 from dcgan.config import ConfigError
 from dcgan.fileio import write_atomic
 from dcgan.models import ModelConfig, build_models
+from dcgan.runlock import LOCK_NAME
 from dcgan.shardset import ShardSet, describe_change
 
 if TYPE_CHECKING:
@@ -246,15 +247,18 @@ def nonfinite_tensors(state_dict: dict[str, Any], limit: int = 3) -> list[str]:
     return bad[:limit]
 
 
-def inspect(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(state dict, None) when ``path`` loads with weights_only=True and every tensor is
-    finite; (None, why not) otherwise. Call after ``verify``."""
+def usable(path: Path, unrecorded_ok: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+    """(state dict, None) when ``path`` verifies against its record (or has none and
+    ``unrecorded_ok``), loads with weights_only=True and every tensor in it is finite;
+    (None, why not) otherwise."""
+    if not (unrecorded_ok and not record_path(path).exists()):
+        reason = verify(path)
+        if reason is not None:
+            return None, reason
     try:
         sd = load(path)
     except CheckpointError as e:
         return None, str(e).removeprefix(f"{path}: ")
-    if not isinstance(sd, dict) or "generator" not in sd:
-        return None, "not a dcgan.train checkpoint (no generator state)"
     if not isinstance(sd, dict) or "generator" not in sd:
         return None, "not a dcgan.train checkpoint (no generator state)"
     if sd.get("format_version") != FORMAT_VERSION:
@@ -316,7 +320,7 @@ def remove_temp_files(ckpt_dir: Path) -> list[Path]:
 # What train.overwrite leaves in a run folder: the log that records the wipe, the lock of
 # the trainer that wipes it (dcgan/runlock.py) and the launchers' folder (job scripts,
 # pickles and logs of the job that is running now).
-KEPT_ON_OVERWRITE = ("train.log", "run.lock", "slurm")
+KEPT_ON_OVERWRITE = ("train.log", LOCK_NAME, "slurm")
 
 
 def check_resume_setting(cfg: Config, shards: ShardSet) -> None:
@@ -338,8 +342,7 @@ def check_resume_setting(cfg: Config, shards: ShardSet) -> None:
         return
     record = read_record(candidate)
     if cfg.train.resume != "auto":  # a file the user named: unusable is their mistake, not a fallback
-        reason = verify(candidate) if record_path(candidate).exists() else None
-        sd, reason = (None, reason) if reason else inspect(candidate)
+        sd, reason = usable(candidate, unrecorded_ok=True)
         if reason is not None:
             raise ConfigError(f"train.resume: {candidate}: {reason}")
         record = {"data": sd.get("data"), "model": sd["config"]["model"]}
@@ -401,19 +404,15 @@ def _choose_path(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
         return None
     if cfg.train.resume != "auto":
         path = Path(cfg.train.resume)
-        reason = verify(path)
-        if reason is not None and record_path(path).exists():
-            raise ResumeError(f"train.resume: {path}: {reason}")
-        if reason is not None:
+        if not record_path(path).exists():
             log.warning("%s has no size/checksum record beside it: loading it unverified", path)
-        sd, reason = inspect(path)
+        sd, reason = usable(path, unrecorded_ok=True)
         if reason is not None:
             raise ResumeError(f"train.resume: {path}: {reason}")
         return path, sd
     candidates = list_checkpoints(ckpt_dir)
     for path in reversed(candidates):
-        reason = verify(path)
-        sd, reason = (None, reason) if reason else inspect(path)
+        sd, reason = usable(path)
         if reason is None:
             return path, sd
         aside = set_aside(path)

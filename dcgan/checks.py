@@ -7,7 +7,7 @@ class ConfigError(ValueError):
     """A bad key or value; the message names the key (and the file, once known)."""
 
 
-class _FieldError(ConfigError):
+class FieldError(ConfigError):
     def __init__(self, key: str, problem: str):
         super().__init__(f"{key}: {problem}")
         self.key, self.problem = key, problem
@@ -15,4 +15,4 @@ class _FieldError(ConfigError):
 
 def check_field(ok: bool, key: str, problem: str) -> None:
     if not ok:
-        raise _FieldError(key, problem)
+        raise FieldError(key, problem)

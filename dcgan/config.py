@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dcgan.checks import ConfigError, _FieldError, check_field
+from dcgan.checks import ConfigError, FieldError, check_field
 from dcgan.models import ModelConfig
 
 
@@ -158,7 +158,7 @@ class TrainConfig:
     # Signals that mean "checkpoint and stop" (Slurm sends SIGTERM at the time limit and
     # the signal of --signal=... before it; SIGINT is Ctrl-C, and a second Ctrl-C while the
     # checkpoint is written ends the process at once). Exit code then:
-    # dcgan.preemption.EXIT_PREEMPTED, also when the signal comes during start-up.
+    # dcgan.exits.EXIT_PREEMPTED, also when the signal comes during start-up.
     stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
     # Ranks compare stop requests every N steps (one tiny host-side all-reduce); a signal
     # is acted on at most N steps late.
@@ -364,7 +364,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             kwargs[name] = _coerce(raw[name], hints[name], f"{prefix}{name}")
     try:
         return cls(**kwargs)
-    except _FieldError as e:
+    except FieldError as e:
         raise ConfigError(f"{prefix}{e.key}: {e.problem}") from None
 
 

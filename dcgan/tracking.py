@@ -95,6 +95,7 @@ class Tracker:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tracker") if enabled else None
         self._pending: list[tuple[str, Future]] = []
         self._unwritten: list[str] = []  # metrics lines not on disk yet (a write failed)
+        self._torn = False  # the last metrics write failed, maybe after half a line
         self.failed_writes: dict[str, int] = {}  # what -> writes that failed
 
     def start(self, step: int, total: int, wandb_run_id: str | None, config: dict) -> str | None:
@@ -251,13 +252,14 @@ class Tracker:
     def _append_metrics(self, line: str) -> None:
         """Append ``line`` (and the lines a failed write left waiting) to metrics.jsonl."""
         self._unwritten += [line] if line else []
-        lead = "\n" if self.metrics_path.name in self.failed_writes else ""  # a failed write may have left half a line
         try:
-            append_text(self.metrics_path, lead + "".join(self._unwritten))
+            append_text(self.metrics_path, ("\n" if self._torn else "") + "".join(self._unwritten))
         except OSError as e:
+            self._torn = True
             self._write_failed(self.metrics_path.name, e)
             return
         self._unwritten.clear()
+        self._torn = False
 
     def _write_failed(self, what: str, error: BaseException) -> None:
         """Say once per kind of file that writing it fails; count every failure."""

@@ -415,7 +415,7 @@ def claim_run_dir(cfg: Config, dist: DistInfo, lock: RunLock) -> None:
             error = f"train.out_dir: cannot write the run folder {cfg.run_dir} ({e.strerror or e})"
     error = distributed.broadcast_object(error, dist)
     if error is not None:
-        raise RunFolderBusy(error)
+        raise ConfigError(error)
 
 
 def config_error(error: ConfigError, config: str) -> None:

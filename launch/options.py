@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import submitit
-import yaml
 
-from dcgan.config import build_section, check_field
+from dcgan.config import build_section, check_field, read_yaml
 
 
 @dataclass
@@ -120,9 +119,9 @@ def from_arguments(args: argparse.Namespace, base: dict[str, Any] | None = None,
     for f in fields(SlurmOptions):
         value = getattr(args, f.name, None)
         if value is not None:
-            # Flags arrive as text: read numbers and booleans as YAML would, but keep
-            # the time limit a string (YAML 1.1 reads 4:00:00 as a base-60 integer).
-            raw[f.name] = value if f.name in ("sbatch", "time") else yaml.safe_load(value)
+            # Flags arrive as text: numbers and booleans are read as YAML would, and text
+            # settings keep their text (YAML 1.1 reads the time limit 4:00:00 as base 60).
+            raw[f.name] = value if f.name == "sbatch" else read_yaml(value)
     return build_section(SlurmOptions, raw, where or "launch options", prefix="slurm.")
 
 
