@@ -1,8 +1,9 @@
 """The seeds' RandomHorizontalFlip + RandomAffine, batched on the training device.
 
-``dcgan.data.augment_batch`` runs torchvision per sample in the DataLoader workers: a
-Python loop of small CPU kernels that holds the workers back. Here the whole batch is
-augmented at once, on whatever device the batch lives on, so the workers only decode.
+Per sample in the DataLoader workers, torchvision's affine is a Python loop of small CPU
+kernels that holds the workers back, and the cache (dcgan/cache.py) has no workers. Here
+the whole batch is augmented at once, on the device it lives on (``data.DeviceBatches``),
+so the workers only decode.
 
 * The definition is torchvision's (0.29, ``transforms.v2.RandomAffine`` with
   ``interpolation=NEAREST, fill=None``, after ``RandomHorizontalFlip(0.5)``): the same

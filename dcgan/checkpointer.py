@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dcgan import checkpoint, distributed
 from dcgan.config import Config, ConfigError
-from dcgan.data import Loader, derive_seed, steps_per_epoch
+from dcgan.data import BatchSource, derive_seed, steps_per_epoch
 from dcgan.distributed import DistInfo
 from dcgan.exits import EXIT_PREEMPTED, Ending
 from dcgan.failure import Where
@@ -97,12 +97,13 @@ class Checkpointer:
 
 
 def restore(
-    path: Path, sd: dict | None, state: TrainState, cfg: Config, dist: DistInfo, shards: ShardSet, loader: Loader
+    path: Path, sd: dict | None, state: TrainState, cfg: Config, dist: DistInfo, shards: ShardSet, loader: BatchSource
 ) -> None:
     """Load ``path`` (``sd``: its state dict, already loaded on rank 0) into ``state``, apply
     the optimiser settings given now, and put each rank's RNG and data position where it
     left them. Exact with the world size, batch and data it was written with; otherwise the
-    epoch goes on at the same fraction under the new plan, with per-rank RNG derived afresh.
+    epoch goes on at the same fraction under the new plan, with per-rank RNG derived afresh
+    (also when the data is now read another way: from the cache, or from the shards).
     ConfigError when the data changed and train.data_changed says "refuse", or when the
     checkpoint's tensors do not fit the nets."""
     t_load = time.perf_counter()
@@ -121,7 +122,9 @@ def restore(
         f"; restart {restarts} of this job" if restarts else "",
     )  # fmt: skip
     apply_resume_overrides(state, cfg, sd["config"], dist)
-    if (saved_world, saved_batch) == (dist.world_size, cfg.train.batch_size) and data_change is None:
+    saved_reader = (sd.get("data") or {}).get("reader", "shards")
+    same_reader = saved_reader == loader.reader
+    if (saved_world, saved_batch) == (dist.world_size, cfg.train.batch_size) and data_change is None and same_reader:
         checkpoint.restore_rng_state(sd["rng"][dist.rank], dist.device)
         return
     saved_total = sd["data"]["samples"] if sd.get("data") else shards.total
@@ -131,6 +134,9 @@ def restore(
         f"world size {saved_world} -> {dist.world_size}" if saved_world != dist.world_size else "",
         f"batch per process {saved_batch} -> {cfg.train.batch_size}" if saved_batch != cfg.train.batch_size else "",
         f"the data changed ({data_change}; train.data_changed=continue)" if data_change else "",
+        ""
+        if same_reader
+        else f"the data is read from the {loader.reader} now, from the {saved_reader} then (data.cache)",
     ]
     log.warning(
         "%s: the data is split afresh; epoch %d goes on at batch %d of %d (was %d of %d) and each rank's RNG is "

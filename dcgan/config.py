@@ -60,7 +60,7 @@ _CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
 
 @dataclass
 class AugmentConfig:
-    """Per-sample augmentation, applied to decoded uint8 images in the data workers."""
+    """Per-sample augmentation, drawn per batch on the training device (dcgan/augment.py)."""
 
     hflip: bool = False  # random horizontal flip with probability 0.5
     degrees: float = 0.0  # affine rotation drawn from [-degrees, degrees]
@@ -92,12 +92,19 @@ class DataConfig:
     samples_per_shard: int = 0
     workers: int = 2  # DataLoader worker processes per rank (0: read in the training process)
     shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
+    # Hold the whole set decoded, as uint8, on the training device (GPU memory under CUDA,
+    # RAM on the CPU, one copy per process) and draw every batch from it: no decoding
+    # after the first pass, no worker processes (dcgan/cache.py). auto: when the decoded
+    # set takes at most cache_max_gb; on: always; off: read the shards every epoch.
+    cache: Literal["auto", "on", "off"] = "auto"
+    cache_max_gb: float = 4.0  # auto's limit (GB of uint8 pixels): CelebA at 64x64 is 2.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         check_field(self.samples_per_shard >= 0, "samples_per_shard", "must be >= 0")
         check_field(self.workers >= 0, "workers", "must be >= 0")
         check_field(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+        check_field(self.cache_max_gb >= 0, "cache_max_gb", "must be >= 0")
 
 
 @dataclass
@@ -377,6 +384,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _build(hint, value if value is not None else {}, key + ".")
     if origin is Literal:
         choices = typing.get_args(hint)
+        if text in choices:  # as written: YAML 1.1 reads `cache: on` as true
+            return text
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value

@@ -13,10 +13,11 @@ on every rank and computed from the per-shard counts alone:
   the positions ``[r * steps * B, (r + 1) * steps * B)``, so ranks never overlap and one
   shard may be shared by several ranks (fewer shards than ranks x workers is fine);
 * within a rank, batch i belongs to worker slot ``i % W``; each slot owns a contiguous
-  run of positions, reads it (skipping into its first shard), shuffles it with a seeded
-  buffer, decodes it and augments each batch with a generator seeded by (epoch, rank,
-  batch). torch's DataLoader hands out batches from workers round-robin, so the rank
-  sees batches 0, 1, 2, ... in order (checked on every batch);
+  run of positions (``slot_span``), reads it (skipping into its first shard), shuffles it
+  with a seeded buffer and decodes it to uint8. torch's DataLoader hands out batches from
+  workers round-robin, so the rank sees batches 0, 1, 2, ... in order (checked on every
+  batch), and augments each on the device with a generator seeded by (epoch, rank,
+  batch) (``DeviceBatches``);
 * each shard gives exactly its planned count of positions (dcgan/shardset.py says where
   counts come from). A shard that holds more samples is cut at its count; one that holds
   fewer leaves its last positions empty. Either way the reader reports the shard, the
@@ -40,7 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dcgan.augment import augment
 from dcgan.config import AugmentConfig, ConfigError, DataConfig
 from dcgan.shardset import ShardSet, convert_image, image_member, open_image, shard_name, tar_samples
 
@@ -89,6 +91,13 @@ def slot_batches(steps: int, workers: int, slot: int) -> int:
     return len(range(slot, steps, workers))
 
 
+def slot_span(rank: int, slot: int, steps: int, workers: int, batch_size: int) -> tuple[int, int]:
+    """(first position, positions) of one worker slot's run of a rank's epoch: positions
+    count from the epoch's start offset in its shard sequence (``epoch_layout``)."""
+    before = sum(slot_batches(steps, workers, s) for s in range(slot))
+    return batch_size * (rank * steps + before), batch_size * slot_batches(steps, workers, slot)
+
+
 # --------------------------------------------------------------------------- decoding
 
 
@@ -105,7 +114,7 @@ def decode_sample(sample: dict, channels: int, image_size: int) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def _plain(error: Exception) -> str:
+def plain_error(error: Exception) -> str:
     """An error's message without the in-memory file PIL names ("<_io.BytesIO object at 0x...>")."""
     return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
 
@@ -115,27 +124,6 @@ def sample_label(sample: dict) -> int:
         return int(sample["cls"])
     except (KeyError, ValueError):
         return -1
-
-
-def augment_batch(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """The seeds' RandomHorizontalFlip + RandomAffine, per sample, drawn from ``gen`` only."""
-    if cfg.hflip:
-        flip = torch.rand(len(images), generator=gen) < 0.5
-        images[flip] = images[flip].flip(-1)
-    if cfg.affine:
-        height, width = images.shape[-2:]
-
-        def uniform(lo: float, hi: float) -> float:
-            return lo + (hi - lo) * torch.rand(1, generator=gen).item()
-
-        for i in range(len(images)):
-            angle = uniform(-cfg.degrees, cfg.degrees)
-            dx, dy = cfg.translate[0] * width, cfg.translate[1] * height
-            translate = [round(uniform(-dx, dx)), round(uniform(-dy, dy))]
-            scale = uniform(*cfg.scale)
-            shear = [uniform(-cfg.shear, cfg.shear), 0.0]
-            images[i] = TF.affine(images[i], angle=angle, translate=translate, scale=scale, shear=shear)
-    return images
 
 
 # --------------------------------------------------------------------------- one rank's stream
@@ -202,13 +190,13 @@ class ShardStream(IterableDataset):
         if first >= n_batches:
             return
         B = self.batch_size
-        slot_start = B * (self.rank * self.steps + sum(slot_batches(self.steps, workers, s) for s in range(slot)))
+        slot_start, slot_positions = slot_span(self.rank, slot, self.steps, workers, B)
         order, offset = epoch_layout(self.shards.counts, self.seed, self.epoch)
         self._unreadable, self._miscounted = 0, []  # found by _positions, handed on with the next batch
         raw = self._read_from((offset + slot_start) % self.shards.total, order)
         own = wds.filters.shuffle(
             self.cfg.shuffle_buffer, self.cfg.shuffle_buffer, seed=derive_seed(self.seed, self.epoch, self.rank, slot)
-        )(itertools.islice(raw, n_batches * B))
+        )(itertools.islice(raw, slot_positions))
         # After its own run, a slot keeps reading the sequence: replacements for bad samples.
         samples = itertools.chain(own, raw)
         corrupt = empty = consecutive_bad = logged = 0
@@ -227,7 +215,9 @@ class ShardStream(IterableDataset):
                         continue
                     except Exception as e:  # any decoder failure means: this sample is corrupt
                         corrupt += 1
-                        error = f"sample {sample['__key__']} in {sample['__url__']}: {type(e).__name__}: {_plain(e)}"
+                        error = (
+                            f"sample {sample['__key__']} in {sample['__url__']}: {type(e).__name__}: {plain_error(e)}"
+                        )
                         logged += 1
                         if logged <= self.corrupt_to_log:
                             more = " (further ones are only counted)" if logged == self.corrupt_to_log else ""
@@ -237,10 +227,8 @@ class ShardStream(IterableDataset):
                     raise DataError(f"no sample decodes: {consecutive_bad} in a row failed; the last, {error}")
             if j < first:
                 continue  # delivered before the resume point: only its effect on the stream matters
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, slot, j))
-            batch = augment_batch(torch.stack(images), self.cfg.augment, gen)
             yield Batch(
-                batch, torch.tensor(labels), slot + j * workers, corrupt, empty, self._unreadable,
+                torch.stack(images), torch.tensor(labels), slot + j * workers, corrupt, empty, self._unreadable,
                 tuple(self._miscounted),
             )  # fmt: skip
             corrupt = empty = self._unreadable = 0
@@ -304,11 +292,47 @@ class ShardStream(IterableDataset):
 # --------------------------------------------------------------------------- the loader
 
 
+class BatchSource(Protocol):
+    """What the loop reads a rank's data from: ``Loader`` (the shards, every epoch) or
+    ``dcgan.cache.CachedLoader`` (the set held decoded on the device)."""
+
+    reader: str  # "shards" or "cache"
+    steps_per_epoch: int
+    corrupt_samples: int  # the reading counters of this process, for the summary
+    empty_positions: int
+    corrupt_shards: int
+    miscounted: dict[str, dict[str, int]]
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class DeviceBatches:
+    """uint8 batches on the device -> what the nets take: float in [-1, 1], augmented
+    (dcgan/augment.py) with a generator seeded by the batch's place in the run (seed,
+    epoch, rank, batch), in the nets' memory layout. Both loaders end with this."""
+
+    def __init__(
+        self, augment: AugmentConfig, seed: int, rank: int, device: torch.device, memory_format: torch.memory_format
+    ):
+        self.augment, self.seed, self.rank, self.memory_format = augment, seed, rank, memory_format
+        self.generator = torch.Generator(device) if augment.hflip or augment.affine else None
+
+    def __call__(self, images: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
+        x = images.to(torch.float32, memory_format=self.memory_format)
+        if self.generator is not None:
+            self.generator.manual_seed(derive_seed(self.seed, epoch, self.rank, batch, _AUGMENT_STREAM))
+            x = augment(x, self.augment, self.generator).contiguous(memory_format=self.memory_format)
+        return x.div_(127.5).sub_(1.0)
+
+
+_AUGMENT_STREAM = 0xA6  # seeds augmentation apart from every other use of train.seed
+
+
 class Loader:
     """A rank's data: ``epoch(e, start_batch)`` yields ``(images, labels)`` on ``device``:
     float images in [-1, 1] of shape (B, C, S, S) and int64 labels (-1 where unlabelled).
     Batches travel as uint8 (a quarter of the bytes) from pinned memory when on CUDA, and
-    become float, in ``memory_format``, on the device."""
+    are augmented and made float on the device (``DeviceBatches``)."""
 
     def __init__(
         self,
@@ -319,13 +343,14 @@ class Loader:
         first_to_report: Callable[[str], bool] = lambda shard: True,
     ):
         self.stream = stream
+        self.reader = "shards"  # saved with checkpoints: a resume that reads otherwise is not exact
         self.worker_init_fn = worker_init_fn  # runs first in each worker process (a picklable callable)
         # Whether this process is the first of the run to find the count of a shard wrong
         # (the others record it for the summary without logging it again).
         self.first_to_report = first_to_report
         self.workers = stream.cfg.workers
         self.device = device
-        self.memory_format = memory_format
+        self.batches = DeviceBatches(stream.cfg.augment, stream.seed, stream.rank, device, memory_format)
         self.steps_per_epoch = stream.steps
         # Totals over this process's life, for the log and the run's summary.
         self.corrupt_samples = 0
@@ -355,8 +380,7 @@ class Loader:
                     raise RuntimeError(f"data order broken: got batch {batch.index}, expected {expected}")
                 self._note(batch)
                 images = batch.images.to(self.device, non_blocking=True)
-                images = images.to(torch.float32, memory_format=self.memory_format).div_(127.5).sub_(1.0)
-                yield images, batch.labels.to(self.device, non_blocking=True)
+                yield self.batches(images, epoch, batch.index), batch.labels.to(self.device, non_blocking=True)
         finally:
             # Workers go on every exit path, an exception included. Left to the iterator's
             # __del__, they would outlive a traceback that references it, and at exit

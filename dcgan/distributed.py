@@ -133,3 +133,21 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any] | None:
     out = [None] * info.world_size if info.is_main else None
     dist.gather_object(obj, out, dst=0, group=info.control_group)
     return out
+
+
+def all_gather_rows(rows: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's ``rows`` (CPU tensors with equal trailing shapes, any number of rows)
+    on every rank, over the gloo control group: ``(buffer, counts)``, where rank r's rows
+    are ``buffer[r * max(counts):][: counts[r]]`` (the rest is padding, not copied out)."""
+    if not info.distributed:
+        return rows, [len(rows)]
+    counts = [None] * info.world_size
+    dist.all_gather_object(counts, len(rows), group=info.control_group)
+    longest = max(counts)
+    if longest == 0:
+        return rows, counts
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype)
+    padded[: len(rows)] = rows
+    buffer = torch.empty((info.world_size * longest, *rows.shape[1:]), dtype=rows.dtype)
+    dist.all_gather(list(buffer.split(longest)), padded, group=info.control_group)
+    return buffer, counts

@@ -1,7 +1,8 @@
 """Everything a run needs decided before any process group exists, in one place.
 
 ``plan_run()`` reads the config and its overrides, resolves the shards and their counts,
-checks that the data fills a batch on every rank, picks the evaluation's feature
+checks that the data fills a batch on every rank, decides whether the set is held
+decoded on the device (``data.cache``), picks the evaluation's feature
 extractor, settles what a restarted attempt resumes from and checks that choice
 against the run folder. It returns a ``RunPlan`` and changes nothing on disk or in its
 arguments. ``dcgan.train`` runs it on every rank; ``launch.submit`` and ``launch.sweep``
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dcgan.cache import CacheChoice, choose_cache
 from dcgan.checkpoint import check_resume_setting, list_checkpoints
 from dcgan.config import Config, ConfigError, load_config
 from dcgan.data import steps_per_epoch
@@ -30,6 +32,7 @@ log = logging.getLogger("dcgan.train")
 class RunPlan:
     cfg: Config  # as this attempt runs it (restart settled)
     shards: ShardSet  # the shards with their per-shard counts
+    cache: CacheChoice  # whether the set is held decoded on the device, and why
     extractor: ExtractorChoice | None  # the evaluation's feature extractor (None: eval.every is 0)
     world_size: int
     restart_note: str | None  # what settling the restart changed, for the log (None: nothing)
@@ -47,10 +50,12 @@ def plan_run(
     extractor = choose_extractor(cfg.eval, cfg.data.shards, cfg.model) if cfg.eval.every else None
     if on_this_machine and cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda', but torch sees no CUDA device here")
+    on_cpu = on_this_machine and (cfg.train.device == "cpu" or not torch.cuda.is_available())
+    cache = choose_cache(cfg.data, shards.total, cfg.model.channels, cfg.model.image_size, on_cpu)
     warn_if_resized(shards, cfg.model.image_size)
     cfg, note = settle_restart(cfg, restart)
     check_resume_setting(cfg, shards)
-    return RunPlan(cfg, shards, extractor, world_size, note)
+    return RunPlan(cfg, shards, cache, extractor, world_size, note)
 
 
 def warn_if_resized(shards: ShardSet, image_size: int) -> None:

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from dcgan import checkpoint, distributed, failure, training
+from dcgan.cache import CachedLoader
 from dcgan.checkpointer import Checkpointer, restore
 from dcgan.config import Config, ConfigError, save_config
-from dcgan.data import Loader, ShardStream, derive_seed
+from dcgan.data import BatchSource, Loader, ShardStream, derive_seed
 from dcgan.distributed import DistInfo
 from dcgan.divergence import DivergenceGuard, finite_weights
 from dcgan.eval import Evaluator, eval_mode_sampler
@@ -60,7 +61,7 @@ class Run:
     state: TrainState
     g_train: nn.Module  # G as trained: its DDP wrapper with several processes
     d_train: nn.Module
-    loader: Loader
+    loader: BatchSource
     tracker: Tracker
     checkpointer: Checkpointer
     evaluator: Evaluator | None
@@ -189,17 +190,7 @@ def build_run(
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     state, g_train, d_train = build_training(cfg, dist)
-    stream = ShardStream(
-        shards, cfg.data, rank=dist.rank, world_size=dist.world_size, batch_size=t.batch_size,
-        image_size=cfg.model.image_size, channels=cfg.model.channels, seed=t.seed,
-    )  # fmt: skip
-    loader = Loader(
-        stream,
-        dist.device,
-        worker_init_fn=functools.partial(init_data_worker, tuple(t.stop_signals)),
-        memory_format=memory_format(cfg),
-        first_to_report=lambda shard: distributed.first_to_claim(f"miscounted/{shard}", dist),
-    )
+    loader = build_loader(plan, dist, where)
     # Each rank draws its own latents; the fixed grid noise is the same everywhere.
     checkpoint.seed_rng(derive_seed(t.seed, dist.rank, 0, 1))
     if resume_from is not None:
@@ -224,13 +215,39 @@ def build_run(
     if plan.extractor is not None:  # every rank takes part in each evaluation (dcgan/eval.py)
         where.at("building the evaluator")
         evaluator = Evaluator.build(plan.extractor, cfg.eval, cfg.data, cfg.model, dist)
+    checkpointer = Checkpointer(cfg, dist, {**shards.identity(), "reader": loader.reader})
     run = Run(
-        cfg, dist, shards, state, g_train, d_train, loader, tracker, Checkpointer(cfg, dist, shards.identity()), evaluator,
+        cfg, dist, shards, state, g_train, d_train, loader, tracker, checkpointer, evaluator,
         eval_mode_sampler(state.generator_ema if state.generator_ema is not None else state.generator),
         fixed_noise.to(dist.device), resume_from,
     )  # fmt: skip
     log_start(run, plan)
     return run
+
+
+def build_loader(plan: RunPlan, dist: DistInfo, where: Where) -> BatchSource:
+    """The rank's data: the set cached on the device (``data.cache``), or the shards read each epoch."""
+    cfg, t = plan.cfg, plan.cfg.train
+    worker_init_fn = functools.partial(init_data_worker, tuple(t.stop_signals))
+    if dist.is_main:
+        log.info("%s", plan.cache.why)
+    if plan.cache.on:
+        where.at("caching the data")
+        return CachedLoader(
+            plan.shards, cfg.data, dist, batch_size=t.batch_size, image_size=cfg.model.image_size,
+            channels=cfg.model.channels, seed=t.seed, memory_format=memory_format(cfg), worker_init_fn=worker_init_fn,
+        )  # fmt: skip
+    stream = ShardStream(
+        plan.shards, cfg.data, rank=dist.rank, world_size=dist.world_size, batch_size=t.batch_size,
+        image_size=cfg.model.image_size, channels=cfg.model.channels, seed=t.seed,
+    )  # fmt: skip
+    return Loader(
+        stream,
+        dist.device,
+        worker_init_fn=worker_init_fn,
+        memory_format=memory_format(cfg),
+        first_to_report=lambda shard: distributed.first_to_claim(f"miscounted/{shard}", dist),
+    )
 
 
 def log_start(run: Run, plan: RunPlan) -> None:
@@ -295,7 +312,7 @@ def finish_attempt(run: Run, ending: Ending, started: tuple[int, float, float]) 
     return ending.exit_code
 
 
-def reading_report(loader: Loader, shards: ShardSet, dist: DistInfo) -> dict | None:
+def reading_report(loader: BatchSource, shards: ShardSet, dist: DistInfo) -> dict | None:
     """What reading met on every rank this attempt, merged on rank 0 (None elsewhere).
     Collective. Shards whose true count differs from the plan are listed once."""
     mine = (loader.corrupt_samples, loader.empty_positions, loader.corrupt_shards, loader.miscounted)

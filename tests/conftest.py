@@ -64,9 +64,11 @@ def digit_shards(tmp_path_factory, real_images) -> Path:
 
 
 def write_config(path: Path, shards: Path, **sections) -> Path:
-    """A tiny kmnist-arch config on ``shards``; ``sections`` update its sections."""
+    """A tiny kmnist-arch config on ``shards``; ``sections`` update its sections. It reads
+    the shards every epoch (data.cache=off), as most tests are about that reader; the
+    cache's tests turn it on."""
     cfg = {
-        "data": {"shards": str(shards), "workers": 1, "shuffle_buffer": 64},
+        "data": {"shards": str(shards), "workers": 1, "shuffle_buffer": 64, "cache": "off"},
         "model": {"arch": "kmnist", "image_size": 28, "channels": 1, "nz": 16, "ngf": 8, "ndf": 8},
         "train": {"steps": 6, "batch_size": 16, "out_dir": str(path.parent / "runs"), "seed": 0},
         "log": {"every": 2, "samples_every": 3, "num_samples": 16},

@@ -12,7 +12,7 @@ import webdataset as wds
 
 from conftest import make_shards
 from dcgan.config import AugmentConfig, ConfigError, DataConfig
-from dcgan.data import DataError, Loader, ShardStream, augment_batch
+from dcgan.data import DataError, Loader, ShardStream
 from dcgan.shardset import resolve_shards
 
 
@@ -164,13 +164,16 @@ def test_brace_patterns_and_pipe_urls(tmp_path, indexed_shards):
     }
 
 
-def test_augmentation_is_the_seeds_and_reproducible(real_images):
-    images = torch.from_numpy(real_images[0][:64]).unsqueeze(1)
-    flipped = augment_batch(images.clone(), AugmentConfig(hflip=True), torch.Generator().manual_seed(1))
-    is_flipped = [torch.equal(f, i.flip(-1)) and not torch.equal(f, i) for f, i in zip(flipped, images)]
-    assert 16 < sum(is_flipped) < 48  # about half
-    cfg = AugmentConfig(degrees=5, translate=(0.05, 0.025), scale=(0.95, 1.05), shear=0.025)
-    a = augment_batch(images.clone(), cfg, torch.Generator().manual_seed(2))
-    b = augment_batch(images.clone(), cfg, torch.Generator().manual_seed(2))
-    assert torch.equal(a, b) and a.dtype == torch.uint8 and a.shape == images.shape
-    assert (a != images).any(dim=(1, 2, 3)).float().mean() > 0.9  # nearly every image moved
+def test_device_augmentation_is_seeded_by_the_batch_place(indexed_shards):
+    """Augmentation runs in the training process on whole batches (dcgan/augment.py);
+    a batch's flips and affines follow from (seed, epoch, rank, batch) alone, so a run
+    resumed mid-epoch sees the very same augmented images."""
+    pumpkins = {"hflip": True, "degrees": 5.0, "translate": (0.05, 0.025), "scale": (0.95, 1.05), "shear": 0.025}
+    augmented = make_loader(indexed_shards, augment=AugmentConfig(**pumpkins))
+    plain = [x for x, _ in make_loader(indexed_shards).epoch(0)]
+    whole = [x for x, _ in augmented.epoch(0)]
+    assert all(not torch.equal(a, p) for a, p in zip(whole, plain))  # every batch is augmented
+    assert all(torch.equal(a, b) for a, b in zip(whole, (x for x, _ in augmented.epoch(0))))
+    resumed = [x for x, _ in augmented.epoch(0, start_batch=7)]
+    assert len(resumed) == len(whole) - 7 and all(torch.equal(a, b) for a, b in zip(resumed, whole[7:]))
+    assert not torch.equal(whole[0], next(augmented.epoch(1))[0])

@@ -1,0 +1,295 @@
+"""``data.cache``: the whole set decoded once and held as uint8 on the training device.
+
+The datasets DCGANs train on are small next to a GPU's memory (CelebA at 64x64 is 2.5 GB
+as uint8), while decoding PNGs in worker processes tops out at a few thousand images per
+second per worker. So, when the set fits (``choose_cache``), each run decodes it once:
+
+* the shards are cut into pieces of consecutive samples; each rank decodes a contiguous
+  run of pieces, holding about a 1/world share of the samples, with its own worker
+  processes, and the ranks exchange what they decoded over the gloo control group, so
+  every rank holds the same rows in the set's order;
+* corrupt samples are counted and skipped, unreadable shards counted and logged, and a
+  shard that holds another count than planned is reported, as the shard reader does;
+* epoch e is one seeded permutation of the set, the same on every rank; rank r takes
+  ``steps * batch`` consecutive entries of it (``rank_share``), so ranks are disjoint,
+  every rank runs the same number of steps, each epoch has a new order, and batch k of
+  an epoch depends on (seed, epoch, rank, k) alone: resume at any batch is exact;
+* a batch is gathered by index on the device: no host work per step beyond the loop.
+
+The pixels live in GPU memory under CUDA and in RAM on the CPU (one copy per process).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dcgan import distributed
+from dcgan.checks import ConfigError
+from dcgan.config import DataConfig
+from dcgan.data import DataError, DeviceBatches, decode_sample, derive_seed, plain_error, sample_label, steps_per_epoch
+from dcgan.distributed import DistInfo
+from dcgan.progress import progress
+from dcgan.shardset import ShardSet, shard_name, tar_samples
+
+log = logging.getLogger("dcgan.data")
+
+GB = 1e9
+MIN_PIECE = 256  # samples: below this, a piece's start-up (opening the shard, skipping in) dominates
+_ORDER_STREAM = 0xCAC4E  # seeds the epoch permutations apart from every other use of train.seed
+
+
+# --------------------------------------------------------------------------- the choice
+
+
+@dataclass(frozen=True)
+class CacheChoice:
+    on: bool
+    why: str  # one line for the log
+
+
+def decoded_gb(samples: int, channels: int, image_size: int) -> float:
+    return samples * channels * image_size**2 / GB
+
+
+def choose_cache(cfg: DataConfig, samples: int, channels: int, image_size: int, on_cpu: bool) -> CacheChoice:
+    """Whether this run caches the set. ConfigError when ``data.cache=on`` cannot fit the
+    RAM of this machine (``on_cpu``: the cache would live there, one copy per process)."""
+    size = decoded_gb(samples, channels, image_size)
+    held = f"the {samples} decoded images take {size:.2f} GB"
+    if cfg.cache == "off":
+        return CacheChoice(False, "data.cache=off: reading the shards every epoch")
+    ram = available_ram_gb() if on_cpu else None
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if ram is not None and size * processes > 0.8 * ram:
+        why = f"{held} per process x {processes} process(es), and this machine has {ram:.1f} GB of RAM available"
+        if cfg.cache == "on":
+            raise ConfigError(f"data.cache: on, but {why}; set data.cache=off (or write raw shards)")
+        return CacheChoice(False, f"data.cache=auto: off, {why}")
+    if cfg.cache == "on":
+        return CacheChoice(True, f"data.cache=on: {held}")
+    if size <= cfg.cache_max_gb:
+        return CacheChoice(True, f"data.cache=auto: on, {held} <= data.cache_max_gb={cfg.cache_max_gb:g}")
+    return CacheChoice(
+        False,
+        f"data.cache=auto: off, {held} > data.cache_max_gb={cfg.cache_max_gb:g}; reading the shards every "
+        "epoch (data.cache=on, or a larger data.cache_max_gb, holds them if the device has the memory)",
+    )
+
+
+def available_ram_gb() -> float | None:
+    """MemAvailable of /proc/meminfo in GB (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def epoch_permutation(samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of epoch ``epoch``: the same on every rank (drawn on the CPU)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, epoch, _ORDER_STREAM))
+    return torch.randperm(samples, generator=gen)
+
+
+def rank_share(order: torch.Tensor, rank: int, steps: int, batch_size: int) -> torch.Tensor:
+    """Rank ``rank``'s batches of an epoch: (steps, batch_size) positions of the set."""
+    per_rank = steps * batch_size
+    return order[rank * per_rank : (rank + 1) * per_rank].view(steps, batch_size)
+
+
+class Piece(NamedTuple):
+    shard: int
+    start: int  # first sample (position in the shard)
+    stop: int  # one past the last; the shard's planned count for its last piece
+
+
+def cut_into_pieces(counts: tuple[int, ...], parts: int) -> list[Piece]:
+    """The shards as pieces of at most ``total / parts`` samples (never below MIN_PIECE), in order."""
+    size = max(MIN_PIECE, math.ceil(sum(counts) / max(1, parts)))
+    return [Piece(i, a, min(a + size, n)) for i, n in enumerate(counts) for a in range(0, n, size)]
+
+
+def rank_pieces(pieces: list[Piece], rank: int, world_size: int) -> list[Piece]:
+    """A contiguous run of pieces holding about a 1/world share of the samples."""
+    total = sum(p.stop - p.start for p in pieces)
+    mine, before = [], 0
+    for piece in pieces:
+        # The piece goes to the rank whose share holds its first sample.
+        if before * world_size // max(total, 1) == rank:
+            mine.append(piece)
+        before += piece.stop - piece.start
+    return mine
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class Decoded(NamedTuple):
+    """One piece, decoded in a worker."""
+
+    images: torch.Tensor  # uint8 (n, C, S, S)
+    labels: torch.Tensor  # int64 (n,)
+    corrupt: list[str]  # what failed, one line per corrupt sample
+    unreadable: str | None  # why the shard could not be read to the piece's end
+    found: int | None  # the shard's true count, when this piece reached its planned end and it differs
+
+
+class PieceReader(Dataset):
+    def __init__(self, shards: ShardSet, pieces: list[Piece], channels: int, image_size: int):
+        self.shards, self.pieces, self.channels, self.image_size = shards, pieces, channels, image_size
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def __getitem__(self, i: int) -> Decoded:
+        shard, start, stop = self.pieces[i]
+        url, planned = self.shards.urls[shard], self.shards.counts[shard]
+        images, labels, corrupt, unreadable, position = [], [], [], None, 0
+        samples = tar_samples(url)
+        try:
+            for position, sample in enumerate(samples, 1):
+                if position > stop:  # past the plan: only the last piece gets here, to count the rest
+                    position += sum(1 for _ in samples)
+                    break
+                if position <= start:
+                    continue
+                try:
+                    images.append(decode_sample(sample, self.channels, self.image_size))
+                    labels.append(sample_label(sample))
+                except Exception as e:  # any decoder failure means: this sample is corrupt
+                    corrupt.append(f"sample {sample['__key__']} in {url}: {type(e).__name__}: {plain_error(e)}")
+                if position == stop and stop < planned:
+                    break
+        except Exception as e:  # missing, truncated or not a tar
+            unreadable = f"{url} (after {position} samples): {type(e).__name__}: {e}"
+        finally:
+            samples.close()
+        ended = unreadable is None and stop == planned
+        shape = (0, self.channels, self.image_size, self.image_size)
+        return Decoded(
+            torch.stack(images) if images else torch.empty(shape, dtype=torch.uint8),
+            torch.tensor(labels, dtype=torch.int64),
+            corrupt,
+            unreadable,
+            position if ended and position != planned else None,
+        )
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class CachedLoader:
+    """A rank's data from the cache, with ``data.Loader``'s interface: ``epoch(e, start_batch)``
+    yields ``(images, labels)`` on the device, and the reading counters for the summary."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        cfg: DataConfig,
+        dist: DistInfo,
+        *,
+        batch_size: int,
+        image_size: int,
+        channels: int,
+        seed: int,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        worker_init_fn: Callable[[int], None] | None = None,
+    ):
+        self.dist, self.batch_size, self.seed = dist, batch_size, seed
+        self.reader = "cache"  # saved with checkpoints: a resume that reads otherwise is not exact
+        self.corrupt_samples = self.empty_positions = self.corrupt_shards = 0
+        self.miscounted: dict[str, dict[str, int]] = {}  # shard name -> {"planned", "found"}
+        self.workers = 0  # no worker processes while training
+        t_build = time.perf_counter()
+        rows, labels = self._decode_my_share(shards, cfg, image_size, channels, worker_init_fn)
+        pixels, counts = distributed.all_gather_rows(rows, dist)
+        all_labels, _ = distributed.all_gather_rows(labels, dist)
+        self.samples = sum(counts)
+        if self.samples == 0:
+            raise DataError(f"no decodable sample in {len(shards.urls)} shards: {shards.urls[:3]}...")
+        longest = max(counts)
+        # Row of each sample of the set, in order: each rank's rows, without the padding.
+        self.index = torch.cat([torch.arange(r * longest, r * longest + n) for r, n in enumerate(counts)])
+        self.pixels, self.labels = pixels.to(dist.device), all_labels.to(dist.device)
+        self.index = self.index.to(dist.device)
+        self.steps_per_epoch = steps_per_epoch(self.samples, dist.world_size, batch_size)
+        self.build_seconds = time.perf_counter() - t_build
+        self.batches = DeviceBatches(cfg.augment, seed, dist.rank, dist.device, memory_format)
+        if dist.is_main:
+            log.info(
+                "cached %d images (%.2f GB of uint8) on %s in %.1fs, %d process(es) decoding%s",
+                self.samples, self.pixels[:1].numel() * self.samples / GB, dist.device, self.build_seconds,
+                dist.world_size, "" if self.samples == shards.total else f"; {shards.total} planned",
+            )  # fmt: skip
+
+    def _decode_my_share(
+        self, shards: ShardSet, cfg: DataConfig, image_size: int, channels: int, worker_init_fn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the set, decoded by its worker processes (uint8 rows, labels)."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = max(cfg.workers, (os.cpu_count() or 1) // local)
+        pieces = cut_into_pieces(shards.counts, 4 * self.dist.world_size * max(1, workers))
+        mine = rank_pieces(pieces, self.dist.rank, self.dist.world_size)
+        workers = min(workers, len(mine))
+        loader = DataLoader(
+            PieceReader(shards, mine, channels, image_size),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=2 if workers else None,
+            worker_init_fn=worker_init_fn,
+        )
+        images, labels, logged = [], [], 0
+        pieces_done = iter(loader)
+        todo = sum(p.stop - p.start for p in mine)
+        desc = f"decoding {todo} images into the cache (rank {self.dist.rank})"
+        try:
+            for i, found in enumerate(progress(pieces_done, len(mine), desc, "piece", log)):
+                images.append(found.images)
+                labels.append(found.labels)
+                self.corrupt_samples += len(found.corrupt)
+                for line in found.corrupt[: max(0, 5 - logged)]:
+                    log.warning("skipping corrupt %s", line)
+                logged += len(found.corrupt)
+                if found.unreadable is not None:
+                    self.corrupt_shards += 1
+                    log.warning("skipping the rest of unreadable shard %s", found.unreadable)
+                if found.found is not None:
+                    self._report_count(shards, mine[i].shard, found.found)
+        finally:
+            shutdown = getattr(pieces_done, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        shape = (0, channels, image_size, image_size)
+        rows = torch.cat(images) if images else torch.empty(shape, dtype=torch.uint8)
+        return rows, torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
+
+    def _report_count(self, shards: ShardSet, shard: int, found: int) -> None:
+        planned = shards.counts[shard]
+        self.miscounted[shard_name(shards.urls[shard])] = {"planned": planned, "found": found}
+        what = "its extra samples are not cached" if found > planned else "the cache holds what it has"
+        log.warning(
+            "shard %s holds %d samples, not the %d planned (%s): %s; %s",
+            shards.urls[shard], found, planned, shards.counted_by, what, shards.fix,
+        )  # fmt: skip
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_permutation(self.samples, self.seed, epoch)
+        share = rank_share(order, self.dist.rank, self.steps_per_epoch, self.batch_size).to(self.dist.device)
+        rows = self.index[share]
+        for k in range(start_batch, self.steps_per_epoch):
+            images = self.pixels.index_select(0, rows[k])
+            yield self.batches(images, epoch, k), self.labels.index_select(0, rows[k])

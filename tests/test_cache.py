@@ -1,0 +1,119 @@
+"""data.cache: the set decoded once and held on the device (dcgan/cache.py). The split's
+contract under a real 2-rank torchrun, bitwise resume after SIGTERM, the images and
+labels it holds, corrupt samples counted and skipped, and auto's choice both ways."""
+
+import io
+import json
+import os
+import re
+import signal
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_shards, run_module, run_python, start_python, write_config
+from dcgan.cache import CachedLoader, choose_cache
+from dcgan.checks import ConfigError
+from dcgan.config import DataConfig
+from dcgan.distributed import DistInfo
+from dcgan.preflight import plan_run
+from dcgan.shardset import resolve_shards
+from test_resume import assert_bitwise_equal, final_state, last_logged_step, resumed_at, wait_until, worker_pids
+
+ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def indexed_shards(tmp_path_factory, real_images):
+    """200 real images whose label is their index, in shards of 64 (the last holds 8)."""
+    images, _ = real_images
+    return make_shards(tmp_path_factory.mktemp("indexed") / "s", images[:200], np.arange(200), "--per-shard", "64")
+
+
+def cached(shards, **data) -> CachedLoader:
+    cfg = DataConfig(shards=str(shards), workers=1, cache="on", **data)
+    return CachedLoader(resolve_shards(cfg), cfg, ONE_PROCESS, batch_size=8, image_size=28, channels=1, seed=0)
+
+
+def test_split_under_two_rank_torchrun(indexed_shards):
+    result = run_python("tests/cache_checks.py", str(indexed_shards), nproc=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cache checks passed" in result.stdout
+
+
+def test_the_cache_holds_the_shards_images_and_labels(indexed_shards, real_images):
+    loader = cached(indexed_shards)
+    assert (loader.samples, loader.steps_per_epoch, loader.workers) == (200, 25, 0)
+    batches = list(loader.epoch(0))
+    labels = torch.cat([y for _, y in batches])
+    assert sorted(labels.tolist()) == list(range(200))  # one process: the whole set, each sample once
+    images = torch.cat([x for x, _ in batches])
+    expected = torch.from_numpy(real_images[0][labels.numpy()]).unsqueeze(1).float() / 127.5 - 1
+    assert images.dtype == torch.float32 and torch.equal(images, expected)
+
+
+def test_corrupt_samples_are_counted_and_skipped(tmp_path, real_images):
+    images, _ = real_images
+    shards = make_shards(tmp_path / "s", images[:64], np.arange(64), "--per-shard", "32")
+    tar = shards / "shard-000001.tar"  # garble the png of 3 samples, keep the tar valid
+    with tarfile.open(tar) as f:
+        members = [(m, f.extractfile(m).read()) for m in f.getmembers()]
+    with tarfile.open(tar, "w") as f:
+        for i, (member, data) in enumerate(members):
+            data = b"not a png" if member.name.endswith(".png") and i < 6 else data
+            member.size = len(data)
+            f.addfile(member, io.BytesIO(data))
+    loader = cached(shards)
+    assert (loader.samples, loader.corrupt_samples, loader.corrupt_shards) == (61, 3, 0)
+    assert len({label for _, y in loader.epoch(0) for label in y.tolist()}) == 56  # 7 batches of 8 out of 61
+
+
+def test_auto_choice_both_ways(tmp_path, digit_shards):
+    fits = DataConfig(shards="x", cache="auto", cache_max_gb=1.0)
+    assert choose_cache(fits, 512, 1, 28, on_cpu=True).on
+    small = DataConfig(shards="x", cache="auto", cache_max_gb=0.0001)
+    choice = choose_cache(small, 512, 1, 28, on_cpu=True)
+    assert not choice.on and "0.00 GB > data.cache_max_gb=0.0001" in choice.why
+    # more than this machine's RAM: auto reads the shards, on is a config error
+    assert not choose_cache(DataConfig(shards="x", cache_max_gb=1e9), 10**12, 3, 64, on_cpu=True).on
+    with pytest.raises(ConfigError, match="data.cache: on, but the 1000000000000 decoded images"):
+        choose_cache(DataConfig(shards="x", cache="on"), 10**12, 3, 64, on_cpu=True)
+    # the choice a run makes, and says
+    config = write_config(tmp_path / "c.yaml", digit_shards, data={"cache": "auto"})
+    assert plan_run(str(config), [], 1).cache.on
+    assert not plan_run(str(config), ["data.cache_max_gb=0.0001"], 1).cache.on
+    result = run_module("dcgan.train", "--config", str(config), "train.steps=1", "data.cache_max_gb=0.0001")
+    assert result.returncode == 0, result.stderr
+    assert "data.cache=auto: off, the 512 decoded images take 0.00 GB > data.cache_max_gb=0.0001" in result.stderr
+
+
+STEPS = 48  # 512 samples, 2 ranks x 16: 16 steps per epoch, so the stop lands mid-epoch of epoch 1 or 2
+CACHED_RUN = {
+    "data": {"cache": "on", "augment": {"hflip": True, "degrees": 5.0, "translate": [0.05, 0.05]}},
+    "train": {"steps": STEPS},
+    "log": {"every": 1, "samples_every": 1000},
+    "checkpoint": {"every": 40, "keep": 5},
+}
+
+
+def test_sigterm_and_resume_is_bitwise_exact_with_the_cache(tmp_path, digit_shards):
+    config = write_config(tmp_path / "cached.yaml", digit_shards, **CACHED_RUN)
+    reference = run_module("dcgan.train", "--config", str(config), "train.name=reference", nproc=2, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    assert "data.cache=on" in reference.stderr and re.search(r"cached 512 images .* in [\d.]+s", reference.stderr)
+    run_dir = tmp_path / "runs" / "stopped"
+    log = tmp_path / "stopped.log"
+    proc = start_python("-m", "dcgan.train", "--config", str(config), "train.name=stopped", nproc=2, log=log)
+    wait_until(lambda: last_logged_step(run_dir) >= 20, proc, "step 20")
+    os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)
+    proc.wait(timeout=120)
+    stop = int(re.search(r"stopped on request after step (\d+)/", log.read_text()).group(1))
+    assert 20 <= stop < 40 and stop % 16 != 0  # before the periodic checkpoint, mid-epoch
+    again = run_module("dcgan.train", "--config", str(config), "train.name=stopped", nproc=2, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert resumed_at(again.stderr) == stop
+    assert_bitwise_equal(final_state(tmp_path / "runs" / "reference", STEPS), final_state(run_dir, STEPS))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data"]["corrupt_samples"] == 0 and summary["status"] == "done"
