@@ -11,22 +11,26 @@ SOURCE is one of
     uint8, or float in [0, 1] or [-1, 1]; labels from an ``y``/``labels`` array if present.
 
 Each sample is ``<key>.<png|jpg|npy>`` plus ``<key>.cls`` (the label, when there is one),
-written with webdataset's ShardWriter to ``OUT_DIR/shard-NNNNNN.tar``. ``--format raw``
-instead stores ``--per-member`` images (256) per tar sample, for sets read from disk at
-speed: ``<key>.images.npy``, uint8 (n, H, W, C), and ``<key>.labels.npy``, int64 (n,),
-when the source has labels; they decode with no PIL and no per-image tar header. Counts
-(``--per-shard``, the manifest's) are still images: a shard holds whole members,
-``--per-shard`` rounded down to a multiple of the member size. The source order
+written with webdataset's ShardWriter to ``OUT_DIR/shard-NNNNNN.tar``. The source order
 is shuffled first (``--seed``) so every shard holds a mix of classes. ``--size S``
 resizes the shorter side to S and centre-crops S x S, as the seeds' transforms do, so
 training decodes small images and never resizes. Unreadable images are named, counted
 and skipped. ``manifest.json`` is written last: a folder without one is unfinished.
 
+``--format raw`` stores ``--per-member`` images (256) per tar sample instead, for sets
+read from disk at speed: ``<key>.images.npy``, uint8 (n, H, W, C), and, when the source
+has labels, ``<key>.labels.npy``, int64 (n,); they decode with no PIL and no tar header
+per image. Counts (``--per-shard``, the manifest's) stay in images: a shard holds whole
+members, ``--per-shard`` rounded down to a multiple of the member size, and the manifest
+adds ``images_per_member``. A member holds images of one size (without ``--size``, a
+new one starts where the size changes).
+
 ``index FOLDER`` reads every shard in FOLDER (img2dataset's, webdataset's ShardWriter's,
 plain tar's), in parallel, and writes ``FOLDER/manifest.json`` with the samples of each
 shard and the image size and channels found in the data (fields of an existing manifest
-that it does not count, such as ``classes``, are kept). Training then plans with true
-counts; see dcgan/shardset.py for what counts as a sample.
+that it does not count, such as ``classes``, are kept); a raw member's images are counted
+from its npy header, without loading it. Training then plans with true counts; see
+dcgan/shardset.py for what counts as a sample.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from conftest import make_shards
 from dcgan.config import AugmentConfig, DataConfig
@@ -221,3 +222,18 @@ def test_pickled_raw_members_are_refused_never_loaded(tmp_path, real_images):
     found = count_shard(str(tmp_path / "shard-000000.tar"))
     assert (found.samples, found.unopenable) == (20, 12)
     assert not marker.exists()
+
+
+def test_images_of_several_sizes_make_members_of_one_size(tmp_path, real_images):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, side in enumerate([28, 28, 28, 20, 20, 28]):  # written in name order (--no-shuffle)
+        Image.fromarray(real_images[0][i]).resize((side, side)).save(folder / f"{i}.png")
+    raw, png = tmp_path / "raw", tmp_path / "png"
+    assert shards_main([str(folder), str(raw), "--format", "raw", "--no-shuffle", "--workers", "1"]) == 0
+    assert shards_main([str(folder), str(png), "--no-shuffle", "--workers", "1"]) == 0
+    with tarfile.open(raw / "shard-000000.tar") as tar:  # a folder without classes: no labels member
+        assert tar.getnames() == ["000000000.images.npy", "000000003.images.npy", "000000005.images.npy"]
+    raw_images, _ = read_images(resolve_shards(DataConfig(shards=str(raw))), None, 3, 28)
+    png_images, _ = read_images(resolve_shards(DataConfig(shards=str(png))), None, 3, 28)
+    assert raw_images.shape == (6, 3, 28, 28) and torch.equal(raw_images, png_images)
