@@ -3,11 +3,12 @@ shards are not at model size, augment, collate, to float in [-1, 1]) on the CPU,
 shard encoding and DataLoader worker count. Nothing trains.
 
     python bench/data.py --config configs/celeba.yaml --batch 64
-    python bench/data.py --workers 0,1,2 --formats 'png jpg npy png@128' --versus 230
+    python bench/data.py --workers 0,1,2 --formats 'png jpg npy raw png@128' --versus 230
     python bench/data.py data.augment.hflip=true data.augment.degrees=10   # with augmentation
 
-A format ``F@S`` reads shards stored at S px, resized to the model's size while loading
-(what skipping `dcgan.shards --size` costs). Shards of 4096 photo patches (or of
+``raw`` is `dcgan.shards --format raw`: 256 images per tar member as one uint8 .npy,
+decoded without PIL. A format ``F@S`` reads shards stored at S px, resized to the
+model's size while loading (what skipping `dcgan.shards --size` costs). Shards of 4096 photo patches (or of
 --source) are written once per format under data/ (bench/throughput.py's; --data-dir). Each run reads --epochs epochs and
 counts from each epoch's --skip-th batch on (worker start-up is a per-epoch cost that a
 real epoch of a large dataset amortises); the median of --repeats runs is printed.
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/celeba.yaml")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int_list, default=[0, 1, 2], help="comma-separated")
-    parser.add_argument("--formats", type=str.split, default="png jpg npy png@128", help="space-separated, quoted")
+    parser.add_argument("--formats", type=str.split, default="png jpg npy raw png@128", help="space-separated, quoted")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of 4096 images per run")
     parser.add_argument("--skip", type=int, default=4, help="batches of each epoch not timed")
     parser.add_argument("--repeats", type=int, default=3)

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dcgan.augment import augment
 from dcgan.config import AugmentConfig, ConfigError, DataConfig
-from dcgan.shardset import ShardSet, convert_image, image_member, open_image, shard_name, tar_samples
+from dcgan.shardset import ERROR, PIXELS, ShardSet, convert_image, image_member, open_image, shard_name, tar_samples
 
 log = logging.getLogger("dcgan.data")
 
@@ -103,11 +103,15 @@ def slot_span(rank: int, slot: int, steps: int, workers: int, batch_size: int) -
 
 def decode_sample(sample: dict, channels: int, image_size: int) -> torch.Tensor:
     """uint8 (C, S, S) image from a webdataset sample dict; raises on anything unreadable."""
+    if ERROR in sample:  # one image of a raw member that does not load; the message names it and its shard
+        raise ValueError(sample[ERROR])
     member = image_member(sample)
     if member is None:
         raise ValueError(f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})")
-    with open_image(sample[member], member) as image:
-        pixels = np.array(convert_image(image, channels))
+    pixels = sample[member] if member == PIXELS else None
+    if pixels is None or pixels.shape[-1] != channels:  # raw pixels of the model's channels skip PIL
+        with open_image(sample[member], member) as image:
+            pixels = np.array(convert_image(image, channels))
     tensor = torch.from_numpy(pixels).reshape(pixels.shape[0], pixels.shape[1], channels).permute(2, 0, 1)
     if tensor.shape[-2:] != (image_size, image_size):
         tensor = TF.center_crop(TF.resize(tensor, image_size, antialias=True), image_size)

@@ -17,11 +17,20 @@ resizes the shorter side to S and centre-crops S x S, as the seeds' transforms d
 training decodes small images and never resizes. Unreadable images are named, counted
 and skipped. ``manifest.json`` is written last: a folder without one is unfinished.
 
+``--format raw`` stores ``--per-member`` images (256) per tar sample instead, for sets
+read from disk at speed: ``<key>.images.npy``, uint8 (n, H, W, C), and, when the source
+has labels, ``<key>.labels.npy``, int64 (n,); they decode with no PIL and no tar header
+per image. Counts (``--per-shard``, the manifest's) stay in images: a shard holds whole
+members, ``--per-shard`` rounded down to a multiple of the member size, and the manifest
+adds ``images_per_member``. A member holds images of one size (without ``--size``, a
+new one starts where the size changes).
+
 ``index FOLDER`` reads every shard in FOLDER (img2dataset's, webdataset's ShardWriter's,
 plain tar's), in parallel, and writes ``FOLDER/manifest.json`` with the samples of each
 shard and the image size and channels found in the data (fields of an existing manifest
-that it does not count, such as ``classes``, are kept). Training then plans with true
-counts; see dcgan/shardset.py for what counts as a sample.
+that it does not count, such as ``classes``, are kept); a raw member's images are counted
+from its npy header, without loading it. Training then plans with true counts; see
+dcgan/shardset.py for what counts as a sample.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import gzip
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -48,7 +58,19 @@ from PIL import Image
 from dcgan.exits import EXIT_CONFIG
 from dcgan.fileio import write_atomic
 from dcgan.progress import progress
-from dcgan.shardset import GREY_MODES, MANIFEST, convert_image, image_member, index_command, open_image, tar_files
+from dcgan.shardset import (
+    GREY_MODES,
+    MANIFEST,
+    RAW_LABELS,
+    RAW_MEMBER,
+    convert_image,
+    image_member,
+    index_command,
+    npy_header,
+    open_image,
+    raw_count,
+    tar_files,
+)
 
 log = logging.getLogger("dcgan.shards")
 
@@ -206,7 +228,7 @@ def _to_uint8_hwc(images: np.ndarray, path: Path) -> np.ndarray:
 class EncodeOptions:
     size: int | None
     channels: int
-    image_format: str  # png | jpg | npy
+    image_format: str  # png | jpg | npy | raw
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -220,7 +242,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 class Encoded(NamedTuple):
-    data: bytes | None  # None: the image could not be read
+    data: bytes | np.ndarray | None  # raw: the uint8 (H, W, C) pixels; None: the image could not be read
     size: tuple[int, int] | None  # (height, width) of what was encoded
     error: str
 
@@ -235,6 +257,8 @@ def encode_item(item: Item, opts: EncodeOptions) -> Encoded:
             img = convert_image(Image.fromarray(item.pixels), opts.channels)
         if opts.size is not None:
             img = resize_center_crop(img, opts.size)
+        if opts.image_format == "raw":  # pixels kept: write_shards stacks them into members
+            return Encoded(np.asarray(img).reshape(img.height, img.width, opts.channels), (img.height, img.width), "")
         buf = io.BytesIO()
         if opts.image_format == "npy":
             np.save(buf, np.asarray(img), allow_pickle=False)
@@ -251,6 +275,12 @@ def _encode_star(args: tuple[Item, EncodeOptions]) -> Encoded:
     return encode_item(*args)
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -260,13 +290,15 @@ def write_shards(
     *,
     opts: EncodeOptions,
     per_shard: int,
+    per_member: int = 256,
     max_shard_bytes: float,
     shuffle: bool,
     seed: int,
     workers: int,
     source_name: str,
 ) -> dict[str, Any]:
-    """Write ``source`` as shards into ``out_dir`` and return the manifest (also on disk)."""
+    """Write ``source`` as shards into ``out_dir`` and return the manifest (also on disk).
+    ``per_shard`` counts images; with raw members, a shard holds whole members."""
     order = np.arange(len(source.items))
     if shuffle:
         order = np.random.default_rng(seed).permutation(len(source.items))
@@ -279,26 +311,53 @@ def write_shards(
     jobs = ((it, opts) for it in items)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     encoded = pool.imap(_encode_star, jobs, chunksize=64) if pool else map(_encode_star, jobs)
+    raw = opts.image_format == "raw"
+    # ShardWriter counts tar samples: with raw members, per_shard // member_size of them (a
+    # member never straddles two shards); at most --per-shard images per member, too.
+    member_size = min(per_member, per_shard) if raw else 1
+    labelled = any(it.label >= 0 for it in items)
+    pending: list[tuple[np.ndarray, int]] = []  # raw: the images (and labels) of the member being filled
+    first = 0  # raw: the write index of its first image, which keys the member
     try:
         # A fixed integer mtime: webdataset stamps each member with time.time(), a float,
         # which makes tarfile add a PAX header block to every member; parsing those was
         # half the cost of reading a sample (bench/data.py). Same input, same bytes, too.
         with wds.ShardWriter(
-            str(out_dir / SHARD_PATTERN), maxcount=per_shard, maxsize=max_shard_bytes, verbose=0, mtime=0
+            str(out_dir / SHARD_PATTERN),
+            maxcount=per_shard // member_size,
+            maxsize=max_shard_bytes,
+            verbose=0,
+            mtime=0,
         ) as sink:
+
+            def put(sample: dict[str, Any], images: int) -> None:
+                sink.write(sample)
+                name = os.path.basename(sink.fname)
+                counts[name] = counts.get(name, 0) + images
+
             for item, (data, size, error) in progress(zip(items, encoded), len(items), "shards", "img", log):
                 if data is None:
                     skipped.append({"name": item.name, "error": error})
                     log.warning("skipped unreadable image %s (%s)", item.name, error)
                     continue
-                sample = {"__key__": f"{written:09d}", opts.image_format: data}
-                if item.label >= 0:
-                    sample["cls"] = str(item.label).encode()
-                sink.write(sample)
-                name = os.path.basename(sink.fname)
-                counts[name] = counts.get(name, 0) + 1
+                if not raw:
+                    sample = {"__key__": f"{written:09d}", opts.image_format: data}
+                    if item.label >= 0:
+                        sample["cls"] = str(item.label).encode()
+                    put(sample, 1)
+                else:
+                    if pending and pending[0][0].shape != data.shape:  # a member stacks images of one size
+                        put(raw_member(first, pending, labelled), len(pending))
+                        pending = []
+                    first = first if pending else written
+                    pending.append((data, item.label))
+                    if len(pending) == member_size:
+                        put(raw_member(first, pending, labelled), len(pending))
+                        pending = []
                 written += 1
                 sizes.add(size)
+            if pending:
+                put(raw_member(first, pending, labelled), len(pending))
     finally:
         if pool:
             pool.close()
@@ -321,6 +380,7 @@ def write_shards(
         "image_size": image_size,
         "channels": opts.channels,
         "image_format": opts.image_format,
+        **({"images_per_member": member_size} if raw else {}),
         "classes": source.classes,
         "source": source_name,
         "source_kind": source.kind,
@@ -330,6 +390,15 @@ def write_shards(
     }
     write_atomic(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
+
+
+def raw_member(first: int, pending: list[tuple[np.ndarray, int]], labelled: bool) -> dict[str, Any]:
+    """A tar sample of stacked images, keyed by the write index of the first (the keys of a
+    set stay unique and in write order); their labels too when the set has labels."""
+    sample: dict[str, Any] = {"__key__": f"{first:09d}", RAW_MEMBER: npy_bytes(np.stack([p for p, _ in pending]))}
+    if labelled:
+        sample[RAW_LABELS] = npy_bytes(np.array([label for _, label in pending], np.int64))
+    return sample
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -349,10 +418,10 @@ class ShardCount:
     """What ``count_shard`` found in one shard."""
 
     name: str
-    samples: int = 0  # groups with an image member: what the reader will read
+    samples: int = 0  # images: groups with an image member, and each image of a raw member
     sizes: Counter = field(default_factory=Counter)  # (width, height) -> images
     grey: int = 0  # images with one channel of pixels
-    unopenable: int = 0  # image members that do not open (counted: the reader skips them as corrupt)
+    unopenable: int = 0  # images that do not open (counted: the reader skips them as corrupt)
     not_samples: int = 0  # groups with no image member (not counted, never read)
     suffixes: set[str] = field(default_factory=set)  # the members of those groups
     error: str = ""  # why the shard could not be read to its end
@@ -371,6 +440,9 @@ def count_shard(path: str) -> ShardCount:
                     found.not_samples += 1
                     found.suffixes.update(k for k in group if not k.startswith("__"))
                     continue
+                if member == RAW_MEMBER:
+                    count_raw_member(found, group)
+                    continue
                 found.samples += 1
                 try:
                     with open_image(group[member], member) as image:
@@ -381,6 +453,34 @@ def count_shard(path: str) -> ShardCount:
     except Exception as e:  # truncated, not a tar, unreadable: the samples before the damage count
         found.error = f"{type(e).__name__}: {e}"
     return found
+
+
+def count_raw_member(found: ShardCount, group: dict[str, Any]) -> None:
+    """A raw member's images, size and channels, from the npy headers of its images and
+    labels: the data is not loaded (only its length checked), so counting stays fast."""
+    n = raw_count(group[RAW_MEMBER])  # what the reader yields for it, whether or not it loads
+    found.samples += n
+    try:
+        shape, dtype = _npy_shape(group[RAW_MEMBER])
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
+            raise ValueError(f"raw images must be uint8 (n,H,W,C) with C in 1, 3; got {dtype} {shape}")
+        if RAW_LABELS in group:
+            label_shape, label_dtype = _npy_shape(group[RAW_LABELS])
+            if label_dtype.kind not in "iu" or label_shape != (n,):
+                raise ValueError(f"labels must be integers ({n},); got {label_dtype} {label_shape}")
+    except Exception:  # unreadable or wrong: the reader skips each of its images as corrupt
+        found.unopenable += n
+        return
+    found.sizes[(shape[2], shape[1])] += n
+    found.grey += n if shape[-1] == 1 else 0
+
+
+def _npy_shape(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """An npy member's shape and dtype from its header; ValueError when its data is cut short."""
+    shape, dtype, offset = npy_header(data)
+    if len(data) < offset + math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"truncated: {len(data) - offset} bytes of data for {dtype} {shape}")
+    return shape, dtype
 
 
 def index_manifest(folder: Path, found: list[ShardCount], old: dict[str, Any]) -> dict[str, Any]:
@@ -467,9 +567,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="image folder, IDX file or folder, .npy or .npz")
     parser.add_argument("out_dir", type=Path, help="folder for shard-NNNNNN.tar and manifest.json")
     parser.add_argument("--size", type=int, help="resize shorter side + centre crop to SIZE x SIZE")
-    parser.add_argument("--format", dest="image_format", choices=["png", "jpg", "npy"], default="png")
+    parser.add_argument(
+        "--format", dest="image_format", choices=["png", "jpg", "npy", "raw"], default="png",
+        help="raw: --per-member images per tar member as one uint8 .npy, decoded without PIL",
+    )  # fmt: skip
+    parser.add_argument("--per-member", type=int, default=256, help="images per member with --format raw (256)")
     parser.add_argument("--channels", type=int, choices=[1, 3], help="1 grey, 3 RGB (default: the source's)")
-    parser.add_argument("--per-shard", type=int, default=10000, help="samples per shard (default 10000)")
+    parser.add_argument("--per-shard", type=int, default=10000, help="images per shard (default 10000)")
     parser.add_argument("--max-shard-bytes", type=float, default=1e9, help="start a new shard past this size")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     parser.add_argument("--seed", type=int, default=0, help="seed of the write-order shuffle")
@@ -482,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--size must be >= 1")
     if args.per_shard < 1:
         parser.error("--per-shard must be >= 1")
+    if args.per_member < 1:
+        parser.error("--per-member must be >= 1")
     try:
         source = open_source(args.source)
         prepare_out_dir(args.out_dir, args.overwrite)
@@ -491,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out_dir,
             opts=opts,
             per_shard=args.per_shard,
+            per_member=args.per_member,
             max_shard_bytes=args.max_shard_bytes,
             shuffle=not args.no_shuffle,
             seed=args.seed,

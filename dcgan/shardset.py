@@ -19,6 +19,14 @@ image member: one of ``IMAGE_EXTENSIONS``, matched on the member's last suffix. 
 members (``.txt``, ``.json``, ``.cls``) ride along; a group with no image member (a
 ``.json`` alone) is not a sample and is neither counted nor read.
 
+A raw member (``KEY.images.npy``, ``python -m dcgan.shards --format raw``) is a batch of
+images, uint8 (n, H, W, C), with their labels in ``KEY.labels.npy`` (int64 (n,)) when the
+set has labels: it is n samples, one per image, each counted as a sample everywhere (the
+manifest's counts, the reader's plan). ``tar_samples`` expands it into samples that hold
+the pixels (``PIXELS``), which decode without PIL; a raw member that does not load
+becomes samples that carry the error (``ERROR``), as many as its header says, so the
+shard's count stays right and each is skipped as one corrupt sample.
+
 ``ShardSet.identity()`` (shard names and counts, and their short fingerprint) travels with
 every checkpoint, so a run is not resumed on other data by accident.
 """
@@ -51,6 +59,15 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_EXTENSIONS = (
     "png", "jpg", "jpeg", "webp", "jfif", "jpe", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm", "tga", "npy",
 )  # fmt: skip
+# A raw member, and its labels: KEY.images.npy holds uint8 (n, H, W, C), C in (1, 3), the
+# channel axis kept for grey; KEY.labels.npy int64 (n,). Both read with allow_pickle=False.
+RAW_MEMBER = "images.npy"
+RAW_LABELS = "labels.npy"
+# Keys of the per-image samples that tar_samples makes of a raw member ("__" keys are not
+# tar members, so no shard can hold one): the image as a uint8 (H, W, C) array, or, for
+# the images of a raw member that does not load, why.
+PIXELS = "__pixels__"
+ERROR = "__error__"
 _STATS_SUFFIX = "_stats.json"  # img2dataset writes NNNNN_stats.json beside NNNNN.tar
 
 
@@ -240,7 +257,12 @@ def img2dataset_counts(urls: list[str]) -> tuple[tuple[int, ...] | None, str]:
 
 
 def image_member(sample: dict[str, Any]) -> str | None:
-    """The key of ``sample``'s image member (its last suffix in IMAGE_EXTENSIONS), or None."""
+    """The key of ``sample``'s image member: PIXELS, a raw member (RAW_MEMBER), else its
+    last suffix in IMAGE_EXTENSIONS; None when it has none (or is an ERROR sample)."""
+    if PIXELS in sample:
+        return PIXELS
+    if RAW_MEMBER in sample:  # before the scan below, which would take it for one image's npy
+        return RAW_MEMBER
     for ext in IMAGE_EXTENSIONS:  # the usual case, a plain "png" / "jpg" member: no scan
         if ext in sample:
             return ext
@@ -252,16 +274,78 @@ def image_member(sample: dict[str, Any]) -> str | None:
 
 
 def tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one shard, in order: groups of members with one key that hold an image."""
+    """The samples of one shard, in order: groups of members with one key that hold an
+    image, and a raw member's images one by one (the one place raw members are expanded,
+    so everything downstream counts images)."""
     with contextlib.closing(wds.gopen(url)) as stream:
         files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
         for sample in wds.tariterators.group_by_keys(files):
-            if image_member(sample) is not None:
+            member = image_member(sample)
+            if member == RAW_MEMBER:
+                yield from raw_samples(sample, url)
+            elif member is not None:
                 yield sample
 
 
-def open_image(data: bytes, member: str) -> Image.Image:
-    """The image of a member's bytes (``npy``: uint8 pixels; anything else: PIL, lazily)."""
+def raw_samples(group: dict[str, Any], url: str) -> Iterator[dict[str, Any]]:
+    """One sample per image of a raw member; ERROR samples when it does not load."""
+    key = group["__key__"]
+    try:
+        images = load_raw(group[RAW_MEMBER])
+        labels = load_raw_labels(group[RAW_LABELS], len(images)) if RAW_LABELS in group else None
+    except Exception as e:  # truncated, damaged, pickled: every image of the member is one corrupt sample
+        error = f"raw member {key}.{RAW_MEMBER} in {url} does not load: {type(e).__name__}: {e}"
+        for i in range(raw_count(group[RAW_MEMBER])):
+            yield {"__key__": f"{key}/{i}", "__url__": url, ERROR: error}
+        return
+    for i, image in enumerate(images):
+        sample = {"__key__": f"{key}/{i}", "__url__": url, PIXELS: image}
+        if labels is not None:
+            sample["cls"] = int(labels[i])
+        yield sample
+
+
+def load_raw(data: bytes) -> np.ndarray:
+    """A raw member's images, uint8 (n, H, W, C) with C in (1, 3); never unpickles."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+        what = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise ValueError(f"raw images must be uint8 (n,H,W,C) with C in 1, 3; got {what}")
+    return array
+
+
+def load_raw_labels(data: bytes, n: int) -> np.ndarray:
+    labels = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu" or labels.shape != (n,):
+        what = f"{labels.dtype} {labels.shape}" if isinstance(labels, np.ndarray) else type(labels).__name__
+        raise ValueError(f"{RAW_LABELS} must be integers ({n},) like its images; got {what}")
+    return labels
+
+
+def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) from an npy file's header, without reading its data."""
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+    shape, _, dtype = read(f)
+    return shape, dtype, f.tell()
+
+
+def raw_count(data: bytes) -> int:
+    """Images in a raw member, from its header alone (the data may be damaged): 1 when
+    even the header does not read, so an unreadable member still counts as a sample."""
+    try:
+        shape = npy_header(data)[0]
+    except Exception:  # not an npy header at all
+        return 1
+    return int(shape[0]) if shape else 1
+
+
+def open_image(data: bytes | np.ndarray, member: str) -> Image.Image:
+    """The image of a member's bytes (``npy``: uint8 pixels; anything else: PIL, lazily),
+    or of a raw sample's PIXELS array."""
+    if member == PIXELS:
+        return Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data)
     if member.rsplit(".", 1)[-1] != "npy":
         return Image.open(io.BytesIO(data))
     array = np.load(io.BytesIO(data), allow_pickle=False)

@@ -94,12 +94,12 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards, real_images):
 
     data = run_python(
         "bench/data.py", *common, "--data-dir", str(tmp_path / "data"), "--source", str(tmp_path / "digits.npy"),
-        "--formats", "npy png@32", "--workers", "0,1", "--epochs", "1", "--repeats", "1", "--versus", "100",
+        "--formats", "npy raw png@32", "--workers", "0,1", "--epochs", "1", "--repeats", "1", "--versus", "100",
         timeout=300,
     )  # fmt: skip
     assert data.returncode == 0, data.stderr[-3000:]
-    rows = [line.split() for line in data.stdout.splitlines() if line.startswith(("npy ", "png@32 "))]
-    assert [(r[0], r[1]) for r in rows] == [("npy", "0"), ("npy", "1"), ("png@32", "0"), ("png@32", "1")]
+    rows = [line.split() for line in data.stdout.splitlines() if line.startswith(("npy ", "raw ", "png@32 "))]
+    assert [(r[0], r[1]) for r in rows] == [(f, w) for f in ("npy", "raw", "png@32") for w in ("0", "1")]
     assert all(float(r[2]) > 0 for r in rows)
 
     scaling = run_python(
