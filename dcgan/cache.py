@@ -34,7 +34,16 @@ from torch.utils.data import DataLoader, Dataset
 from dcgan import distributed
 from dcgan.checks import ConfigError
 from dcgan.config import DataConfig
-from dcgan.data import DataError, DeviceBatches, decode_sample, derive_seed, plain_error, sample_label, steps_per_epoch
+from dcgan.data import (
+    DataError,
+    DeviceBatches,
+    decode_sample,
+    derive_seed,
+    plain_error,
+    sample_label,
+    stack_images,
+    steps_per_epoch,
+)
 from dcgan.distributed import DistInfo
 from dcgan.progress import progress
 from dcgan.shardset import ShardSet, shard_name, tar_samples
@@ -179,9 +188,8 @@ class PieceReader(Dataset):
         finally:
             samples.close()
         ended = unreadable is None and stop == planned
-        shape = (0, self.channels, self.image_size, self.image_size)
         return Decoded(
-            torch.stack(images) if images else torch.empty(shape, dtype=torch.uint8),
+            stack_images(images, self.channels, self.image_size),
             torch.tensor(labels, dtype=torch.int64),
             corrupt,
             unreadable,

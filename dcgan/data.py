@@ -101,8 +101,10 @@ def slot_span(rank: int, slot: int, steps: int, workers: int, batch_size: int) -
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_sample(sample: dict, channels: int, image_size: int) -> torch.Tensor:
-    """uint8 (C, S, S) image from a webdataset sample dict; raises on anything unreadable."""
+def decode_sample(sample: dict, channels: int, image_size: int) -> np.ndarray:
+    """uint8 (S, S, C) pixels from a webdataset sample dict; raises on anything unreadable.
+    Kept in numpy and channels-last until a batch is stacked (``stack_images``): per image,
+    a torch op costs more than copying raw pixels."""
     if ERROR in sample:  # one image of a raw member that does not load; the message names it and its shard
         raise ValueError(sample[ERROR])
     member = image_member(sample)
@@ -112,10 +114,18 @@ def decode_sample(sample: dict, channels: int, image_size: int) -> torch.Tensor:
     if pixels is None or pixels.shape[-1] != channels:  # raw pixels of the model's channels skip PIL
         with open_image(sample[member], member) as image:
             pixels = np.array(convert_image(image, channels))
-    tensor = torch.from_numpy(pixels).reshape(pixels.shape[0], pixels.shape[1], channels).permute(2, 0, 1)
-    if tensor.shape[-2:] != (image_size, image_size):
-        tensor = TF.center_crop(TF.resize(tensor, image_size, antialias=True), image_size)
-    return tensor.contiguous()
+    pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
+    if pixels.shape[:2] != (image_size, image_size):
+        chw = torch.from_numpy(pixels).permute(2, 0, 1)
+        pixels = TF.center_crop(TF.resize(chw, image_size, antialias=True), image_size).permute(1, 2, 0).numpy()
+    return pixels
+
+
+def stack_images(images: list[np.ndarray], channels: int, image_size: int) -> torch.Tensor:
+    """(S, S, C) pixels -> one uint8 (N, C, S, S) tensor, stored channels-last (no transpose)."""
+    if not images:
+        return torch.empty((0, channels, image_size, image_size), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
 def plain_error(error: Exception) -> str:
@@ -232,7 +242,7 @@ class ShardStream(IterableDataset):
             if j < first:
                 continue  # delivered before the resume point: only its effect on the stream matters
             yield Batch(
-                torch.stack(images), torch.tensor(labels), slot + j * workers, corrupt, empty, self._unreadable,
+                stack_images(images, self.channels, self.image_size), torch.tensor(labels), slot + j * workers, corrupt, empty, self._unreadable,
                 tuple(self._miscounted),
             )  # fmt: skip
             corrupt = empty = self._unreadable = 0
@@ -458,4 +468,4 @@ def read_images(
         log.warning(
             "read %d images; skipped %d corrupt samples and %d unreadable shards", len(images), bad_samples, bad_shards
         )
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+    return stack_images(images, channels, image_size), torch.tensor(labels, dtype=torch.int64)

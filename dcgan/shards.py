@@ -477,7 +477,9 @@ def count_raw_member(found: ShardCount, group: dict[str, Any]) -> None:
 
 def _npy_shape(data: bytes) -> tuple[tuple[int, ...], np.dtype]:
     """An npy member's shape and dtype from its header; ValueError when its data is cut short."""
-    shape, dtype, offset = npy_header(data)
+    shape, dtype, offset, fortran = npy_header(data)
+    if fortran:  # the reader takes C order only
+        raise ValueError(f"{dtype} {shape} in Fortran order")
     if len(data) < offset + math.prod(shape) * dtype.itemsize:
         raise ValueError(f"truncated: {len(data) - offset} bytes of data for {dtype} {shape}")
     return shape, dtype

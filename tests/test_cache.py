@@ -12,6 +12,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from test_resume import assert_bitwise_equal, final_state, last_logged_step, resumed_at, wait_until, worker_pids
 
 from conftest import make_shards, run_module, run_python, start_python, write_config
 from dcgan.cache import CachedLoader, choose_cache
@@ -20,7 +21,6 @@ from dcgan.config import DataConfig
 from dcgan.distributed import DistInfo
 from dcgan.preflight import plan_run
 from dcgan.shardset import resolve_shards
-from test_resume import assert_bitwise_equal, final_state, last_logged_step, resumed_at, wait_until, worker_pids
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
