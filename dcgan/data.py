@@ -116,7 +116,7 @@ def decode_sample(sample: dict, channels: int, image_size: int) -> np.ndarray:
             pixels = np.array(convert_image(image, channels))
     pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
     if pixels.shape[:2] != (image_size, image_size):
-        chw = torch.from_numpy(pixels).permute(2, 0, 1)
+        chw = torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # raw pixels are a read-only view
         pixels = TF.center_crop(TF.resize(chw, image_size, antialias=True), image_size).permute(1, 2, 0).numpy()
     return pixels
 
