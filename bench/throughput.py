@@ -1,6 +1,8 @@
 """Training throughput, img/s, for one config at one batch size, one process:
 
 (a) the trainer's step (dcgan.training.gan_step, as configured) fed by the shard pipeline;
+(a') the same step fed by the set cached on the device (data.cache; its build time is
+    printed), when the set fits data.cache_max_gb: (a')/(a) is what the cache gains;
 (b) the same step fed one batch already in memory: (a)/(b) is what the data costs;
 (c) the plain seed-style loop of bench/plain_loop.py (fp32, Sigmoid + BCELoss, separate
     real/fake passes, no DDP, torch's default Adam and memory layout) on the same
@@ -30,12 +32,14 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dcgan.cache import CachedLoader, choose_cache
 from dcgan.config import Config, load_config
 from dcgan.data import Loader, ShardStream
 from dcgan.distributed import DistInfo
@@ -171,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     loader = Loader(stream, device, memory_format=memory_format(cfg))
     real = next(batches(loader))
+    cache = choose_cache(replace(cfg.data, cache="auto"), stream.shards.total, cfg.model.channels,
+                         cfg.model.image_size, on_cpu=device.type == "cpu")  # fmt: skip
+    cached = None
+    if cache.on:
+        cached = CachedLoader(
+            stream.shards, cfg.data, dist, batch_size=args.batch, image_size=cfg.model.image_size,
+            channels=cfg.model.channels, seed=0, memory_format=memory_format(cfg),
+        )  # fmt: skip
 
     # name -> (step, a fresh batch iterator per run)
     step = trainer_step(cfg, dist)
@@ -178,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         "(a) trainer reading shards": (step, lambda: batches(loader)),
         "(b) same step, batch in RAM": (step, lambda: itertools.repeat(real)),
     }
+    if cached is not None:
+        variants["(a') trainer reading the cache"] = (step, lambda: batches(cached))
     plain = PlainLoop(cfg, device)  # fp32 whatever the config says
     plain_real = real.contiguous()  # the seeds' layout
     variants["(c) plain seed-style loop"] = (plain.step, lambda: itertools.repeat(plain_real))
@@ -200,11 +214,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, (variant_step, make_batches) in variants.items():
             runs[name].append(timed_steps(variant_step, make_batches(), args.warmup, args.steps, sync))
     median = {name: statistics.median(r) for name, r in runs.items()}
-    a, b, c = (median[name] for name in list(variants)[:3])
+    a, b, c = (median[name] for name in ("(a) trainer reading shards", "(b) same step, batch in RAM",
+                                          "(c) plain seed-style loop"))  # fmt: skip
     for name, rate in median.items():
         extra = f"  x{rate / b:.3f} of (b)" if name.startswith("(b) with") else ""
         print(f"{name:40s} {rate:9.1f} img/s{extra}  (runs: {', '.join(f'{x:.1f}' for x in runs[name])})")
     print(f"(a)/(c) = {a / c:.2f}   (b)/(c) = {b / c:.2f}   (a)/(b) = {a / b:.3f}")
+    if cached is None:
+        print(f"(a') not run: {cache.why}")
+    else:
+        cache_rate = median["(a') trainer reading the cache"]
+        print(f"(a')/(a) = {cache_rate / a:.3f}   (a')/(b) = {cache_rate / b:.3f}   cache of {cached.samples} images "
+              f"built in {cached.build_seconds:.1f}s ({cached.samples / cached.build_seconds:.0f} img/s)")  # fmt: skip
     achieved = a * flops / 1e12
     mfu = f", MFU {100 * achieved / args.peak_tflops:.1f}% of {args.peak_tflops:g}" if args.peak_tflops else ""
     print(f"(a) achieves {achieved:.3f} TFLOP/s{mfu}")
