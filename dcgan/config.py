@@ -210,20 +210,22 @@ class WandbConfig:
     """Weights & Biases (rank 0 only). The run folder gets metrics, grids, a loss plot and a
     summary whatever the mode; W&B's own files go to <run folder>/wandb/."""
 
-    # "auto": $WANDB_MODE when set, else online when an API key is configured
-    # ($WANDB_API_KEY or a netrc entry for the W&B host), else offline. An online run
-    # that cannot reach the server within init_timeout goes on offline.
+    # "auto": $WANDB_MODE when set (and not empty), else the mode in wandb's settings file
+    # (`wandb offline`), else online wherever wandb finds a login ($WANDB_API_KEY,
+    # $WANDB_IDENTITY_TOKEN_FILE, a netrc entry for the W&B host, an api_key setting),
+    # else offline. An online run that cannot reach the server within init_timeout goes on offline.
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str = "dcgan"
-    entity: str = ""  # team or user; "": the API key's default entity
-    group: str = ""  # groups related runs in the UI (launch.sweep sets the sweep's name)
-    name: str = ""  # display name; "": train.name
-    tags: list[str] = field(default_factory=list)
-    notes: str = ""
+    # The run's identity in W&B. "" (unset): the W&B variable in brackets when set, else the
+    # default named. A value set here wins over the variable.
+    project: str = ""  # ($WANDB_PROJECT) "dcgan"
+    entity: str = ""  # ($WANDB_ENTITY) team or user; the login's default entity
+    group: str = ""  # ($WANDB_RUN_GROUP) groups related runs in the UI (launch.sweep sets the sweep's name)
+    name: str = ""  # ($WANDB_NAME) display name; train.name
+    tags: list[str] = field(default_factory=list)  # ($WANDB_TAGS, comma-separated)
+    notes: str = ""  # ($WANDB_NOTES)
     init_timeout: float = 90.0  # seconds to wait for the W&B server when online
 
     def __post_init__(self) -> None:
-        check_field(bool(self.project), "project", "must not be empty")
         bad = sorted(_WANDB_PROJECT_FORBIDDEN & set(self.project))
         check_field(not bad, "project", f"W&B project names cannot contain {' '.join(bad)}")
         check_field(all(0 < len(t) <= 64 for t in self.tags), "tags", "each tag needs 1 to 64 characters")

@@ -5,16 +5,24 @@ Most compute nodes have no route to the W&B server, so offline is first-class: t
 is written under ``<run folder>/wandb/`` and uploaded later with ``wandb sync``. A W&B
 failure (no network, the wandb-core process killed by a signal meant for the trainer)
 is reported once and the run goes on without W&B; the run folder has everything anyway.
+
+W&B's own conventions hold: ``$WANDB_PROJECT``, ``$WANDB_ENTITY``, ``$WANDB_NAME``,
+``$WANDB_RUN_GROUP``, ``$WANDB_TAGS`` and ``$WANDB_NOTES`` fill what ``wandb.*`` leaves
+unset (``resolve_identity``), an empty ``WANDB_*`` variable counts as unset
+(``tidy_environment``), and ``wandb.mode=auto`` goes online wherever wandb itself would
+find a login (``find_login``). Deciding never touches the network.
 """
 
 from __future__ import annotations
 
+import configparser
 import logging
 import netrc
 import os
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -22,35 +30,182 @@ from dcgan.config import WandbConfig
 
 log = logging.getLogger("dcgan.train")
 
-DEFAULT_BASE_URL = "https://api.wandb.ai"
+DEFAULT_PROJECT = "dcgan"  # wandb.project when neither the config nor $WANDB_PROJECT names one
+# wandb 0.31's default server is CoreWeave Forge's front of api.wandb.ai (older clients:
+# https://api.wandb.ai); a netrc entry for either host counts, as in wandb (FORGE_HOSTS).
+DEFAULT_BASE_URL = "https://api.forge.coreweave.com"
+# wandb/sdk/lib/urls.py FORGE_HOSTS: a Forge host -> the W&B API host behind it.
+FORGE_HOSTS = {"forge.coreweave.com": "api.wandb.ai", "qa.forge.coreweave.com": "api.qa.wandb.ai"}
+# $WANDB_MODE and the settings files' mode, as wandb reads them ("run" and "dryrun": old names).
+MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+# The variables behind the run's identity, by wandb.init argument (wandb/env.py).
+IDENTITY_ENV = {
+    "project": "WANDB_PROJECT",
+    "entity": "WANDB_ENTITY",
+    "name": "WANDB_NAME",
+    "group": "WANDB_RUN_GROUP",
+    "tags": "WANDB_TAGS",
+    "notes": "WANDB_NOTES",
+}
+MAX_TAG = 64  # characters; wandb refuses a longer tag (and an empty one)
 
 
-def api_key_configured(env: dict[str, str] | os._Environ = os.environ) -> bool:
-    """True when wandb would find an API key: $WANDB_API_KEY or a netrc entry for the
-    W&B host ($WANDB_BASE_URL's, where ``wandb login`` writes it)."""
-    if env.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(env.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).hostname
-    path = env.get("NETRC") or os.path.expanduser("~/.netrc")
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env["HOME"]) if env.get("HOME") else Path.home()
+
+
+def _expand(path: str, env: Mapping[str, str]) -> Path:
+    if path == "~" or path.startswith("~/"):
+        return _home(env) / path[2:]
+    return Path(path)
+
+
+def settings_files(env: Mapping[str, str], cwd: Path | None = None) -> list[Path]:
+    """wandb's settings files, the one that wins last (wandb/sdk/wandb_setup.py
+    ``_load_settings``, wandb_settings.py ``settings_workspace``): the global one
+    ($WANDB_CONFIG_DIR/settings, else ~/.config/wandb/settings) and the workspace one
+    (<$WANDB_DIR or the working directory>/wandb/settings, .wandb/ when that exists)."""
+    config_dir = env.get("WANDB_CONFIG_DIR", "").strip()
+    global_file = _expand(config_dir, env) / "settings" if config_dir else _home(env) / ".config" / "wandb" / "settings"
+    root = _expand(env["WANDB_DIR"], env) if env.get("WANDB_DIR", "").strip() else (cwd or Path.cwd())
+    workspace = root / (".wandb" if (root / ".wandb").exists() else "wandb") / "settings"
+    return [global_file, workspace]
+
+
+def read_settings(env: Mapping[str, str], cwd: Path | None = None) -> dict[str, tuple[str, Path]]:
+    """The settings files' ``[default]`` keys: key -> (value, the file it came from)."""
+    found: dict[str, tuple[str, Path]] = {}
+    for path in settings_files(env, cwd):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+            items = parser.items("default") if parser.has_section("default") else []
+        except (OSError, configparser.Error):
+            continue  # wandb warns and treats the file as empty
+        found.update({key: (value, path) for key, value in items})
+    return found
+
+
+def _netrc_path(env: Mapping[str, str]) -> Path:
+    # wandb/sdk/lib/wbauth/wbnetrc.py _get_netrc_file_path
+    if env.get("NETRC"):
+        return _expand(env["NETRC"], env)
+    for name in (".netrc", "_netrc"):
+        if (_home(env) / name).exists():
+            return _home(env) / name
+    return _home(env) / ".netrc"
+
+
+def _netrc_hosts(base_url: str) -> list[str]:
+    """The netrc machines wandb looks up for ``base_url`` (wbnetrc.py
+    ``read_netrc_auth_with_source``): its host[:port], then the W&B host behind a Forge address."""
+    parts = urlsplit(base_url)
+    # A Forge address is its API host (urls.py normalize_forge_base_url)
+    hosts = [f"api.{parts.hostname}" if parts.hostname in FORGE_HOSTS else parts.netloc]
+    for forge, api in FORGE_HOSTS.items():
+        if parts.hostname in (forge, f"api.{forge}", api) and api not in hosts:
+            hosts.append(api)
+    return hosts
+
+
+def find_login(env: Mapping[str, str] = os.environ, cwd: Path | None = None) -> str | None:
+    """Where wandb would take its credentials from, or None: the checks wandb 0.31 makes
+    before an online run (wandb/sdk/lib/wbauth/authenticate.py ``_use_system_auth``:
+    ``_try_env_auth``, then ``wbnetrc.read_netrc_auth_with_source``, then the api_key
+    setting), done here on ``env`` and the files, without wandb, never over the network.
+    wandb has no public call that answers this without side effects: ``wandb.login``
+    keeps the credentials for the session, prompts, and may ask the server who is logged in.
+    An ``identity_token_file`` in a settings file is not a login to wandb 0.31 (its online
+    runs stop with "No API key configured"); $WANDB_IDENTITY_TOKEN_FILE is."""
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if env.get(var, "").strip():
+            return f"${var}"
+    settings = read_settings(env, cwd)
+    base_url = env.get("WANDB_BASE_URL", "").strip() or settings.get("base_url", (DEFAULT_BASE_URL,))[0]
+    path = _netrc_path(env)
     try:
-        return netrc.netrc(path).authenticators(host) is not None
+        entries = netrc.netrc(path)
     except (OSError, netrc.NetrcParseError):
-        return False
+        entries = None  # absent or unreadable: wandb (warns and) reads no key from it
+    for host in _netrc_hosts(base_url):
+        creds = entries.authenticators(host) if entries is not None and host else None
+        if creds and creds[2]:  # an entry without a password is no key
+            return f"the entry for {host} in {path}"
+    if "api_key" in settings and settings["api_key"][0].strip():
+        return f"the api_key in {settings['api_key'][1]}"
+    return None
 
 
-def resolve_mode(cfg: WandbConfig, env: dict[str, str] | os._Environ = os.environ) -> tuple[str, str]:
-    """(mode, why): ``wandb.mode`` when set, else $WANDB_MODE, else online with an API key
-    and offline without one."""
+def resolve_mode(cfg: WandbConfig, env: Mapping[str, str] = os.environ, cwd: Path | None = None) -> tuple[str, str]:
+    """(mode, why): ``wandb.mode`` when not auto; else $WANDB_MODE; else the mode a
+    settings file holds (``wandb offline``, ``wandb disabled`` write it); else online
+    where wandb finds a login (``find_login``) and offline where it finds none."""
     if cfg.mode != "auto":
         return cfg.mode, "wandb.mode"
     from_env = env.get("WANDB_MODE", "").strip().lower()
-    if from_env in ("online", "offline", "disabled"):
-        return from_env, "$WANDB_MODE"
-    if from_env == "dryrun":  # wandb's old name for offline
-        return "offline", "$WANDB_MODE"
-    if api_key_configured(env):
-        return "online", "an API key is configured"
-    return "offline", "no W&B API key is configured"
+    if from_env in MODES:
+        return MODES[from_env], "$WANDB_MODE"
+    settings = read_settings(env, cwd)
+    if "mode" in settings and settings["mode"][0].strip().lower() in MODES:
+        value, path = settings["mode"]
+        return MODES[value.strip().lower()], f"mode = {value.strip()} in {path}"
+    login = find_login(env, cwd)
+    if login is not None:
+        return "online", f"W&B login from {login}"
+    return "offline", "no W&B login: no $WANDB_API_KEY, $WANDB_IDENTITY_TOKEN_FILE, netrc entry or api_key setting"
+
+
+def env_tags(value: str) -> tuple[list[str], list[str]]:
+    """$WANDB_TAGS: comma-separated, blanks around a tag dropped. Returns (tags, refused):
+    empty items are skipped, tags over MAX_TAG characters refused (wandb would not start)."""
+    items = [t.strip() for t in value.split(",") if t.strip()]
+    return [t for t in items if len(t) <= MAX_TAG], [t for t in items if len(t) > MAX_TAG]
+
+
+def resolve_identity(
+    cfg: WandbConfig, run_name: str, env: Mapping[str, str] = os.environ
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The run's project, entity, name, group, tags and notes for ``wandb.init``, and where
+    each came from: ``wandb.<key>`` when set, else its W&B variable (IDENTITY_ENV), else
+    the default (project: DEFAULT_PROJECT, name: ``run_name``, the rest: none)."""
+    defaults: dict[str, Any] = {"project": DEFAULT_PROJECT, "name": run_name}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, var in IDENTITY_ENV.items():
+        configured = getattr(cfg, key)
+        from_env: Any = env.get(var, "").strip()
+        if key == "tags":
+            from_env = env_tags(from_env)[0]
+        if configured:
+            values[key], sources[key] = configured, f"wandb.{key}"
+        elif from_env:
+            values[key], sources[key] = from_env, f"${var}"
+        else:
+            values[key], sources[key] = defaults.get(key), "default"
+    return values, sources
+
+
+def tidy_environment(env: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Make the W&B variables ones wandb starts with. wandb reads them all when it starts and
+    refuses to start on an empty $WANDB_MODE, $WANDB_BASE_URL or $WANDB_TAGS, or on an empty
+    or over-long tag: empty ``WANDB_*`` variables are removed (empty means unset) and
+    $WANDB_TAGS is rewritten to the tags ``env_tags`` keeps. Logs and returns what changed."""
+    changed = []
+    for var in sorted(k for k in env if k.startswith("WANDB_")):
+        if not env[var].strip():
+            del env[var]
+            changed.append(f"${var} is empty: taken as unset")
+            log.info("W&B: %s", changed[-1])
+    if "WANDB_TAGS" in env:
+        tags, refused = env_tags(env["WANDB_TAGS"])
+        if refused:
+            changed.append(f"$WANDB_TAGS: tags over {MAX_TAG} characters left out: {', '.join(refused)}")
+            log.warning("W&B: %s", changed[-1])
+        if ",".join(tags) != env["WANDB_TAGS"]:
+            env["WANDB_TAGS"] = ",".join(tags)
+            if not tags:
+                del env["WANDB_TAGS"]
+    return changed
 
 
 class WandbRun:
@@ -107,20 +262,26 @@ def open_run(cfg: WandbConfig, run_dir: Path, run_name: str, run_id: str | None,
     """Start (``run_id`` None) or continue (``run_id`` from the checkpoint) the W&B run of
     this run folder. Online that cannot reach the server goes on offline under the same
     id; any other failure leaves W&B off for this process."""
+    tidy_environment()
     mode, why = resolve_mode(cfg)
     if mode == "disabled":
         log.info("W&B disabled (%s); metrics, grids and the summary go to %s only", why, run_dir)
         return WandbRun(None, mode)
     import wandb  # here: a disabled run needs no wandb installed (nor its import time)
 
+    values, sources = resolve_identity(cfg, run_name)
+    from_env = [f"{key} {values[key]!r} from {source}" for key, source in sources.items() if source.startswith("$")]
+    if from_env:
+        log.info("W&B run settings from the environment (wandb.* leaves them unset): %s", ", ".join(from_env))
+
     def init(mode: str, run_id: str | None):
         return wandb.init(
-            project=cfg.project,
-            entity=cfg.entity or None,
-            group=cfg.group or None,
-            name=cfg.name or run_name,
-            tags=cfg.tags or None,
-            notes=cfg.notes or None,
+            project=values["project"],
+            entity=values["entity"],
+            group=values["group"],
+            name=values["name"],
+            tags=values["tags"] or None,
+            notes=values["notes"],
             config=config,
             dir=str(run_dir),  # wandb writes to <dir>/wandb/
             mode=mode,

@@ -24,7 +24,7 @@ from dcgan import checkpoint
 from dcgan.config import ConfigError, WandbConfig, load_config
 from dcgan.images import to_uint8_grid
 from dcgan.tracking import Tracker
-from dcgan.wandb_run import resolve_mode
+from dcgan.wandb_run import find_login, resolve_identity, resolve_mode, tidy_environment
 from wandb_files import read_run
 
 # 16 grid images, 8 per row, of 28 px with 2 px padding: 242 x 62
@@ -194,18 +194,191 @@ def test_disabled_wandb_still_writes_the_run_folder(tmp_path, digit_shards):
 # --------------------------------------------------------------------------- pieces
 
 
-def test_mode_resolution(tmp_path):
+KEY = "k" * 40  # wandb checks an API key's form (40+ characters), never the server here
+
+
+def login_cases():
+    """(name, env, files, whether wandb finds a login); each case gets its own HOME, for
+    which "{home}" stands in env values and file contents; the working directory is
+    {home}/work."""
+    netrc_for = "machine {}\n  login user\n  password " + KEY + "\n"
+    settings = "[default]\n{}\n"
+    return [
+        ("nothing", {}, {}, False),
+        ("$WANDB_API_KEY", {"WANDB_API_KEY": KEY}, {}, True),
+        ("$WANDB_IDENTITY_TOKEN_FILE", {"WANDB_IDENTITY_TOKEN_FILE": "{home}/token.jwt"}, {}, True),
+        ("~/.netrc, the public server", {}, {".netrc": netrc_for.format("api.wandb.ai")}, True),
+        ("~/_netrc", {}, {"_netrc": netrc_for.format("api.wandb.ai")}, True),
+        ("$NETRC", {"NETRC": "{home}/elsewhere"}, {"elsewhere": netrc_for.format("api.wandb.ai")}, True),
+        ("a netrc entry without a key", {}, {".netrc": "machine api.wandb.ai\n  login user\n"}, False),
+        # a key for the public server says nothing about a private one, and the reverse
+        ("$WANDB_BASE_URL, netrc for another host", {"WANDB_BASE_URL": "https://wandb.corp"},
+         {".netrc": netrc_for.format("api.wandb.ai")}, False),
+        ("$WANDB_BASE_URL with a port", {"WANDB_BASE_URL": "http://wandb.corp:8080"},
+         {".netrc": netrc_for.format("wandb.corp:8080")}, True),
+        ("base_url setting, netrc for it", {},
+         {".config/wandb/settings": settings.format("base_url = https://wandb.corp"),
+          ".netrc": netrc_for.format("wandb.corp")}, True),
+        ("base_url setting, netrc for the public server", {},
+         {".config/wandb/settings": settings.format("base_url = https://wandb.corp"),
+          ".netrc": netrc_for.format("api.wandb.ai")}, False),
+        ("api_key setting", {}, {".config/wandb/settings": settings.format(f"api_key = {KEY}")}, True),
+        ("api_key setting under $WANDB_CONFIG_DIR", {"WANDB_CONFIG_DIR": "{home}/cfg"},
+         {"cfg/settings": settings.format(f"api_key = {KEY}")}, True),
+        ("api_key in the workspace settings", {}, {"work/wandb/settings": settings.format(f"api_key = {KEY}")}, True),
+        # wandb 0.31 reads identity_token_file from a settings file but its login check does
+        # not count it: an online run stops with "No API key configured"
+        ("identity_token_file setting", {},
+         {".config/wandb/settings": settings.format("identity_token_file = {home}/token.jwt")}, False),
+    ]  # fmt: skip
+
+
+def prepared_login_cases(tmp_path):
+    """login_cases() written out: (name, env, working directory, found)."""
+    prepared = []
+    for i, (name, env, files, found) in enumerate(login_cases()):
+        home = tmp_path / f"case{i}"
+        (home / "work").mkdir(parents=True)
+        (home / "token.jwt").write_text("a.b.c\n")
+        for rel, text in files.items():
+            (home / rel).parent.mkdir(parents=True, exist_ok=True)
+            (home / rel).write_text(text.replace("{home}", str(home)))
+        env = {"HOME": str(home), **{k: v.replace("{home}", str(home)) for k, v in env.items()}}
+        prepared.append((name, env, home / "work", found))
+    return prepared
+
+
+def test_mode_auto_follows_every_login_wandb_accepts(tmp_path):
     auto = WandbConfig()
-    assert resolve_mode(WandbConfig(mode="offline"), {"WANDB_API_KEY": "k"}) == ("offline", "wandb.mode")
-    assert resolve_mode(auto, {"WANDB_MODE": "disabled", "WANDB_API_KEY": "k"}) == ("disabled", "$WANDB_MODE")
-    assert resolve_mode(auto, {"WANDB_API_KEY": "k"})[0] == "online"
-    no_netrc = str(tmp_path / "absent")
-    assert resolve_mode(auto, {"NETRC": no_netrc}) == ("offline", "no W&B API key is configured")
-    netrc = tmp_path / "netrc"
-    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
-    assert resolve_mode(auto, {"NETRC": str(netrc)})[0] == "online"
-    # a key for the public server says nothing about a private one
-    assert resolve_mode(auto, {"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.corp"})[0] == "offline"
+    for name, env, cwd, found in prepared_login_cases(tmp_path):
+        mode, why = resolve_mode(auto, env, cwd)
+        assert mode == ("online" if found else "offline"), (name, why)
+        assert why.startswith("W&B login from ") if found else why.startswith("no W&B login"), (name, why)
+        assert (find_login(env, cwd) is not None) == found, name
+
+
+def test_login_check_agrees_with_wandb_itself(tmp_path):
+    """The same cases through wandb's own check (what wandb.init does before an online run;
+    no prompt, no server), each in a fresh wandb state."""
+    pytest.importorskip("wandb.sdk.lib.wbauth", reason="wandb < 0.2x checks logins elsewhere")
+    cases = [
+        {"name": name, "env": env, "cwd": str(cwd), "found": found}
+        for name, env, cwd, found in prepared_login_cases(tmp_path)
+    ]
+    script = """
+import json, os, sys
+import wandb
+from wandb.sdk import wandb_setup
+from wandb.sdk.lib import wbauth
+keep = {k: os.environ[k] for k in ("PATH", "PYTHONPATH") if k in os.environ}
+for case in json.loads(sys.stdin.read()):
+    os.environ.clear()
+    os.environ.update(keep, WANDB_SILENT="true", **case["env"])
+    os.chdir(case["cwd"])
+    wandb.teardown()  # forget the previous case's settings
+    host = wandb_setup.singleton().settings.base_url
+    auth = wbauth.authenticate_session(host=host, source="test", prompt=False, update_session=False)
+    print(json.dumps([case["name"], auth is not None]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], input=json.dumps(cases), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    wandb_says = dict(json.loads(line) for line in result.stdout.splitlines())
+    assert wandb_says == {case["name"]: case["found"] for case in cases}
+
+
+def test_mode_resolution_order(tmp_path):
+    (tmp_path / "home" / "work").mkdir(parents=True)
+    env = {"HOME": str(tmp_path / "home")}
+    auto = WandbConfig()
+    assert resolve_mode(WandbConfig(mode="offline"), {**env, "WANDB_API_KEY": KEY}) == ("offline", "wandb.mode")
+    assert resolve_mode(auto, {**env, "WANDB_MODE": "disabled", "WANDB_API_KEY": KEY}) == ("disabled", "$WANDB_MODE")
+    assert resolve_mode(auto, {**env, "WANDB_MODE": "dryrun"}) == ("offline", "$WANDB_MODE")
+    assert resolve_mode(auto, {**env, "WANDB_MODE": " ", "WANDB_API_KEY": KEY})[0] == "online"  # empty: unset
+    workspace = tmp_path / "home" / "work" / "wandb"  # `wandb offline` writes mode into ./wandb/settings
+    workspace.mkdir()
+    (workspace / "settings").write_text("[default]\nmode = offline\n")
+    mode, why = resolve_mode(auto, {**env, "WANDB_API_KEY": KEY}, cwd=tmp_path / "home" / "work")
+    assert (mode, why) == ("offline", f"mode = offline in {workspace / 'settings'}")
+    assert resolve_mode(auto, {**env, "WANDB_MODE": "online"}, cwd=tmp_path / "home" / "work")[0] == "online"
+
+
+def test_run_identity_config_then_environment_then_default():
+    env = {
+        "WANDB_PROJECT": "p-env", "WANDB_ENTITY": "team", "WANDB_NAME": "n-env", "WANDB_RUN_GROUP": "g-env",
+        "WANDB_TAGS": " x, y,,z ,", "WANDB_NOTES": "from the env",
+    }  # fmt: skip
+    values, sources = resolve_identity(WandbConfig(), "run-name", env)
+    assert values == {"project": "p-env", "entity": "team", "name": "n-env", "group": "g-env",
+                      "tags": ["x", "y", "z"], "notes": "from the env"}  # fmt: skip
+    assert sources == {"project": "$WANDB_PROJECT", "entity": "$WANDB_ENTITY", "name": "$WANDB_NAME",
+                       "group": "$WANDB_RUN_GROUP", "tags": "$WANDB_TAGS", "notes": "$WANDB_NOTES"}  # fmt: skip
+    configured = WandbConfig(project="p", group="g", tags=["t"])
+    values, sources = resolve_identity(configured, "run-name", env)
+    assert (values["project"], values["group"], values["tags"], values["entity"]) == ("p", "g", ["t"], "team")
+    assert (sources["project"], sources["entity"]) == ("wandb.project", "$WANDB_ENTITY")
+    values, sources = resolve_identity(WandbConfig(), "run-name", {"WANDB_PROJECT": " ", "WANDB_TAGS": ","})
+    assert values == {"project": "dcgan", "entity": None, "name": "run-name", "group": None, "tags": None,
+                      "notes": None}  # fmt: skip
+    assert set(sources.values()) == {"default"}
+
+
+def test_empty_wandb_variables_count_as_unset():
+    env = {"WANDB_MODE": "", "WANDB_BASE_URL": " ", "WANDB_TAGS": " a,, b ,", "WANDB_NOTES": "n", "HOME": "/h"}
+    changed = tidy_environment(env)
+    assert env == {"WANDB_TAGS": "a,b", "WANDB_NOTES": "n", "HOME": "/h"}  # as wandb can start with
+    assert changed == ["$WANDB_BASE_URL is empty: taken as unset", "$WANDB_MODE is empty: taken as unset"]
+    env = {"WANDB_TAGS": ",".join(["ok", "x" * 65])}
+    assert "left out" in tidy_environment(env)[0] and env == {"WANDB_TAGS": "ok"}
+
+
+ENV_IDENTITY = {
+    "WANDB_PROJECT": "from-env", "WANDB_ENTITY": "a-team", "WANDB_NAME": "env-name", "WANDB_RUN_GROUP": "env-group",
+    "WANDB_TAGS": "x, y,,z", "WANDB_NOTES": "env notes",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case, wandb_cfg, env, expected",
+    [
+        # config leaves them unset: the W&B variables name the run
+        ("env", {}, ENV_IDENTITY, ("from-env", "a-team", "env-name", "env-group", ["x", "y", "z"], "env notes")),
+        # a value set in the config wins over its variable; the others still come from the environment
+        ("config", {"project": "cfg-project", "name": "cfg-name", "group": "cfg-group", "tags": ["c"], "notes": "cfg"},
+         ENV_IDENTITY, ("cfg-project", "a-team", "cfg-name", "cfg-group", ["c"], "cfg")),
+    ],
+)  # fmt: skip
+def test_wandb_run_identity_from_config_and_environment(tmp_path, digit_shards, case, wandb_cfg, env, expected):
+    config = write_config(tmp_path / f"{case}.yaml", digit_shards, wandb=wandb_cfg, train={"steps": 2})
+    result = run_module("dcgan.train", "--config", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    (segment,) = read_run(tmp_path / "runs" / case)
+    assert (segment.project, segment.entity, segment.name, segment.group, segment.tags, segment.notes) == expected
+    if case == "env":
+        assert "project 'from-env' from $WANDB_PROJECT" in result.stderr
+        assert "tags ['x', 'y', 'z'] from $WANDB_TAGS" in result.stderr
+    else:
+        assert "from $WANDB_PROJECT" not in result.stderr and "entity 'a-team' from $WANDB_ENTITY" in result.stderr
+
+
+def test_empty_wandb_mode_is_unset(tmp_path, digit_shards, monkeypatch):
+    """wandb refuses to start on WANDB_MODE=""; here it means "unset": auto, no login, offline."""
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_CONFIG_DIR", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no netrc, no settings file
+    config = write_config(tmp_path / "empty.yaml", digit_shards, wandb={"mode": "auto"}, train={"steps": 2})
+    # a closed local port: were a login found after all, going online fails here and not on the internet
+    env = {"WANDB_MODE": "", "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    result = run_module("dcgan.train", "--config", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "$WANDB_MODE is empty: taken as unset" in result.stderr
+    assert "W&B offline (no W&B login" in result.stderr
+    (segment,) = read_run(tmp_path / "runs" / "empty")
+    assert sorted(segment.metric("loss_g")) == [2] and segment.exit_code == 0
+    # neither config nor environment names the run: project dcgan, name train.name
+    identity = (segment.project, segment.entity, segment.name, segment.group, segment.tags)
+    assert identity == ("dcgan", "", "empty", "", [])
 
 
 @pytest.mark.parametrize(

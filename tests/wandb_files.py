@@ -53,6 +53,7 @@ class RunSegment:
     folder: Path
     run_id: str
     project: str
+    entity: str
     group: str
     name: str
     tags: list[str]
@@ -75,7 +76,7 @@ def read_segment(folder: Path) -> RunSegment:
             run = record.run
             config = {_key(u): json.loads(u.value_json) for u in run.config.update}
             config.pop("_wandb", None)
-            segment = RunSegment(folder, run.run_id, run.project, run.run_group, run.display_name,
+            segment = RunSegment(folder, run.run_id, run.project, run.entity, run.run_group, run.display_name,
                                  list(run.tags), run.notes, config)  # fmt: skip
         elif kind == "history":
             segment.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
