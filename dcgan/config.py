@@ -269,8 +269,20 @@ class EvalConfig:
         )
 
 
+class ConfigSource(typing.NamedTuple):
+    """Where ``load_config`` took a config from: the file (None: the defaults) and the
+    ``a.b=value`` overrides applied after it, in order."""
+
+    file: str | None
+    overrides: tuple[str, ...]
+
+
 @dataclass
 class Config:
+    # Not a setting (a class attribute: not in to_dict() nor config.yaml): load_config sets
+    # it on the config it returns; dcgan/provenance.py records it.
+    source: typing.ClassVar[ConfigSource] = ConfigSource(None, ())
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -330,6 +342,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{where}: {e}") from None
     if not cfg.train.name:
         cfg.train.name = Path(path).stem if path is not None else "run"
+    cfg.source = ConfigSource(None if path is None else str(path), tuple(overrides))
     return cfg
 
 

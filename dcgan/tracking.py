@@ -6,9 +6,11 @@ statistics on the device, the data wait, the time) and decides when a log line a
 sample grid are due (``log_due``, ``sample_grid_if_due``).
 
 Run folder, W&B or not: ``metrics.jsonl`` (one object per log step), ``samples/*.png``,
-``losses.png`` (redrawn with every sample grid) and ``summary.json`` (at the end of each
-attempt). Other ranks hold a Tracker that does nothing, nothing here is a collective, and
-PNG writing and plotting happen on a background thread: no rank waits on tracking.
+``losses.png`` (redrawn with every sample grid), ``summary.json`` (at the end of each
+attempt) and ``provenance.json`` (what ran, each attempt: ``dcgan/provenance.py``; also
+the W&B config's ``provenance``). Other ranks hold a Tracker that does nothing, nothing
+here is a collective, and PNG writing and plotting happen on a background thread: no
+rank waits on tracking.
 
 A write to the run folder that fails (a full disk, a quota, an I/O error) is reported
 once per file kind and training goes on: metrics lines wait in memory and are written
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +37,7 @@ from typing import Any
 
 import torch
 
+from dcgan import provenance
 from dcgan.config import Config
 from dcgan.distributed import DistInfo
 from dcgan.fileio import write_atomic
@@ -83,7 +87,8 @@ class Interval:
 class Tracker:
     def __init__(self, cfg: Config, enabled: bool, device: torch.device | None = None):
         self.cfg, self.enabled = cfg, enabled
-        self.interval = Interval(device or torch.device("cpu"))
+        self.device = device or torch.device("cpu")
+        self.interval = Interval(self.device)
         self.run_dir = cfg.run_dir
         self.samples_dir = self.run_dir / "samples"
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -110,6 +115,7 @@ class Tracker:
         logged_through = self._rewind(step)
         if wandb_run_id is not None:
             self.wandb_has_through = logged_through
+        config = {**config, "provenance": self._provenance(step)}
         self.wandb = open_run(self.cfg.wandb, self.run_dir, self.cfg.train.name, wandb_run_id, config)
         self.progress = StepProgress(total, step, enabled=True)
         return self.wandb.id or wandb_run_id  # W&B off this time: keep the id for the next attempt
@@ -205,6 +211,19 @@ class Tracker:
         self.wandb.finish(exit_code, preempted)
 
     # ------------------------------------------------------------------ internals
+
+    def _provenance(self, step: int) -> dict[str, Any]:
+        """This attempt's provenance (dcgan/provenance.py), appended to provenance.json."""
+        source = self.cfg.source
+        attempt = {
+            "step": step,  # the step this attempt starts from
+            **provenance.collect(getattr(sys, "orig_argv", sys.argv), list(source.overrides), self.device, source.file),
+        }
+        try:
+            provenance.record(self.run_dir / "provenance.json", attempt)
+        except OSError as e:
+            self._write_failed("provenance.json", e)
+        return attempt
 
     def _grid(self, images: torch.Tensor, key: str, path: Path, step: int) -> None:
         if not self.enabled:

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, run_module, start_python, write_config
-from dcgan import checkpoint
+from dcgan import checkpoint, provenance
 from dcgan.config import ConfigError, WandbConfig, load_config
 from dcgan.images import to_uint8_grid
 from dcgan.tracking import Tracker
@@ -30,6 +30,26 @@ from wandb_files import read_run
 # 16 grid images, 8 per row, of 28 px with 2 px padding: 242 x 62
 GRID_SIZE = (2 + 8 * 30, 2 + 2 * 30)
 WANDB = {"mode": "offline", "project": "dcgan-tests", "group": "g1", "tags": ["a", "b"], "notes": "two ranks"}
+
+
+def git(*args):
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def read_provenance(run_dir):
+    """provenance.json's attempts, each checked for the facts every attempt records."""
+    attempts = json.loads((run_dir / "provenance.json").read_text())
+    for attempt in attempts:
+        assert attempt["git"] == {
+            "commit": git("rev-parse", "HEAD"),  # the tests run from a git checkout
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
+        assert attempt["versions"]["torch"] == torch.__version__ and attempt["versions"]["cuda"] == torch.version.cuda
+        assert attempt["versions"]["webdataset"] and attempt["versions"]["wandb"] and attempt["versions"]["python"]
+        assert attempt["versions"]["nccl"] is None  # no CUDA here
+        assert attempt["host"] and attempt["device"] == "cpu" and attempt["device_name"]
+        assert "dcgan.train" in attempt["command"] and "--config" in attempt["command"]
+    return attempts
 
 
 def read_metrics(run_dir):
@@ -49,8 +69,8 @@ def assert_real_grid(path, like=None):
 
 
 def test_two_rank_run_is_read_back_from_wandb_files(tmp_path, digit_shards):
-    config = write_config(tmp_path / "tracked.yaml", digit_shards, wandb=WANDB)
-    result = run_module("dcgan.train", "--config", str(config), nproc=2)
+    config_path = write_config(tmp_path / "tracked.yaml", digit_shards, wandb=WANDB)
+    result = run_module("dcgan.train", "--config", str(config_path), nproc=2)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "tracked"
     assert "W&B offline (wandb.mode)" in result.stderr and "wandb sync" in result.stderr
@@ -58,8 +78,12 @@ def test_two_rank_run_is_read_back_from_wandb_files(tmp_path, digit_shards):
     (segment,) = read_run(run_dir)  # rank 0 alone writes to W&B
     assert (segment.project, segment.group, segment.name) == ("dcgan-tests", "g1", "tracked")
     assert (segment.tags, segment.notes) == (["a", "b"], "two ranks")
-    assert segment.config == yaml.safe_load((run_dir / "config.yaml").read_text())  # the resolved config
+    config = {k: v for k, v in segment.config.items() if k != "provenance"}
+    assert config == yaml.safe_load((run_dir / "config.yaml").read_text())  # the resolved config
     assert segment.exit_code == 0
+    (attempt,) = read_provenance(run_dir)  # and what ran it
+    assert segment.config["provenance"] == attempt
+    assert (attempt["step"], attempt["overrides"], attempt["config_file"]) == (0, [], str(config_path))
 
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [2, 4, 6]
@@ -122,6 +146,9 @@ def test_resumed_run_continues_the_same_wandb_run_without_logging_a_step_twice(t
         assert before["loss_g"] == after["loss_g"] and before["d_real"] == after["d_real"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step_00000004.pt") and summary["steps_this_attempt"] == 8
+    attempts = read_provenance(run_dir)  # one record per attempt, the newest last
+    assert [(a["step"], a["overrides"]) for a in attempts] == [(0, []), (4, ["train.steps=12"])]
+    assert (first.config["provenance"], second.config["provenance"]) == tuple(attempts)
     assert summary["train_time_s"] > summary["wall_time_s"]  # the first attempt's time counts too
 
 
@@ -379,6 +406,17 @@ def test_empty_wandb_mode_is_unset(tmp_path, digit_shards, monkeypatch):
     # neither config nor environment names the run: project dcgan, name train.name
     identity = (segment.project, segment.entity, segment.name, segment.group, segment.tags)
     assert identity == ("dcgan", "", "empty", "", [])
+
+
+def test_provenance_file_keeps_every_attempt(tmp_path):
+    path = tmp_path / "provenance.json"
+    first = provenance.collect(["python", "-m", "dcgan.train"], ["a.b=1"], "cpu", "c.yaml")
+    assert provenance.record(path, first) == [first]
+    assert provenance.record(path, {"step": 4}) == [first, {"step": 4}]
+    path.write_text("{half")  # cut by a crash: set aside, a new list starts
+    assert provenance.record(path, {"step": 8}) == [{"step": 8}]
+    assert (tmp_path / "provenance.json.unreadable").read_text() == "{half"
+    assert provenance.git_state(tmp_path) is None  # not a git checkout
 
 
 @pytest.mark.parametrize(
