@@ -1,6 +1,17 @@
 """Read a W&B run back from its local files, no server: wandb 0.31 keeps scalars only in
 ``run-<id>.wandb``, a LevelDB-style log (32 KiB blocks of CRC-checked chunks) of
-``wandb_internal_pb2.Record`` protobufs, and it no longer ships a reader for it."""
+``wandb_internal_pb2.Record`` protobufs.
+
+wandb 0.31 has no Python reader of that log (no ``wandb.sdk.internal.datastore`` any
+more; nothing in ``wandb.apis`` or ``wandb.sdk.lib`` reads it). Its CLI does:
+``wandb leet inspect --json`` prints each record, and on these runs shows the same facts
+(history, summary, config, exit code, run id; one file per resumed segment), but we keep
+this reader: that output belongs to the LEET terminal UI and has its own rendering
+(nested keys joined with ".", where wandb joins them with "/"), its ``--json`` is new in
+0.31 (0.30's documentation describes text output only), the older clients
+pyproject.toml allows (wandb>=0.17) have no LEET, and it costs a wandb-core process per
+segment.
+"""
 
 from __future__ import annotations
 
