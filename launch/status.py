@@ -11,7 +11,8 @@ so a run that was never started shows as pending. Each run's state comes from, i
   (status "stopped", exit 75: the state is saved and a requeue resumes it) or failed
   (failed, diverged); an attempt that started after the last summary and holds no lock
   here -> running on the host its ``run.lock`` names, or failed when that is this host
-  (killed before it could write a summary: out of memory, SIGKILL, a lost node).
+  (killed before it could write a summary: out of memory, SIGKILL, a lost node; or ended
+  in start-up), with train.log's last error or warning.
 
 Step, losses (``loss_d``, ``loss_g``) and img/s come from the last training row of
 ``metrics.jsonl``, the FID curve from its rows with ``fid`` (``summary.json``'s ``best``
@@ -203,7 +204,7 @@ def decide_state(
         if holder_host and holder_host != socket.gethostname() and locked is not True:
             return "running", f"started on {holder_host} (run.lock), not checkable from here"
         if holder_host or summary is not None:
-            return "failed", "ended without writing summary.json (killed? out of memory, SIGKILL, a lost node)"
+            return "failed", "ended without writing summary.json (killed, or stopped in start-up)"
     return "pending", "run folder made, trainer not started"
 
 
@@ -235,6 +236,8 @@ def read_run(index: int, name: str, own: list[str], run_dir: Path, steps: int, s
         str(holder["host"]) if holder and holder.get("host") else None,
         newest is not None and newest >= steps,
     )
+    if run.detail.startswith("ended without writing summary.json") and (line := last_log_line(run_dir)):
+        run.detail += f"; train.log: {line}"
     steps_seen = [s for s in (last_step, newest, (summary or {}).get("step")) if isinstance(s, int)]
     run.step = max(steps_seen) if steps_seen else None
     if last is not None:
@@ -247,6 +250,18 @@ def read_run(index: int, name: str, own: list[str], run_dir: Path, steps: int, s
         best = summary["best"]["fid"]
         run.best_fid, run.best_fid_step = _number(best.get("value")), best.get("step")
     return run
+
+
+def last_log_line(run_dir: Path, tail_bytes: int = 16384) -> str:
+    """The last error or warning in train.log (its last 16 kB), for a run that left no summary."""
+    try:
+        with open(run_dir / "train.log", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    found = [line for line in lines if " ERROR " in line or " WARNING " in line]
+    return _one_line(found[-1].split(" ERROR ", 1)[-1].split(" WARNING ", 1)[-1]) if found else ""
 
 
 def _newest_recorded_step(run_dir: Path) -> int | None:

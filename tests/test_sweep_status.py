@@ -109,6 +109,7 @@ def test_a_held_run_lock_means_running(sweep):
     os.utime(run_dir / "run.lock", (time.time() + 5, time.time() + 5))
     states = {r.name: (r.state, r.detail) for r in sweep_status(path, use_slurm=False).runs}
     assert states[names[2]][0] == "failed" and "without writing summary.json" in states[names[2]][1]
+    assert "train.log: rank 0 failed (step 3): RuntimeError: injected fault" in states[names[2]][1]  # its last error
 
 
 @pytest.mark.parametrize(
