@@ -479,11 +479,18 @@ class CheckpointError(ValueError):
     """No usable checkpoint at the given path; the message names it."""
 
 
-def resolve(path: Path) -> Path:
-    """What a user's checkpoint path means (dcgan.eval, dcgan.generate): a checkpoint file,
-    verified against its record when it has one, or a run folder's newest valid one."""
+def resolve(path: Path, prefer_best: bool = False) -> Path:
+    """What a user's checkpoint path means (dcgan.eval, dcgan.generate, dcgan.load_generator):
+    a checkpoint file, verified against its record when it has one, or a run folder's newest
+    valid one; with ``prefer_best``, the folder's ``best.pt`` (best FID) when it verifies."""
     if path.is_dir():
         ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        best = ckpt_dir / BEST_NAME
+        if prefer_best and best.is_file():
+            reason = verify(best)
+            if reason is None:
+                return best
+            log.warning("%s: %s; using the newest valid checkpoint instead", best, reason)
         newest, _ = latest_valid(ckpt_dir)
         if newest is None:
             raise CheckpointError(f"{path}: no valid checkpoint in {ckpt_dir}")

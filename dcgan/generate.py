@@ -4,11 +4,13 @@
   python -m dcgan.generate --checkpoint runs/fashion-mnist -n 1000 --out fakes/        # PNG files
   python -m dcgan.generate --checkpoint runs/fashion-mnist --interpolate 10 --strips 8  # latent walks
 
-PATH is a checkpoint file (step_*.pt or best.pt) or a run folder (its newest valid
-checkpoint). Runs on the CPU by default, whatever device wrote the checkpoint (loaded
-with ``map_location="cpu"`` and ``weights_only=True``). The EMA generator is used when
-the run kept one (``--weights g`` for G), in eval mode. ``--seed`` fixes the latents:
-the same seed and checkpoint give the same images on any machine.
+PATH is a checkpoint file (step_*.pt or best.pt) or a run folder (its best.pt when it
+has one, else its newest valid checkpoint), loaded by ``dcgan.load_generator``. Runs on
+the CPU by default, whatever device wrote the checkpoint (loaded with
+``map_location="cpu"`` and ``weights_only=True``). The EMA generator is used when the run
+kept one (``--weights g`` for G), in eval mode. ``--seed`` fixes the latents: the same
+seed and checkpoint give the same images on any machine (``G.sample(n, seed=...)`` in
+Python gives this command's PNGs).
 
 Output (default ``<run folder>/generated/<checkpoint name>/``): ``000000.png`` ... or,
 with ``--grid``, ``grid.png``; with ``--interpolate K``, ``interpolation.png``: ``--strips``
@@ -26,8 +28,9 @@ from pathlib import Path
 import torch
 
 from dcgan import checkpoint
-from dcgan.config import ConfigError, ModelConfig, build_section
+from dcgan.config import ConfigError
 from dcgan.exits import EXIT_CONFIG
+from dcgan.generator import load_generator
 from dcgan.images import save_png, to_uint8, to_uint8_grid
 from dcgan.logs import setup_logging
 from dcgan.models import sample_latent
@@ -69,20 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--interpolate needs at least 2 steps")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device here")
+    device = torch.device(args.device)
     try:
-        path = checkpoint.resolve(Path(args.checkpoint))
-        sd = checkpoint.load(path, map_location="cpu")
-        model = build_section(ModelConfig, sd["config"]["model"], str(path), "model.")
+        generator = load_generator(args.checkpoint, "raw" if args.weights == "g" else "ema", device)
     except (checkpoint.CheckpointError, ConfigError) as e:
         print(f"dcgan.generate: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    device = torch.device(args.device)
-    generator = checkpoint.load_generator(sd, model, args.weights, path).to(device)
+    path, nz = generator.path, generator.nz
     out = Path(args.out) if args.out else path.parent.parent / "generated" / path.stem
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(args.seed)
 
-    latents = sample_latent(args.num, model.nz, generator=gen)
+    latents = sample_latent(args.num, nz, generator=gen)
     images = []
     with torch.no_grad():
         for i in progress(range(0, args.num, args.batch_size), math.ceil(args.num / args.batch_size), "generating"):
@@ -91,17 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         nrow = args.nrow or max(1, round(math.sqrt(args.num)))
         save_png(to_uint8_grid(images, nrow=nrow), out / "grid.png")
-        log.info("wrote %s (%d images, step %d of %s)", out / "grid.png", args.num, sd["step"], path)
+        log.info("wrote %s (%d images, step %d of %s)", out / "grid.png", args.num, generator.step, path)
     else:
         pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
         for i, image in enumerate(pixels):
             save_png(image, out / f"{i:06d}.png")
-        log.info("wrote %d PNGs to %s (step %d of %s)", args.num, out, sd["step"], path)
+        log.info("wrote %d PNGs to %s (step %d of %s)", args.num, out, generator.step, path)
     if args.interpolate:
-        ends = sample_latent(2 * args.strips, model.nz, generator=gen).flatten(1)
+        ends = sample_latent(2 * args.strips, nz, generator=gen).flatten(1)
         walk = slerp(ends[: args.strips], ends[args.strips :], torch.linspace(0, 1, args.interpolate))
         with torch.no_grad():
-            strip = generator(walk.reshape(-1, model.nz, 1, 1).to(device)).cpu()
+            strip = generator(walk.reshape(-1, nz, 1, 1).to(device)).cpu()
         save_png(to_uint8_grid(strip, nrow=args.interpolate), out / "interpolation.png")
         log.info("wrote %s (%d walks of %d steps)", out / "interpolation.png", args.strips, args.interpolate)
     return 0

@@ -24,6 +24,10 @@ A run is named ``r<index>-<hash of its overrides>``, so the same overrides map t
 folder when the sweep is submitted again: runs that already reached ``train.steps``
 are skipped, the others resume from their checkpoints. Every run's config is checked
 before anything is submitted. ``sweep.json`` in the sweep folder maps runs to job ids.
+
+``python -m launch.sweep status SWEEP.yaml`` prints where every run stands (state, step,
+best FID, last losses, img/s), best FID first, and writes ``status.csv`` and ``fid.png``
+into the sweep folder (``launch/status.py``).
 """
 
 from __future__ import annotations
@@ -108,8 +112,25 @@ def read_sweep_file(path: Path) -> dict[str, Any]:
 
 def expand(path: Path, spec: dict[str, Any], world_size: int | None = None) -> Sweep:
     """The runs of a read sweep file, each with its config built and checked."""
-    where = str(path)
-    name = str(spec.get("name") or path.stem)
+    sweep = Sweep(path, str(spec["base"]), sweep_name(path, spec))
+    for index, own, placed in placed_runs(path, spec):
+        try:
+            cfg = plan_run(sweep.base, placed, world_size or 1, on_this_machine=False).cfg
+        except ConfigError as e:
+            raise run_error(path, index, own, e) from None
+        sweep.runs.append(Run(index, placed, cfg, finished=is_finished(cfg)))
+    return sweep
+
+
+def sweep_name(path: Path, spec: dict[str, Any]) -> str:
+    return str(spec.get("name") or path.stem)
+
+
+def placed_runs(path: Path, spec: dict[str, Any]) -> list[tuple[int, list[str], list[str]]]:
+    """Every run of a read sweep file as (index, its own overrides, the overrides it runs
+    with: its own + train.name, train.out_dir and wandb.group). Submission and
+    ``launch.sweep status`` both name runs here, so they find the same folders."""
+    where, name = str(path), sweep_name(path, spec)
     fixed = _mapping(spec.get("set"), where, "set")
     grid = _mapping(spec.get("grid"), where, "grid")
     for key, values in grid.items():
@@ -117,19 +138,22 @@ def expand(path: Path, spec: dict[str, Any], world_size: int | None = None) -> S
             raise ConfigError(f"{where}: grid.{key}: expected a non-empty list of values, got {values!r}")
     draws = _random_draws(_mapping(spec.get("random"), where, "random"), where)
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-
-    sweep = Sweep(path, str(spec["base"]), name)
+    runs = []
     for index, (point, draw) in enumerate(itertools.product(points, draws)):
         own = [_override(k, v) for k, v in {**fixed, **point, **draw}.items()]
         digest = hashlib.sha256("\n".join(sorted(own)).encode()).hexdigest()[:8]
         try:
-            out_dir = Path(load_config(sweep.base, own).train.out_dir) / name
-            placed = [*own, f"train.name=r{index:03d}-{digest}", f"train.out_dir={out_dir}", f"wandb.group={name}"]
-            cfg = plan_run(sweep.base, placed, world_size or 1, on_this_machine=False).cfg
+            out_dir = Path(load_config(str(spec["base"]), own).train.out_dir) / name
         except ConfigError as e:
-            raise ConfigError(f"{where}: run {index} ({' '.join(own) or 'no overrides'}): {e}") from None
-        sweep.runs.append(Run(index, placed, cfg, finished=is_finished(cfg)))
-    return sweep
+            raise run_error(path, index, own, e) from None
+        placed = [*own, f"train.name=r{index:03d}-{digest}", f"train.out_dir={out_dir}", f"wandb.group={name}"]
+        runs.append((index, own, placed))
+    return runs
+
+
+def run_error(path: Path, index: int, own: list[str], e: ConfigError) -> ConfigError:
+    """A run's bad config, naming the sweep file and the run."""
+    return ConfigError(f"{path}: run {index} ({' '.join(own) or 'no overrides'}): {e}")
 
 
 def is_finished(cfg: Config) -> bool:
@@ -270,5 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``status SWEEP.yaml`` (launch/status.py), else submission (``main``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        from launch.status import main as status_main  # matplotlib only when asked
+
+        return status_main(argv[1:])
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

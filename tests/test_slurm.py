@@ -170,6 +170,13 @@ def test_sweep_runs_a_job_array_and_skips_finished_runs(tmp_path, digit_shards):
     assert again.returncode == 0 and "every run has finished; nothing submitted" in again.stdout
     assert again.stdout.count("finished, skipped") == 2
 
+    # status: the run folders and sacct agree (job ids from sweep.json)
+    status = run_module("launch.sweep", "status", str(sweep), timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "2 done" in status.stdout.splitlines()[0]
+    assert all(f"{array_id}_{i} COMPLETED" in status.stdout for i in range(2)), status.stdout
+    assert (tmp_path / "runs" / "lr" / "status.csv").exists()
+
 
 def test_sweep_with_a_bad_key_submits_nothing(tmp_path, digit_shards):
     base = write_config(tmp_path / "base.yaml", digit_shards)

@@ -1,0 +1,126 @@
+"""The Python API: ``from dcgan import load_generator`` on a real tiny run's checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, run_module, write_config
+from dcgan import checkpoint, load_generator
+from dcgan.config import Config
+from dcgan.generator import Generator
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, digit_shards):
+    """A 4-step run with checkpoints at steps 2 and 4 (EMA generator on, the default)."""
+    tmp = tmp_path_factory.mktemp("api")
+    config = write_config(tmp / "api.yaml", digit_shards, train={"steps": 4}, checkpoint={"every": 2, "keep": 5})
+    result = run_module("dcgan.train", "--config", str(config), "wandb.mode=disabled", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "runs" / "api"
+
+
+def same_weights(module: torch.nn.Module, tensors: dict) -> bool:
+    state = module.state_dict()
+    return state.keys() == tensors.keys() and all(torch.equal(state[k], tensors[k]) for k in tensors)
+
+
+def test_load_by_run_folder_or_file_ema_by_default(tiny_run):
+    newest = tiny_run / "checkpoints" / "step_00000004.pt"
+    by_folder, by_file = load_generator(tiny_run), load_generator(str(newest))
+    assert isinstance(by_folder, Generator) and by_folder.path == newest and by_file.path == newest
+    sd = torch.load(newest, map_location="cpu", weights_only=True)
+    assert same_weights(by_folder, sd["generator_ema"]) and same_weights(by_file, sd["generator_ema"])
+    assert by_folder.weights == "ema" and by_folder.step == 4 and not by_folder.training
+    assert all(p.device.type == "cpu" for p in by_folder.parameters())
+    assert isinstance(by_folder.config, Config) and by_folder.config.model.nz == 16 and by_folder.nz == 16
+    assert by_folder.config.train.name == "api" and by_folder.model_config.arch == "kmnist"
+
+    raw = load_generator(tiny_run, weights="raw")
+    assert raw.weights == "raw" and same_weights(raw, sd["generator"])
+    assert not same_weights(raw, sd["generator_ema"])  # the two really differ after 4 steps
+
+    z = torch.randn(3, 16, 1, 1)
+    with torch.no_grad():
+        out = by_folder(z)  # G(z) still works: images in [-1, 1]
+    assert out.shape == (3, 1, 28, 28) and out.abs().max() <= 1
+    assert isinstance(by_folder[:3], torch.nn.Sequential) and not isinstance(by_folder[:3], Generator)
+
+
+def test_a_run_folder_means_its_best_checkpoint_when_it_has_one(tiny_run, tmp_path, caplog):
+    run = tmp_path / "api"
+    shutil.copytree(tiny_run, run)
+    ckpts = run / "checkpoints"
+    for suffix in ("", ".json"):  # best.pt as evaluation writes it: a full state with its record
+        shutil.copy(ckpts / f"step_00000002.pt{suffix}", ckpts / f"best.pt{suffix}")
+    G = load_generator(run)
+    assert G.path == ckpts / "best.pt" and G.step == 2
+    assert load_generator(run, best=False).step == 4
+
+    with open(ckpts / "best.pt", "r+b") as f:  # damaged: the newest valid one, with a warning
+        f.truncate(1000)
+    with caplog.at_level(logging.WARNING, logger="dcgan.checkpoint"):
+        assert load_generator(run).step == 4
+    assert "best.pt" in caplog.text and "newest valid" in caplog.text
+
+
+def test_sample_is_seeded_uint8_and_leaves_the_global_rng_alone(tiny_run):
+    G = load_generator(tiny_run)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, again, other = G.sample(8, seed=1), G.sample(8, seed=1), G.sample(8, seed=2)
+    fresh, fresh2 = G.sample(8), G.sample(8)
+    assert torch.equal(torch.get_rng_state(), before)  # no draw from torch's global generator
+    assert a.dtype == torch.uint8 and a.shape == (8, 1, 28, 28)
+    assert torch.equal(a, again) and not torch.equal(a, other)
+    assert not torch.equal(fresh, fresh2)  # seed=None: a fresh seed each time, kept in last_seed
+    assert torch.equal(G.sample(8, seed=G.last_seed), fresh2)
+    assert torch.equal(G.sample(8, seed=1, batch_size=3), a)  # batching does not change the images (eval mode)
+    assert not G.training
+
+
+def test_sample_matches_dcgan_generate(tiny_run, tmp_path):
+    """dcgan.generate loads through load_generator: the same seed gives the same PNGs."""
+    out = tmp_path / "pngs"
+    result = run_module("dcgan.generate", "--checkpoint", str(tiny_run), "-n", "4", "--seed", "5", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    pngs = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(4)])
+    assert np.array_equal(pngs, load_generator(tiny_run).sample(4, seed=5)[:, 0].numpy())
+
+
+def test_bad_paths_and_weights_are_named(tiny_run, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="missing.pt: no such checkpoint"):
+        load_generator(tmp_path / "missing.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="no valid checkpoint"):
+        load_generator(tmp_path)
+    with pytest.raises(ValueError, match="weights must be one of ema, raw"):
+        load_generator(tiny_run, weights="g")
+
+
+def test_no_ema_falls_back_to_g(tiny_run, tmp_path, caplog):
+    """A run with model.ema_decay=0 saves no EMA generator: "ema" loads G, and says so."""
+    sd = torch.load(tiny_run / "checkpoints" / "step_00000002.pt", map_location="cpu", weights_only=True)
+    sd["generator_ema"] = None
+    sd["config"]["model"]["ema_decay"] = 0.0
+    saved = checkpoint.save(sd, tmp_path / "checkpoints", 2, keep=1)
+    with caplog.at_level(logging.WARNING, logger="dcgan.checkpoint"):
+        G = load_generator(tmp_path)
+    assert G.path == saved.path and G.weights == "raw" and same_weights(G, sd["generator"])
+    assert "no EMA generator" in caplog.text
+
+
+def test_importing_dcgan_is_cheap():
+    code = (
+        "import sys, dcgan; assert 'torch' not in sys.modules, 'import dcgan loaded torch'; "
+        "from dcgan import load_generator; assert 'wandb' not in sys.modules, 'load_generator loaded wandb'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,148 @@
+"""python -m launch.sweep status: a real sweep's run folders (two tiny runs that evaluate,
+one that fails, one never started), read without Slurm and without W&B."""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, run_module, start_python, write_config
+from dcgan.exits import EXIT_PREEMPTED
+from dcgan.runlock import RunLock
+from launch.status import decide_state, sweep_status
+from launch.sweep import cli, placed_runs, read_sweep_file
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, digit_shards):
+    """A 4-run sweep (optim.g.lr grid, train.steps 4, FID every 2 steps): runs 0 and 1
+    trained to the end, run 2 failed at step 3 (tests/faults.py), run 3 never started.
+    The three trainings run at once, each as submission would start it."""
+    tmp = tmp_path_factory.mktemp("sweep-status")
+    features = tmp / "features.pt"
+    made = run_module(
+        "dcgan.eval", "train-features", "--shards", str(digit_shards), "--epochs", "1", "--num-real", "256",
+        "--out", str(features), timeout=300,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    base = write_config(
+        tmp / "base.yaml", digit_shards, train={"steps": 4}, checkpoint={"every": 2, "keep": 2},
+        log={"every": 2, "samples_every": 100}, wandb={"mode": "disabled"},
+        eval={"every": 2, "features": str(features), "num_samples": 128, "num_real": 256, "batch_size": 64},
+    )  # fmt: skip
+    path = tmp / "lr.yaml"
+    path.write_text(f"base: {base}\nset: {{train.seed: 0}}\ngrid:\n  optim.g.lr: [1.0e-4, 2.0e-4, 4.0e-4, 8.0e-4]\n")
+    runs = placed_runs(path, read_sweep_file(path))
+    procs = []
+    for index, _, placed in runs[:3]:
+        script = ("tests/faults.py",) if index == 2 else ("-m", "dcgan.train")
+        env = {"DCGAN_FAULT": "step:0:3", "PYTHONPATH": str(REPO)} if index == 2 else None
+        procs.append(start_python(*script, "--config", str(base), *placed, log=tmp / f"run{index}.log", env=env))
+    codes = [proc.wait(timeout=300) for proc in procs]
+    assert codes == [0, 0, 1], [(tmp / f"run{i}.log").read_text()[-2000:] for i in range(3)]
+    return path, [placed[-3].removeprefix("train.name=") for _, _, placed in runs]
+
+
+def test_status_table_csv_and_plot(sweep, capsys):
+    path, names = sweep
+    folder = path.parent / "runs" / "lr"
+    t0 = time.monotonic()
+    assert cli(["status", str(path)]) == 0  # what python -m launch.sweep status runs
+    seconds = time.monotonic() - t0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].startswith(f"sweep lr: 4 run(s) from {path.parent / 'base.yaml'}, folder {folder}")
+    assert "1 pending, 1 failed, 2 done" in lines[0]
+    assert lines[1] == "every run: train.seed=0"  # shared overrides once, then only what differs
+
+    with open(folder / "status.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_name = {r["run"]: r for r in rows}
+    assert [by_name[n]["state"] for n in names] == ["done", "done", "failed", "pending"]
+    # sorted by best FID, runs without one last
+    fids = [float(r["best_fid"]) for r in rows if r["best_fid"]]
+    assert fids == sorted(fids) and len(fids) == 3 and rows[-1]["run"] == names[3]
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    for name in names[:2]:
+        row = by_name[name]
+        assert (row["step"], row["steps"]) == ("4", "4") and row["best_fid_step"] in ("2", "4")
+        assert float(row["loss_d"]) > 0 and float(row["loss_g"]) > 0 and float(row["img_per_s"]) > 0
+    failed = by_name[names[2]]
+    assert failed["step"] == "2" and failed["best_fid_step"] == "2"  # its last checkpoint and evaluation
+    assert "injected fault in gan_step at step 3" in failed["detail"]
+    assert failed["overrides"] == "train.seed=0 optim.g.lr=0.0004"
+    pending = by_name[names[3]]
+    assert (pending["step"], pending["best_fid"], pending["loss_d"], pending["detail"]) == ("", "", "", "not started")
+
+    # the printed table: same order as the CSV, one line per run, then the failure's reason
+    table = [line.split() for line in lines[3:7]]
+    assert [cols[0] for cols in table] == [r["run"] for r in rows]
+    assert table[-1][:3] == [names[3], "pending", "-/4"] and table[-1][-1] == "optim.g.lr=0.0008"
+    assert f"{names[2]}: failed: RuntimeError: injected fault in gan_step at step 3" in out.out
+    assert out.out.rstrip().endswith(f"wrote {folder / 'status.csv'} and {folder / 'fid.png'}")
+
+    with Image.open(folder / "fid.png") as png:
+        assert png.format == "PNG" and png.size[0] > 100
+        png.verify()
+    assert seconds < 10
+
+
+def test_a_held_run_lock_means_running(sweep):
+    path, names = sweep
+    run_dir = path.parent / "runs" / "lr" / names[2]
+    lock = RunLock(run_dir)
+    lock.acquire()  # what a trainer on this host holds for the run's life
+    try:
+        states = {r.name: (r.state, r.detail) for r in sweep_status(path, use_slurm=False).runs}
+        assert states[names[2]][0] == "running" and "run.lock held" in states[names[2]][1]
+    finally:
+        lock.release()
+    # the lock was only looked up, never taken: a trainer can take it at once
+    again = RunLock(run_dir)
+    again.acquire()
+    again.release()
+    # a newer attempt that left no summary (killed) and holds no lock here: failed
+    os.utime(run_dir / "run.lock", (time.time() + 5, time.time() + 5))
+    states = {r.name: (r.state, r.detail) for r in sweep_status(path, use_slurm=False).runs}
+    assert states[names[2]][0] == "failed" and "without writing summary.json" in states[names[2]][1]
+    assert "train.log: rank 0 failed (step 3): RuntimeError: injected fault" in states[names[2]][1]  # its last error
+
+
+@pytest.mark.parametrize(
+    "observed, state",
+    [
+        (dict(summary={"status": "stopped", "exit_code": EXIT_PREEMPTED}), "preempted"),
+        (dict(summary={"status": "diverged", "exit_code": 1, "diverged": "loss_d is nan"}), "failed"),
+        (dict(summary={"status": "done", "exit_code": 0}), "done"),
+        (dict(summary={"status": "stopped", "exit_code": EXIT_PREEMPTED}, slurm="PENDING"), "pending"),  # requeued
+        (dict(summary={"status": "done", "exit_code": 0}, locked=True), "running"),  # resubmitted, running again
+        (dict(exists=False, slurm="RUNNING"), "running"),  # Slurm started it; no folder yet
+        (dict(exists=False, slurm="CANCELLED"), "failed"),
+        (dict(exists=False), "pending"),
+        (dict(summary=None, holder_host="some-other-node"), "running"),  # not checkable from this host
+        (dict(summary=None, finished_by_checkpoint=True), "done"),  # summary.json could not be written
+        (dict(summary=None), "pending"),  # a folder, but no trainer has taken its lock yet
+    ],
+)
+def test_state_rules(observed, state):
+    seen = dict(exists=True, locked=False, slurm="", summary=None, attempt_after_summary=False, holder_host=None)
+    seen.update(finished_by_checkpoint=False)
+    seen.update(observed)
+    assert decide_state(**seen)[0] == state
+
+
+def test_a_bad_sweep_file_exits_2_with_one_line(tmp_path, digit_shards, capsys):
+    base = write_config(tmp_path / "base.yaml", digit_shards)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {base}\ngrid:\n  optim.g.learning_rate: [1, 2]\n")
+    assert cli(["status", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"launch.sweep: {bad}: run 0")
+    assert "optim.g.learning_rate: unknown key" in err
+    assert cli(["status", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read sweep file" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
