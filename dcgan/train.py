@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from dcgan import checkpoint, distributed, failure, training
 from dcgan.cache import CachedLoader
@@ -368,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@record  # torchrun's report shows the traceback of an exception that escapes (failure.tell_torchrun: of one caught)
 def main(argv: list[str] | None = None, on_exit: Callable[[int], object] | None = None) -> int:
     """The exit code (EXIT_* above, or EXIT_PREEMPTED). Rank 0 hands it to ``on_exit``
     (default ``report_exit_code``) before any rank exits: a launcher that tears the job
@@ -497,6 +499,7 @@ def config_error(error: ConfigError, config: str) -> None:
     where = "" if str(error).startswith(str(config)) else f"{config}: "
     line = f"dcgan.train: config error: {where}{error}"
     print(line, file=sys.stderr)
+    failure.tell_torchrun(line)
 
 
 if __name__ == "__main__":

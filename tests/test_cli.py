@@ -1,17 +1,20 @@
 """What a user expects of the command lines: ``dcgan.train --help`` lists every config key
 with its type, default and meaning (from dcgan/config.py, so it cannot drift);
 ``--print-config`` and ``--dry-run`` show the resolved config and the plan without
-starting anything; and every launcher flag says what it does and its default."""
+starting anything; every launcher flag says what it does and its default; and under
+torchrun a failing worker's traceback reaches torchrun's own failure report."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 import pytest
 import yaml
 
-from conftest import run_module, write_config
+from conftest import REPO, run_module, run_python, write_config
+from dcgan import failure
 from dcgan.config import Config, describe_keys, field_comments, load_config
 
 
@@ -207,3 +210,48 @@ def test_every_launcher_flag_has_help_and_its_default(module):
     if module == "launch.sweep":
         assert "table below" not in result.stdout
         assert "A sweep file:" in result.stdout  # the format, in the help's epilog
+
+
+# --------------------------------------------------------------------------- torchrun's report
+
+
+def test_a_failing_worker_traceback_is_torchruns_root_cause(tmp_path, digit_shards):
+    """Rank 1 raises in its third step (tests/faults.py); rank 0 stops because of it. The
+    workers catch the error to exit 1 (dcgan/exits.py), so torchrun learns the traceback
+    only from the error file dcgan.failure writes: its report must name rank 1 as the
+    root cause, with the original traceback."""
+    config = write_config(tmp_path / "fails.yaml", digit_shards, train={"steps": 1000})
+    env = {"DCGAN_FAULT": "step:1:3", "PYTHONPATH": str(REPO)}
+    result = run_python("tests/faults.py", "--config", str(config), nproc=2, env=env, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Root Cause (first observed failure):" in result.stderr, result.stderr[-3000:]
+    root = result.stderr.split("Root Cause (first observed failure):")[1].split("=====")[0]
+    assert "rank      : 1 (local_rank: 1)" in root
+    assert "exitcode  : 1 " in root  # the worker's exit code is still EXIT_FAILED
+    assert "Traceback (most recent call last)" in root and "in failing_step" in root, root
+    assert "RuntimeError: injected fault in gan_step at step 3" in root
+    assert "To enable traceback" not in root
+
+
+def test_error_file_for_torchrun(tmp_path, monkeypatch):
+    """The failing rank's file holds its traceback; a rank stopped by it writes its line,
+    dated after, so that it never shows as the root cause."""
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    try:
+        raise ValueError("the original error")
+    except ValueError as e:
+        failure.tell_torchrun("rank 1 failed (step 3): ValueError: the original error", e)
+    root = json.loads(path.read_text())["message"]
+    assert root["message"] == "ValueError: the original error"
+    assert (
+        "Traceback" in root["extraInfo"]["py_callstack"] and "the original error" in root["extraInfo"]["py_callstack"]
+    )
+    failure.tell_torchrun("stopping rank 0: rank 1 failed", consequence=True)
+    after = json.loads(path.read_text())["message"]
+    assert after["extraInfo"]["py_callstack"] == "stopping rank 0: rank 1 failed"
+    assert int(after["extraInfo"]["timestamp"]) > int(root["extraInfo"]["timestamp"])
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    path.unlink()
+    failure.tell_torchrun("not under torchrun")
+    assert not path.exists()
