@@ -12,8 +12,15 @@ keeps the error text in one format: ``<file>: <key>: <problem>``.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
+import re
 import signal
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,9 +118,9 @@ class DataConfig:
 class AdamConfig:
     """Adam settings of one network."""
 
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    weight_decay: float = 0.0
+    lr: float = 2e-4  # learning rate
+    betas: tuple[float, float] = (0.5, 0.999)  # Adam's (beta1, beta2); DCGAN's beta1 is 0.5
+    weight_decay: float = 0.0  # L2 penalty added to the gradients (Adam's, not AdamW's)
 
     def __post_init__(self) -> None:
         check_field(self.lr > 0, "lr", "must be > 0")
@@ -123,8 +130,8 @@ class AdamConfig:
 
 @dataclass
 class OptimConfig:
-    g: AdamConfig = field(default_factory=AdamConfig)  # generator
-    d: AdamConfig = field(default_factory=AdamConfig)  # discriminator
+    g: AdamConfig = field(default_factory=AdamConfig)  # Adam settings of the generator
+    d: AdamConfig = field(default_factory=AdamConfig)  # Adam settings of the discriminator
     # One-sided label smoothing (Salimans et al. 2016): D's target for real images is
     # 1 - label_smoothing; fakes stay at 0 and G's target stays 1.
     label_smoothing: float = 0.0
@@ -140,7 +147,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     name: str = ""  # run name; default: the config file's stem. Run folder: out_dir/name
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # the folder that holds the run folders
     steps: int = 1000  # optimisation steps (one D update + one G update each)
     batch_size: int = 128  # per process; the global batch is batch_size x world size
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"  # autocast dtype; fp16 adds grad scaling
@@ -150,7 +157,7 @@ class TrainConfig:
     # torch.compile the forwards of G and D (compiled on the first steps; recompiled once
     # for D's frozen G-step pass). Pays on GPUs; on the CPU it did not (bench/README.md).
     compile: bool = False
-    seed: int = 0
+    seed: int = 0  # seeds init, latents, augmentation and the data order (each rank derives its own)
     sync_bn: bool = True  # SyncBatchNorm when world size > 1
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     # "auto": continue from the newest valid checkpoint in the run folder if there is one;
@@ -215,14 +222,12 @@ class WandbConfig:
     # $WANDB_IDENTITY_TOKEN_FILE, a netrc entry for the W&B host, an api_key setting),
     # else offline. An online run that cannot reach the server within init_timeout goes on offline.
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    # The run's identity in W&B. "" (unset): the W&B variable in brackets when set, else the
-    # default named. A value set here wins over the variable.
-    project: str = ""  # ($WANDB_PROJECT) "dcgan"
-    entity: str = ""  # ($WANDB_ENTITY) team or user; the login's default entity
-    group: str = ""  # ($WANDB_RUN_GROUP) groups related runs in the UI (launch.sweep sets the sweep's name)
-    name: str = ""  # ($WANDB_NAME) display name; train.name
-    tags: list[str] = field(default_factory=list)  # ($WANDB_TAGS, comma-separated)
-    notes: str = ""  # ($WANDB_NOTES)
+    project: str = ""  # W&B project (none of / \ # ? % :); "": $WANDB_PROJECT, else "dcgan"
+    entity: str = ""  # team or user; "": $WANDB_ENTITY, else the login's default entity
+    group: str = ""  # groups related runs in the UI (launch.sweep sets the sweep's name); "": $WANDB_RUN_GROUP
+    name: str = ""  # display name; "": $WANDB_NAME, else train.name
+    tags: list[str] = field(default_factory=list)  # labels on the run (1 to 64 characters each); []: $WANDB_TAGS
+    notes: str = ""  # free text shown with the run in the UI; "": $WANDB_NOTES
     init_timeout: float = 90.0  # seconds to wait for the W&B server when online
 
     def __post_init__(self) -> None:
@@ -248,11 +253,12 @@ class EvalConfig:
     on the EMA generator in eval mode (G when model.ema_decay is 0). See dcgan/eval.py."""
 
     every: int = 0  # evaluate every N steps and at the end; 0: never
-    # Feature extractor, one of: a classifier features file made by
-    # `python -m dcgan.eval train-features` (it holds the real-set features), or
-    # Inception-v3 FID weights (TorchScript or state dict; real features are then read
-    # from data.shards). Both empty: <data.shards>/features.pt, when it exists.
+    # The feature extractor: a classifier features file made by `python -m dcgan.eval
+    # train-features` (it holds the real-set features). This and eval.inception both
+    # empty: <data.shards>/features.pt, when it exists.
     features: str = ""
+    # Or Inception-v3 FID weights (TorchScript or state dict; real features are then read
+    # from data.shards). Set eval.features or eval.inception, not both.
     inception: str = ""
     num_samples: int = 5000  # generated images per evaluation, split over the ranks
     num_real: int = 10000  # real images compared against (at most those the features file holds)
@@ -279,18 +285,22 @@ class ConfigSource(typing.NamedTuple):
 
 @dataclass
 class Config:
+    """A run's settings. Every field of every section needs its meaning as a comment beside
+    it (or just above): ``describe_keys`` turns them into ``python -m dcgan.train --help``,
+    and tests/test_cli.py fails for a key without one."""
+
     # Not a setting (a class attribute: not in to_dict() nor config.yaml): load_config sets
     # it on the config it returns; dcgan/provenance.py records it.
     source: typing.ClassVar[ConfigSource] = ConfigSource(None, ())
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # Where the training images come from and how they are read
+    model: ModelConfig = field(default_factory=ModelConfig)  # Which reference net (dcgan/models.py), at which widths
+    optim: OptimConfig = field(default_factory=OptimConfig)  # The optimisers and the loss
+    train: TrainConfig = field(default_factory=TrainConfig)  # The run: its folder, length, batch, precision, resume
+    log: LogConfig = field(default_factory=LogConfig)  # Metrics lines and sample grids
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases, from rank 0
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # Checkpoints in <run folder>/checkpoints/
+    eval: EvalConfig = field(default_factory=EvalConfig)  # Sample quality (FID, KID, precision/recall) while training
 
     @property
     def run_dir(self) -> Path:
@@ -355,8 +365,14 @@ def build_section(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
         raise ConfigError(f"{where}: {e}") from None
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML: what the run folder's config.yaml holds, and what
+    ``load_config`` reads back to the same config."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(config_yaml(cfg))
 
 
 def _set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
@@ -443,6 +459,142 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise TypeError(f"unsupported config annotation {hint!r} for {key}")  # a bug here, not user input
+
+
+# --------------------------------------------------------------------------- the keys, for --help
+
+
+class KeyHelp(typing.NamedTuple):
+    """One setting as ``--help`` lists it."""
+
+    key: str  # dotted, e.g. "train.batch_size"
+    section: str  # e.g. "data.augment"
+    type: str  # as written in YAML: int, float, bool, str, [float, float], list[str], auto|on|off
+    default: str  # the default as YAML (flow style)
+    meaning: str  # the comment beside the field ("": none, which tests/test_cli.py rejects)
+
+
+def describe_keys(cls: type | None = None, prefix: str = "") -> list[KeyHelp]:
+    """Every key of the run config (of ``cls``, under ``prefix``), in the YAML file's
+    order, a section's own keys before its subsections'. The meanings are the comments
+    beside the fields in the source, so the help cannot drift from the code."""
+    cls = cls or Config
+    hints, comments = typing.get_type_hints(cls), field_comments(cls)
+    defaults = _plain(dataclasses.asdict(cls()))
+    keys, subsections = [], []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            subsections.append(f.name)
+            continue
+        keys.append(
+            KeyHelp(prefix + f.name, prefix.rstrip("."), _type_name(hints[f.name]), _yaml_flow(defaults[f.name]),
+                    comments.get(f.name, ""))
+        )  # fmt: skip
+    for name in subsections:
+        keys += describe_keys(hints[name], f"{prefix}{name}.")
+    return keys
+
+
+def describe_sections(cls: type | None = None, prefix: str = "") -> dict[str, str]:
+    """Every section ("data", "data.augment", ...) and its heading: the comment beside the
+    field that holds it, else the first line of its class's docstring."""
+    cls = cls or Config
+    hints, comments = typing.get_type_hints(cls), field_comments(cls)
+    found = {}
+    for f in dataclasses.fields(cls):
+        sub = hints[f.name]
+        if dataclasses.is_dataclass(sub):
+            doc = (sub.__doc__ or "").strip()
+            doc = "" if doc.startswith(sub.__name__ + "(") else doc  # dataclass's generated signature
+            found[prefix + f.name] = comments.get(f.name) or " ".join(doc.split("\n\n")[0].split())
+            found.update(describe_sections(sub, f"{prefix}{f.name}."))
+    return found
+
+
+def format_keys(keys: list[KeyHelp], sections: dict[str, str], width: int = 100) -> str:
+    """The keys as a reference, one block per section: ``  key  type  default  meaning``
+    (the meaning wrapped under its column; below the row when the row is long)."""
+    blocks = []
+    for section, heading in sections.items():
+        rows = [k for k in keys if k.section == section]
+        if not rows:
+            continue
+        kw = max(len(k.key) for k in rows)
+        tw = max((len(k.type) for k in rows if len(k.type) <= 16), default=0)
+        dw = max((len(k.default) for k in rows if len(k.default) <= 12), default=0)
+        column = 2 + kw + 2 + tw + 2 + dw + 2
+        lines = [f"{section}.  {heading}"]
+        for k in rows:
+            fits = len(k.type) <= tw and len(k.default) <= dw and column <= width - 30
+            head = f"  {k.key:<{kw}}  {k.type:<{tw}}  {k.default:<{dw}}"
+            if not fits:
+                head = f"  {k.key}  {k.type}  {k.default}"
+            indent = column if fits else min(column, 8)
+            wrapped = textwrap.wrap(k.meaning or "(no meaning: document it in dcgan/config.py)", width - indent)
+            if fits:
+                lines.append(f"{head}  {wrapped[0]}")
+                wrapped = wrapped[1:]
+            else:
+                lines.append(head)
+            lines += [" " * indent + text for text in wrapped]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def keys_help(width: int = 100) -> str:
+    """Every key of the run config, by section: the reference ``dcgan.train --help`` ends with."""
+    return format_keys(describe_keys(), describe_sections(), width)
+
+
+_PRAGMA = re.compile(r"#\s*(fmt|noqa|type|pragma)\b")
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """The meaning of each field of dataclass ``cls``, from its source: the comment lines
+    just above the field, then the comment on its own line(s), as one line of text
+    ({} where the source is not installed: the help then lacks meanings, nothing else)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    lines = source.splitlines()
+    comments = {
+        tok.start[0]: tok.string
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT and not _PRAGMA.match(tok.string)
+    }
+    (node,) = ast.parse(source).body
+    found = {}
+    for item in node.body:
+        if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+            continue
+        above, n = [], item.lineno - 1
+        while n >= 1 and lines[n - 1].lstrip().startswith("#"):
+            above.insert(0, comments.get(n, ""))
+            n -= 1
+        beside = [comments[i] for i in range(item.lineno, item.end_lineno + 1) if i in comments]
+        text = " ".join(c.lstrip("#").strip() for c in above + beside)
+        found[item.target.id] = " ".join(text.split())
+    return found
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is tuple:
+        return "[" + ", ".join(map(_type_name, args)) + "]"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    return hint.__name__
+
+
+def _yaml_flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+    return text.removesuffix("...").strip()  # a lone scalar ends the document with "..."
 
 
 def _plain(obj: Any) -> Any:

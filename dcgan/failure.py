@@ -16,12 +16,15 @@ says what failed and where.
   ``die_with_parent()`` has a worker killed by the kernel when its rank dies.
 * ``exit_deadline()``: a last guard; the process ends with its code within seconds even if
   something on the way out (atexit handlers, a process group teardown) blocks.
+* ``tell_torchrun()``: under torchrun, the failure also goes into the worker's error file,
+  so torchrun's closing report shows the root cause's traceback (see there).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import logging
 import multiprocessing
 import os
@@ -29,8 +32,11 @@ import re
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
 log = logging.getLogger("dcgan.train")
 
@@ -81,6 +87,7 @@ def report(
         line = f"rank {rank} failed ({where}): {describe(error)}"
         post(store, line)
     details = "".join(traceback.format_exception(error))
+    tell_torchrun(line, error, consequence=peer is not None)
     train_log = run_dir / "train.log" if run_dir is not None else None
     to_file = rank == 0 and train_log is not None and train_log.exists()
     if peer_logged is None:
@@ -92,6 +99,35 @@ def report(
     else:
         sys.stderr.write(details)
     return line
+
+
+def tell_torchrun(line: str, error: BaseException | None = None, consequence: bool = False) -> None:
+    """Write this worker's error file for torchrun's failure report: the file named by
+    TORCHELASTIC_ERROR_FILE, which torchrun sets for each worker (nothing happens without
+    it). ``@record`` on ``dcgan.train.main`` writes it only for an exception that escapes,
+    and ``run()`` catches every one to return its exit code, so a failure is written here.
+
+    The failing rank's file holds the traceback of ``error``, written by torch's own
+    ``ErrorHandler`` as ``@record`` would. A rank that stops because another failed
+    (``consequence``) writes its one ``line``, dated a second later: torchrun calls the
+    failure with the earliest whole-second time the root cause, the lowest rank among equal
+    times, and a consequence must not win that tie. Without ``error`` (a config error)
+    ``line`` is the whole story."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        if error is not None and not consequence and sys.exc_info()[1] is error:
+            get_error_handler().record_exception(error)  # the traceback of the exception being handled
+            return
+        details = "".join(traceback.format_exception(error)) if error is not None and not consequence else line
+        # ErrorHandler.record_exception's format, which torchrun reads
+        extra = {"py_callstack": details, "timestamp": str(int(time.time()) + int(consequence))}
+        data = {"message": {"message": line, "extraInfo": extra}}
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except Exception as e:  # the report is a courtesy: never fail the exit over it
+        log.warning("could not write torchrun's error file %s (%s: %s)", path, type(e).__name__, e)
 
 
 def posted(store) -> str | None:
@@ -140,6 +176,7 @@ class PeerWatch:
                 continue
             self.peer_failure = peer
             log.error("stopping rank %d: %s", self.rank, peer)
+            tell_torchrun(f"stopping rank {self.rank}: {peer}", consequence=True)
             # The main thread usually ends by itself: its collective with the failed rank
             # breaks (gloo) and it goes out through report(). One that waits on (NCCL waits
             # for the process group's timeout) is ended here.

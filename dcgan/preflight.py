@@ -7,7 +7,8 @@ extractor, settles what a restarted attempt resumes from and checks that choice
 against the run folder. It returns a ``RunPlan`` and changes nothing on disk or in its
 arguments. ``dcgan.train`` runs it on every rank; ``launch.submit`` and ``launch.sweep``
 run it on the login node before anything is submitted. Every mistake a user can make
-raises ConfigError naming the key, and the entry points exit 2.
+raises ConfigError naming the key, and the entry points exit 2. ``RunPlan.describe()``
+is what ``python -m dcgan.train --dry-run`` prints.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from dcgan.cache import CacheChoice, choose_cache
-from dcgan.checkpoint import check_resume_setting, list_checkpoints
+from dcgan.checkpoint import check_resume_setting, latest_valid, list_checkpoints, read_record, step_of
 from dcgan.config import Config, ConfigError, load_config
 from dcgan.data import steps_per_epoch
 from dcgan.eval import ExtractorChoice, choose_extractor
@@ -36,6 +38,39 @@ class RunPlan:
     extractor: ExtractorChoice | None  # the evaluation's feature extractor (None: eval.every is 0)
     world_size: int
     restart_note: str | None  # what settling the restart changed, for the log (None: nothing)
+    on_this_machine: bool = True  # planned for this machine (False: the launchers plan for the job's)
+
+    def describe(self) -> str:
+        """The plan for a person, one fact a line: what ``--dry-run`` prints."""
+        cfg, t, shards, world = self.cfg, self.cfg.train, self.shards, self.world_size
+        per_epoch = steps_per_epoch(shards.total, world, t.batch_size)
+        folder = cfg.run_dir.resolve()
+        if folder.is_dir():
+            held = len(list_checkpoints(folder / "checkpoints"))
+            state = f"exists, {held} checkpoint(s)"
+        else:
+            state = "not there yet: created when the run starts"
+        size = f" ({shards.image_size}x{shards.image_size})" if shards.image_size else ""
+        if self.extractor is None:
+            evaluation = "off (eval.every=0)"
+        else:
+            evaluation = f"every {cfg.eval.every} steps, {self.extractor.kind} features from {self.extractor.path}"
+        rows = [
+            ("run folder", f"{folder} ({state})"),
+            ("processes", f"{world} (world size{', from WORLD_SIZE' if self.on_this_machine else ''})"),
+            ("device", describe_device(t.device, self.on_this_machine) + f", precision {t.precision}"),
+            ("batch", f"{t.batch_size} per process, {t.batch_size * world} global"),
+            ("data", f"{shards.total} samples{size} in {len(shards.urls)} shard(s) from {cfg.data.shards}"),
+            ("counts from", shards.counted_by),
+            ("steps", f"{per_epoch} per epoch; train.steps={t.steps} takes {t.steps / per_epoch:.2f} epoch(s)"),
+            ("data reader", self.cache.why),
+            ("resumes from", describe_resume(cfg)),
+            ("evaluation", evaluation),
+        ]
+        if self.restart_note:
+            rows.append(("restart", self.restart_note))
+        width = max(len(name) for name, _ in rows)
+        return "\n".join([f"plan of run {t.name}:"] + [f"  {name:<{width}} : {value}" for name, value in rows])
 
 
 def plan_run(
@@ -55,7 +90,52 @@ def plan_run(
     warn_if_resized(shards, cfg.model.image_size)
     cfg, note = settle_restart(cfg, restart)
     check_resume_setting(cfg, shards)
-    return RunPlan(cfg, shards, cache, extractor, world_size, note)
+    return RunPlan(cfg, shards, cache, extractor, world_size, note, on_this_machine)
+
+
+def describe_device(device: str, on_this_machine: bool) -> str:
+    """train.device as a run here would resolve it (distributed.setup's rule)."""
+    if not on_this_machine:
+        return f"train.device={device} (decided on the job's machines)"
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return f"{'cuda' if cuda else 'cpu'} (train.device={device})"
+
+
+def describe_resume(cfg: Config) -> str:
+    """What an attempt would resume from, read from the run folder without loading any
+    checkpoint: ``checkpoint.choose`` decides on rank 0 at start-up, and also sets aside
+    one that verifies but does not load or holds non-finite values."""
+    t, ckpt_dir = cfg.train, cfg.run_dir / "checkpoints"
+    existing = list_checkpoints(ckpt_dir)
+    if t.resume == "never":
+        if existing:  # with train.overwrite=true (check_resume_setting refuses it otherwise)
+            return f"starts fresh: train.overwrite=true first wipes {cfg.run_dir} ({len(existing)} checkpoint(s))"
+        return "starts fresh (train.resume=never)"
+    if t.resume != "auto":
+        path = Path(t.resume)
+        try:
+            step = step_of(path)
+        except ValueError:
+            step = read_record(path).get("step", "?")
+        return f"{path} (step {step}; train.resume names it)" + left_to_train(step, t.steps)
+    newest, rejected = latest_valid(ckpt_dir)
+    skipped = ""
+    if rejected:
+        skipped = f"; set aside at start: {', '.join(f'{p.name} ({why})' for p, why in rejected)}"
+    if newest is None:
+        if existing:
+            return (
+                f"nothing: none of the {len(existing)} checkpoint(s) in {ckpt_dir} verifies against its record, "
+                "the run would fail (train.resume=never train.overwrite=true starts again)"
+            )
+        return f"starts fresh (no checkpoint in {ckpt_dir})"
+    return f"{newest} (step {step_of(newest)}; train.resume=auto){skipped}" + left_to_train(step_of(newest), t.steps)
+
+
+def left_to_train(step: object, steps: int) -> str:
+    if isinstance(step, int) and step >= steps:
+        return f"; already at train.steps={steps}: nothing left to train"
+    return ""
 
 
 def warn_if_resized(shards: ShardSet, image_size: int) -> None:

@@ -16,7 +16,9 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,16 +26,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from dcgan import checkpoint, distributed, failure, training
 from dcgan.cache import CachedLoader
 from dcgan.checkpointer import Checkpointer, restore
-from dcgan.config import Config, ConfigError, save_config
+from dcgan.config import Config, ConfigError, config_yaml, keys_help, load_config, save_config
 from dcgan.data import BatchSource, Loader, ShardStream, derive_seed
 from dcgan.distributed import DistInfo
 from dcgan.divergence import DivergenceGuard, finite_weights
 from dcgan.eval import Evaluator, eval_mode_sampler
-from dcgan.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_PREEMPTED, Ending
+from dcgan.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending
 from dcgan.failure import Where
 from dcgan.fileio import write_atomic
 from dcgan.logs import LOG_DATE_FORMAT, RunLogHandler, log_format, setup_logging
@@ -334,19 +337,76 @@ def reading_report(loader: BatchSource, shards: ShardSet, dist: DistInfo) -> dic
     }
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its epilog lists every config key (``describe_keys``), so the
+    help cannot drift from dcgan/config.py."""
+    width = min(max(shutil.get_terminal_size((100, 24)).columns, 80), 120)
+    parser = argparse.ArgumentParser(
+        prog="python -m dcgan.train",
+        description="Train a DCGAN (alone or under torchrun). Settings: the YAML file, then a.b=value overrides.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join([
+            textwrap.fill(
+                "exit codes: 0 done, 1 failed, 2 bad config or data (nothing started), "
+                f"{EXIT_PREEMPTED} stopped on a signal with the state saved (run the same command again)", width
+            ),
+            textwrap.fill("config keys, set in the YAML file or as a.b=value (key, type, default, meaning):", width),
+            keys_help(width),
+        ]),
+    )  # fmt: skip
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/celeba.yaml")
+    parser.add_argument("overrides", nargs="*", help="a.b=value settings applied after the file")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (file + overrides) as YAML and exit"
+    )
+    what.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything a run checks before it starts (config, shards, resume point), print the plan "
+        "and exit; starts nothing, writes nothing",
+    )
+    return parser
+
+
+@record  # torchrun's report shows the traceback of an exception that escapes (failure.tell_torchrun: of one caught)
 def main(argv: list[str] | None = None, on_exit: Callable[[int], object] | None = None) -> int:
     """The exit code (EXIT_* above, or EXIT_PREEMPTED). Rank 0 hands it to ``on_exit``
     (default ``report_exit_code``) before any rank exits: a launcher that tears the job
     down when its first process ends (srun --kill-on-bad-exit) cannot cut that short."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dcgan.train", description="Train a DCGAN (alone or under torchrun)."
-    )
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/celeba.yaml")
-    parser.add_argument("overrides", nargs="*", help="a.b=value settings applied after the file")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     env = distributed.read_env()
     setup_logging(env.rank)
+    if args.print_config:
+        return print_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run(args.config, args.overrides, env)
     return run(args.config, args.overrides, env, on_exit or report_exit_code)
+
+
+def print_config(config: str, overrides: list[str]) -> int:
+    """--print-config: the config as the run folder's config.yaml would hold it (the data is
+    not checked: --dry-run does that)."""
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        config_error(e, config)
+        return EXIT_CONFIG
+    sys.stdout.write(config_yaml(cfg))
+    return EXIT_OK
+
+
+def dry_run(config: str, overrides: list[str], env: distributed.EnvRanks) -> int:
+    """--dry-run: the whole preflight for this environment's world size (WORLD_SIZE, or
+    torchrun's), and the plan it makes; no run folder, no process group."""
+    try:
+        plan = plan_run(config, overrides, env.world_size, distributed.restart_count())
+    except ConfigError as e:
+        config_error(e, config)
+        return EXIT_CONFIG
+    if env.rank == 0:
+        print(plan.describe(), flush=True)
+    return EXIT_OK
 
 
 def report_exit_code(code: int) -> None:
@@ -437,7 +497,9 @@ def claim_run_dir(cfg: Config, dist: DistInfo, lock: RunLock) -> None:
 
 def config_error(error: ConfigError, config: str) -> None:
     where = "" if str(error).startswith(str(config)) else f"{config}: "
-    print(f"dcgan.train: config error: {where}{error}", file=sys.stderr)
+    line = f"dcgan.train: config error: {where}{error}"
+    print(line, file=sys.stderr)
+    failure.tell_torchrun(line)
 
 
 if __name__ == "__main__":

@@ -17,24 +17,24 @@ from typing import Any, Literal
 
 import submitit
 
-from dcgan.config import build_section, check_field, read_yaml
+from dcgan.config import build_section, check_field, field_comments, read_yaml
 
 
 @dataclass
 class SlurmOptions:
     """A job's resources and requeue policy (every field: a ``--flag`` of launch.submit)."""
 
-    cluster: Literal["slurm", "local"] = "slurm"  # local: submitit's local executor, same code path, no Slurm
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0: a CPU-only partition
+    cluster: Literal["slurm", "local"] = "slurm"  # slurm, or local: submitit's local executor (the same job, no Slurm)
+    nodes: int = 1  # nodes of the job (the same processes on each)
+    gpus_per_node: int = 0  # GPUs per node; 0: a CPU-only partition
     tasks_per_node: int = 0  # training processes per node; 0: one per GPU (1 without GPUs)
-    cpus_per_task: int = 0  # 0: the partition's default
+    cpus_per_task: int = 0  # CPUs per task (per training process); 0: the partition's default
     mem_gb: float = 0  # memory per node; 0: the partition's default
     time: str = "4:00:00"  # time limit: minutes, H:MM:SS, or D-HH:MM:SS
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
+    partition: str = ""  # Slurm partition; "": the cluster's default
+    account: str = ""  # account charged; "": yours by default
+    qos: str = ""  # quality of service; "": the default
+    constraint: str = ""  # node features required (sbatch --constraint)
     # Any other sbatch option as "key=value" (e.g. "exclusive=true", "reservation=x");
     # a bare "key" is a flag.
     sbatch: list[str] = field(default_factory=list)
@@ -43,7 +43,7 @@ class SlurmOptions:
     signal_delay_s: int = 120
     max_requeues: int = 20  # preemptions / time limits / outside requeues before the job gives up
     array_parallelism: int = 0  # sweeps: array tasks running at once (0: no limit)
-    folder: str = ""  # submitit's scripts, pickles and task logs; default <run folder>/slurm
+    folder: str = ""  # submitit's scripts, pickles and task logs; "": <run folder>/slurm
 
     def __post_init__(self) -> None:
         check_field(self.nodes >= 1, "nodes", "must be >= 1")
@@ -101,15 +101,22 @@ def time_minutes(text: str) -> int:
     return int(-(-total // 1))  # round up: never ask for less than was written
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per SlurmOptions field, left unset (None) when not given."""
-    group = parser.add_argument_group("Slurm job (launch/options.py)")
+def add_arguments(parser: argparse.ArgumentParser, description: str | None = None) -> None:
+    """One ``--flag`` per SlurmOptions field, left unset (None) when not given, so that a
+    sweep file's ``slurm:`` value stands unless the flag is given. Each flag's help is the
+    comment beside its field (dcgan.config.field_comments) and the field's default."""
+    group = parser.add_argument_group("Slurm job (launch/options.py)", description)
+    meanings, defaults = field_comments(SlurmOptions), SlurmOptions()
     for f in fields(SlurmOptions):
         flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = {"": '""', "[]": "none"}.get(str(default), default)
+        repeat = "repeatable; " if f.name == "sbatch" else ""
+        text = f"{meanings.get(f.name, '')} ({repeat}default: {shown})".strip().replace("%", "%%")
         if f.name == "sbatch":
-            group.add_argument(flag, action="append", metavar="KEY=VALUE", help="extra sbatch option (repeatable)")
+            group.add_argument(flag, action="append", metavar="KEY=VALUE", help=text)
         else:
-            group.add_argument(flag, default=None, metavar=f.name.upper())
+            group.add_argument(flag, default=None, metavar=f.name.upper(), help=text)
 
 
 def from_arguments(args: argparse.Namespace, base: dict[str, Any] | None = None, where: str = "") -> SlurmOptions:

@@ -46,13 +46,19 @@ def describe(job: submitit.Job, cfg: Config) -> str:
     ])  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/celeba.yaml")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.submit", description=__doc__.split("\n\n")[1].replace("``", "`")
+    )
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/celeba.yaml (required)")
     parser.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 if it finished")
-    parser.add_argument("overrides", nargs="*", help="a.b=value settings applied after the file")
+    parser.add_argument("overrides", nargs="*", help="a.b=value settings applied after the file (default: none)")
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         opts = from_arguments(args)

@@ -1,8 +1,8 @@
 """python -m launch.sweep configs/sweeps/celeba-lr.yaml --nodes 1 --gpus-per-node 8 [--dry-run]
 
 A hyper-parameter sweep as one Slurm job array: every run is one array task (a
-multi-task job of its own: nodes x tasks), with its own run folder, named in the
-table below, and all runs share one W&B group (``wandb.group``: the sweep's name).
+multi-task job of its own: nodes x tasks) with its own run folder (``--dry-run``
+lists them), and all runs share one W&B group (``wandb.group``: the sweep's name).
 
 A sweep file::
 
@@ -266,12 +266,24 @@ def submit_sweep(sweep: Sweep, opts: SlurmOptions) -> list:
     return jobs
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[1])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its epilog is this module's doc from the sweep file's format on."""
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.sweep",
+        description=__doc__.split("\n\n")[1].replace("``", "`"),
+        epilog="\n\n".join(__doc__.split("\n\n")[2:]).replace("``", "`").replace("::", ":"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("sweep", type=Path, help="sweep file, e.g. configs/sweeps/celeba-lr.yaml")
     parser.add_argument("--dry-run", action="store_true", help="print the table of runs; submit nothing")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+    add_arguments(
+        parser, "A flag overrides the sweep file's slurm: section; a setting neither gives takes its default."
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         spec = read_sweep_file(args.sweep)
