@@ -2,6 +2,7 @@
 runs, never what it computes or what a checkpoint holds; the bench scripts run."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -88,9 +89,13 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards, real_images):
         "--repeats", "1", "--ablate", "optim.fused=false", timeout=300,
     )  # fmt: skip
     assert throughput.returncode == 0, throughput.stderr[-3000:]
-    for row in ("(a) trainer reading shards", "(b) same step", "(c) plain seed-style loop", "(b) with optim.fused"):
+    for row in (
+        "(a) trainer reading shards", "(a') trainer reading the cache", "(b) same step", "(c) plain seed-style loop",
+        "(b) with optim.fused",
+    ):  # fmt: skip
         assert row in throughput.stdout
     assert "(a)/(c) = " in throughput.stdout and "GFLOP per image per iteration" in throughput.stdout
+    assert re.search(r"\(a'\)/\(a\) = [\d.]+ .* cache of 512 images built in", throughput.stdout)
 
     data = run_python(
         "bench/data.py", *common, "--data-dir", str(tmp_path / "data"), "--source", str(tmp_path / "digits.npy"),
@@ -110,3 +115,7 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards, real_images):
     table = [line.split() for line in scaling.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in table] == ["1", "2"] and float(table[0][3]) == 1.0
     assert "under DDP" in scaling.stdout
+
+    scale = run_python("bench/plan_at_scale.py", "--ranks", "8", "--shards", "100", "--cache-samples", "10000")
+    assert scale.returncode == 0, scale.stderr[-3000:]
+    assert "read amplification      1." in scale.stdout and scale.stdout.count("on every rank: True") == 2
