@@ -11,9 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
+from dcgan.config import DataConfig
+from dcgan.data import Loader, ShardStream
 from dcgan.shards import main as shards_main
+from dcgan.shardset import resolve_shards
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # Tests never talk to a W&B server, whatever login this machine has (wandb.mode=auto
@@ -54,6 +58,19 @@ def make_shards(out: Path, images: np.ndarray, labels: np.ndarray | None = None,
     np.savez(source, **arrays)
     assert shards_main([str(source), str(out), "--workers", "1", *extra]) == 0
     return out
+
+
+def make_loader(shards, rank=0, world_size=1, batch_size=4, workers=2, **data) -> Loader:
+    """One rank's shard reader over 28x28 grey ``shards`` (data.* settings as keywords)."""
+    cfg = DataConfig(shards=str(shards), workers=workers, shuffle_buffer=data.pop("shuffle_buffer", 8), **data)
+    stream = ShardStream(resolve_shards(cfg), cfg, rank=rank, world_size=world_size, batch_size=batch_size,
+                         image_size=28, channels=1, seed=0)  # fmt: skip
+    return Loader(stream, torch.device("cpu"))
+
+
+def epoch_labels(loader, epoch, start_batch=0) -> list[list[int]]:
+    """The labels of each batch of one epoch."""
+    return [labels.tolist() for _, labels in loader.epoch(epoch, start_batch)]
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from conftest import make_shards
-from dcgan.config import AugmentConfig, ConfigError, DataConfig
-from dcgan.data import DataError, Loader, ShardStream
-from dcgan.shardset import resolve_shards
+from conftest import epoch_labels, make_loader, make_shards
+from dcgan.config import AugmentConfig, ConfigError
+from dcgan.data import DataError
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +21,6 @@ def indexed_shards(tmp_path_factory, real_images):
     shards than 2 ranks x 2 workers, and of unequal size."""
     images, _ = real_images
     return make_shards(tmp_path_factory.mktemp("indexed") / "s", images[:96], np.arange(96), "--per-shard", "40")
-
-
-def make_loader(shards, rank=0, world_size=1, batch_size=4, workers=2, **data):
-    cfg = DataConfig(shards=str(shards), workers=workers, shuffle_buffer=data.pop("shuffle_buffer", 8), **data)
-    stream = ShardStream(resolve_shards(cfg), cfg, rank=rank, world_size=world_size, batch_size=batch_size,
-                         image_size=28, channels=1, seed=0)  # fmt: skip
-    return Loader(stream, torch.device("cpu"))
-
-
-def epoch_labels(loader, epoch, start_batch=0):
-    return [labels.tolist() for _, labels in loader.epoch(epoch, start_batch)]
 
 
 def test_two_ranks_two_workers_cover_the_set_disjointly_with_equal_steps(indexed_shards):

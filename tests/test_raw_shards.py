@@ -14,9 +14,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from conftest import make_shards
+from conftest import epoch_labels, make_loader, make_shards
 from dcgan.config import AugmentConfig, DataConfig
-from dcgan.data import Loader, ShardStream, read_images
+from dcgan.data import read_images
 from dcgan.shards import count_shard
 from dcgan.shards import main as shards_main
 from dcgan.shardset import first_image_size, resolve_shards
@@ -30,17 +30,6 @@ def raw_indexed(tmp_path_factory, real_images):
     (members of 20, 20 | 20, 20 | 16): fewer shards than 2 ranks x 2 workers."""
     images, _ = real_images
     return make_shards(tmp_path_factory.mktemp("raw") / "s", images[:96], np.arange(96), *RAW)
-
-
-def make_loader(shards, rank=0, world_size=1, batch_size=4, workers=2, **data):
-    cfg = DataConfig(shards=str(shards), workers=workers, shuffle_buffer=8, **data)
-    stream = ShardStream(resolve_shards(cfg), cfg, rank=rank, world_size=world_size, batch_size=batch_size,
-                         image_size=28, channels=1, seed=0)  # fmt: skip
-    return Loader(stream, torch.device("cpu"))
-
-
-def epoch_labels(loader, epoch, start_batch=0):
-    return [labels.tolist() for _, labels in loader.epoch(epoch, start_batch)]
 
 
 def rgb_of(images):
