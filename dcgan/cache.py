@@ -35,12 +35,14 @@ from dcgan import distributed
 from dcgan.checks import ConfigError
 from dcgan.config import DataConfig
 from dcgan.data import (
+    MAX_LOGGED_CORRUPT,
     DataError,
     DeviceBatches,
     decode_sample,
     derive_seed,
     plain_error,
     sample_label,
+    shut_down_workers,
     stack_images,
     steps_per_epoch,
 )
@@ -76,7 +78,7 @@ def choose_cache(cfg: DataConfig, samples: int, channels: int, image_size: int, 
     if cfg.cache == "off":
         return CacheChoice(False, "data.cache=off: reading the shards every epoch")
     ram = available_ram_gb() if on_cpu else None
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    processes = local_processes()
     if ram is not None and size * processes > 0.8 * ram:
         why = f"{held} per process x {processes} process(es), and this machine has {ram:.1f} GB of RAM available"
         if cfg.cache == "on":
@@ -91,6 +93,11 @@ def choose_cache(cfg: DataConfig, samples: int, channels: int, image_size: int, 
         f"data.cache=auto: off, {held} > data.cache_max_gb={cfg.cache_max_gb:g}; reading the shards every "
         "epoch (data.cache=on, or a larger data.cache_max_gb, holds them if the device has the memory)",
     )
+
+
+def local_processes() -> int:
+    """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 alone)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def available_ram_gb() -> float | None:
@@ -231,9 +238,8 @@ class CachedLoader:
             raise DataError(f"no decodable sample in {len(shards.urls)} shards: {shards.urls[:3]}...")
         longest = max(counts)
         # Row of each sample of the set, in order: each rank's rows, without the padding.
-        self.index = torch.cat([torch.arange(r * longest, r * longest + n) for r, n in enumerate(counts)])
-        self.pixels, self.labels = pixels.to(dist.device), all_labels.to(dist.device)
-        self.index = self.index.to(dist.device)
+        index = torch.cat([torch.arange(r * longest, r * longest + n) for r, n in enumerate(counts)])
+        self.pixels, self.labels, self.index = (t.to(dist.device) for t in (pixels, all_labels, index))
         self.steps_per_epoch = steps_per_epoch(self.samples, dist.world_size, batch_size)
         self.build_seconds = time.perf_counter() - t_build
         self.batches = DeviceBatches(cfg.augment, seed, dist.rank, dist.device, memory_format)
@@ -248,8 +254,7 @@ class CachedLoader:
         self, shards: ShardSet, cfg: DataConfig, image_size: int, channels: int, worker_init_fn
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the set, decoded by its worker processes (uint8 rows, labels)."""
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        workers = max(cfg.workers, (os.cpu_count() or 1) // local)
+        workers = max(cfg.workers, (os.cpu_count() or 1) // local_processes())
         pieces = cut_into_pieces(shards.counts, 4 * self.dist.world_size * max(1, workers))
         mine = rank_pieces(pieces, self.dist.rank, self.dist.world_size)
         workers = min(workers, len(mine))
@@ -269,7 +274,7 @@ class CachedLoader:
                 images.append(found.images)
                 labels.append(found.labels)
                 self.corrupt_samples += len(found.corrupt)
-                for line in found.corrupt[: max(0, 5 - logged)]:
+                for line in found.corrupt[: max(0, MAX_LOGGED_CORRUPT - logged)]:
                     log.warning("skipping corrupt %s", line)
                 logged += len(found.corrupt)
                 if found.unreadable is not None:
@@ -278,11 +283,8 @@ class CachedLoader:
                 if found.found is not None:
                     self._report_count(shards, mine[i].shard, found.found)
         finally:
-            shutdown = getattr(pieces_done, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-        shape = (0, channels, image_size, image_size)
-        rows = torch.cat(images) if images else torch.empty(shape, dtype=torch.uint8)
+            shut_down_workers(pieces_done)  # also on an exception: no worker outlives the build
+        rows = torch.cat(images) if images else stack_images([], channels, image_size)
         return rows, torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
 
     def _report_count(self, shards: ShardSet, shard: int, found: int) -> None:

@@ -399,9 +399,7 @@ class Loader:
             # Workers go on every exit path, an exception included. Left to the iterator's
             # __del__, they would outlive a traceback that references it, and at exit
             # multiprocessing would join them forever (they ignore the stop signals).
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            shut_down_workers(batches)
 
     def _note(self, batch: Batch) -> None:
         self.corrupt_samples += batch.corrupt
@@ -425,6 +423,13 @@ class Loader:
                 "shard %s holds %d samples, not the %d planned (%s): %s; %s",
                 shards.urls[shard], found, planned, shards.counted_by, cost, shards.fix,
             )  # fmt: skip
+
+
+def shut_down_workers(batches: Iterator) -> None:
+    """End a DataLoader iterator's worker processes now (torch has no public call for it)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 # --------------------------------------------------------------------------- whole sets
