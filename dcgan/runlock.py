@@ -77,3 +77,41 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
+
+
+def held_on_this_host(run_dir: Path) -> bool | None:
+    """Whether a process on this host holds ``run.lock`` (True/False), None when this host
+    cannot tell; for ``launch.sweep status``. Read from /proc/locks, so the lock is never
+    taken: a trainer starting at that very moment must not find it busy. Where /proc/locks
+    is missing, a non-blocking shared flock, released at once, answers instead."""
+    path = run_dir / LOCK_NAME
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return _flock_probe(path)
+    for line in table.splitlines():
+        parts = line.split()
+        if "->" in parts:  # a process waiting for the lock, not holding it
+            continue
+        if len(parts) >= 6 and parts[5] == key:
+            return True
+    return False
+
+
+def _flock_probe(path: Path) -> bool | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return True if e.errno in (errno.EWOULDBLOCK, errno.EACCES) else None
+    finally:
+        os.close(fd)  # drops the probe's lock, if it got one
+    return False

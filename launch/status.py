@@ -41,7 +41,7 @@ from dcgan import checkpoint
 from dcgan.config import ConfigError, load_config
 from dcgan.exits import EXIT_CONFIG, EXIT_PREEMPTED
 from dcgan.fileio import write_atomic
-from dcgan.runlock import LOCK_NAME
+from dcgan.runlock import LOCK_NAME, held_on_this_host
 from launch.sweep import placed_runs, read_sweep_file, run_error, sweep_name
 
 STATES = ("running", "pending", "preempted", "failed", "done")
@@ -129,47 +129,6 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def lock_held_here(run_dir: Path) -> bool | None:
-    """Whether a process on this host holds ``run.lock`` (True/False), None when this host
-    cannot tell. Read from /proc/locks, so the lock is never taken: a trainer starting at
-    that very moment must not find it busy. Where /proc/locks is missing, a non-blocking
-    shared flock, released at once, answers instead."""
-    path = run_dir / LOCK_NAME
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        table = Path("/proc/locks").read_text()
-    except OSError:
-        return _flock_probe(path)
-    for line in table.splitlines():
-        parts = line.split()
-        if "->" in parts:  # a process waiting for the lock, not holding it
-            continue
-        if len(parts) >= 6 and parts[5] == key:
-            return True
-    return False
-
-
-def _flock_probe(path: Path) -> bool | None:
-    import errno
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as e:
-        return True if e.errno in (errno.EWOULDBLOCK, errno.EACCES) else None
-    finally:
-        os.close(fd)  # drops the probe's lock, if it got one
-    return False
-
-
 def decide_state(
     exists: bool,
     locked: bool | None,
@@ -229,7 +188,7 @@ def read_run(index: int, name: str, own: list[str], run_dir: Path, steps: int, s
     newest = _newest_recorded_step(run_dir) if exists else None
     run.state, run.detail = decide_state(
         exists,
-        lock_held_here(run_dir) if exists else False,
+        held_on_this_host(run_dir) if exists else False,
         slurm[1],
         summary,
         attempt_after_summary,
