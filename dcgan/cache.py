@@ -26,7 +26,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -47,6 +47,7 @@ from dcgan.data import (
     steps_per_epoch,
 )
 from dcgan.distributed import DistInfo
+from dcgan.preemption import NO_STOP_SIGNALS, WorkerSignals
 from dcgan.progress import progress
 from dcgan.shardset import ShardSet, shard_name, tar_samples
 
@@ -222,7 +223,7 @@ class CachedLoader:
         channels: int,
         seed: int,
         memory_format: torch.memory_format = torch.contiguous_format,
-        worker_init_fn: Callable[[int], None] | None = None,
+        worker_signals: WorkerSignals = NO_STOP_SIGNALS,
     ):
         self.dist, self.batch_size, self.seed = dist, batch_size, seed
         self.reader = "cache"  # saved with checkpoints: a resume that reads otherwise is not exact
@@ -230,7 +231,7 @@ class CachedLoader:
         self.miscounted: dict[str, dict[str, int]] = {}  # shard name -> {"planned", "found"}
         self.workers = 0  # no worker processes while training
         t_build = time.perf_counter()
-        rows, labels = self._decode_my_share(shards, cfg, image_size, channels, worker_init_fn)
+        rows, labels = self._decode_my_share(shards, cfg, image_size, channels, worker_signals)
         pixels, counts = distributed.all_gather_rows(rows, dist)
         all_labels, _ = distributed.all_gather_rows(labels, dist)
         self.samples = sum(counts)
@@ -251,7 +252,7 @@ class CachedLoader:
             )  # fmt: skip
 
     def _decode_my_share(
-        self, shards: ShardSet, cfg: DataConfig, image_size: int, channels: int, worker_init_fn
+        self, shards: ShardSet, cfg: DataConfig, image_size: int, channels: int, worker_signals: WorkerSignals
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the set, decoded by its worker processes (uint8 rows, labels)."""
         workers = max(cfg.workers, (os.cpu_count() or 1) // local_processes())
@@ -263,10 +264,11 @@ class CachedLoader:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=2 if workers else None,
-            worker_init_fn=worker_init_fn,
+            worker_init_fn=worker_signals,
         )
         images, labels, logged = [], [], 0
-        pieces_done = iter(loader)
+        with worker_signals.starting():
+            pieces_done = iter(loader)  # starts the workers
         todo = sum(p.stop - p.start for p in mine)
         desc = f"decoding {todo} images into the cache (rank {self.dist.rank})"
         try:

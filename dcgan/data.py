@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dcgan.augment import augment
 from dcgan.config import AugmentConfig, ConfigError, DataConfig
+from dcgan.preemption import NO_STOP_SIGNALS, WorkerSignals
 from dcgan.shardset import ERROR, PIXELS, ShardSet, convert_image, image_member, open_image, shard_name, tar_samples
 
 log = logging.getLogger("dcgan.data")
@@ -352,13 +353,13 @@ class Loader:
         self,
         stream: ShardStream,
         device: torch.device,
-        worker_init_fn: Callable[[int], None] | None = None,
+        worker_signals: WorkerSignals = NO_STOP_SIGNALS,
         memory_format: torch.memory_format = torch.contiguous_format,
         first_to_report: Callable[[str], bool] = lambda shard: True,
     ):
         self.stream = stream
         self.reader = "shards"  # saved with checkpoints: a resume that reads otherwise is not exact
-        self.worker_init_fn = worker_init_fn  # runs first in each worker process (a picklable callable)
+        self.worker_signals = worker_signals  # the stop signals, which the workers leave to this process
         # Whether this process is the first of the run to find the count of a shard wrong
         # (the others record it for the summary without logging it again).
         self.first_to_report = first_to_report
@@ -381,13 +382,14 @@ class Loader:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.workers else None,
-            worker_init_fn=self.worker_init_fn,
+            worker_init_fn=self.worker_signals,
             # Its own generator: a new iterator draws a seed from it, and a draw from the
             # global RNG would shift the latents of a run resumed mid-epoch (our workers
             # seed themselves from (seed, epoch, rank, slot) and ignore it anyway).
             generator=torch.Generator().manual_seed(0),
         )
-        batches = iter(loader)
+        with self.worker_signals.starting():
+            batches = iter(loader)  # starts the workers
         try:
             for expected, batch in enumerate(batches, start_batch):
                 if batch.index != expected:  # the round-robin order the plan relies on did not hold

@@ -13,16 +13,19 @@ step (one check later than they could), checkpoint together and exit with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from dcgan import failure
 from dcgan.distributed import DistInfo
 
 log = logging.getLogger("dcgan.train")
@@ -114,8 +117,38 @@ class StopRequest:
         return None if math.isinf(t) else t
 
 
-def ignore_in_worker(signals: Iterable[str]) -> None:
-    """In a DataLoader worker: leave stop signals to the training process, which shuts its
-    workers down (a worker killed by SIGTERM would crash the loader)."""
-    for name in signals:
-        signal.signal(signal.Signals[name], signal.SIG_IGN)
+@dataclass(frozen=True)
+class WorkerSignals:
+    """The stop signals as a rank's DataLoader workers treat them: left to the rank, which
+    shuts its workers down (a worker killed by SIGTERM would crash the loader).
+
+    Slurm signals every process of a step, workers included. Each worker ignores the stop
+    signals from its first call (``__call__``, the loader's ``worker_init_fn``), but in
+    the milliseconds before it, torch's own SIGTERM handler ends a worker on a signal its
+    parent did not send. So the rank starts its workers inside ``starting()``: the stop
+    signals are blocked across the fork, a worker inherits them blocked and drops one that
+    came meanwhile when it ignores them, and the rank handles its own when ``starting()``
+    ends. Picklable, as a worker_init_fn must be."""
+
+    names: tuple[str, ...]
+
+    @property
+    def signals(self) -> set[signal.Signals]:
+        return {signal.Signals[name] for name in self.names}
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def __call__(self, worker_id: int) -> None:
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)  # discards one already pending
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+        failure.die_with_parent()
+
+
+NO_STOP_SIGNALS = WorkerSignals(())  # outside training (tests, benchmarks): workers only die with their parent

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import os
 import shutil
@@ -41,7 +40,7 @@ from dcgan.failure import Where
 from dcgan.fileio import write_atomic
 from dcgan.logs import LOG_DATE_FORMAT, RunLogHandler, log_format, setup_logging
 from dcgan.models import sample_latent, update_ema
-from dcgan.preemption import StoppedDuringStartUp, StopRequest, ignore_in_worker
+from dcgan.preemption import StoppedDuringStartUp, StopRequest, WorkerSignals
 from dcgan.preflight import RunPlan, plan_run
 from dcgan.runlock import RunFolderBusy, RunLock
 from dcgan.shardset import ShardSet
@@ -231,14 +230,14 @@ def build_run(
 def build_loader(plan: RunPlan, dist: DistInfo, where: Where) -> BatchSource:
     """The rank's data: the set cached on the device (``data.cache``), or the shards read each epoch."""
     cfg, t = plan.cfg, plan.cfg.train
-    worker_init_fn = functools.partial(init_data_worker, tuple(t.stop_signals))
+    worker_signals = WorkerSignals(tuple(t.stop_signals))
     if dist.is_main:
         log.info("%s", plan.cache.why)
     if plan.cache.on:
         where.at("caching the data")
         return CachedLoader(
             plan.shards, cfg.data, dist, batch_size=t.batch_size, image_size=cfg.model.image_size,
-            channels=cfg.model.channels, seed=t.seed, memory_format=memory_format(cfg), worker_init_fn=worker_init_fn,
+            channels=cfg.model.channels, seed=t.seed, memory_format=memory_format(cfg), worker_signals=worker_signals,
         )  # fmt: skip
     stream = ShardStream(
         plan.shards, cfg.data, rank=dist.rank, world_size=dist.world_size, batch_size=t.batch_size,
@@ -247,7 +246,7 @@ def build_loader(plan: RunPlan, dist: DistInfo, where: Where) -> BatchSource:
     return Loader(
         stream,
         dist.device,
-        worker_init_fn=worker_init_fn,
+        worker_signals=worker_signals,
         memory_format=memory_format(cfg),
         first_to_report=lambda shard: distributed.first_to_claim(f"miscounted/{shard}", dist),
     )
@@ -265,12 +264,6 @@ def log_start(run: Run, plan: RunPlan) -> None:
         sum(p.numel() for p in run.state.discriminator.parameters()) / 1e6,
         cfg.model.ema_decay or "off",
     )  # fmt: skip
-
-
-def init_data_worker(stop_signals: tuple[str, ...], worker_id: int) -> None:
-    """Each DataLoader worker leaves the stop signals to its rank, and dies with it."""
-    ignore_in_worker(stop_signals)
-    failure.die_with_parent()
 
 
 def finish_attempt(run: Run, ending: Ending, started: tuple[int, float, float]) -> int:

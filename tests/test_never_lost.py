@@ -5,6 +5,7 @@ Real trainer processes throughout; faults come from tests/faults.py."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -247,6 +248,48 @@ def test_a_stop_signal_during_start_up_reports_75(tmp_path, digit_shards, nproc)
     assert "stopped by SIGTERM during start-up" in log.read_text()
     if not nproc:
         assert code == 75
+
+
+# A rank's data workers under stop signals sent to every process of its group, from outside, as
+# Slurm signals a step: each new DataLoader worker is exposed in its first milliseconds.
+SIGNAL_STORM = r"""
+import os, signal, subprocess, sys
+import torch
+from dcgan.cache import CachedLoader
+from dcgan.config import DataConfig
+from dcgan.data import Loader, ShardStream
+from dcgan.distributed import DistInfo
+from dcgan.preemption import WorkerSignals
+from dcgan.shardset import resolve_shards
+
+noted = []
+signal.signal(signal.SIGTERM, lambda *_: noted.append(1))  # the rank notes a stop, as the trainer does
+signals = WorkerSignals(("SIGTERM",))
+cfg = DataConfig(shards=sys.argv[1], workers=2, shuffle_buffer=8)
+shards = resolve_shards(cfg)
+storm = subprocess.Popen(
+    ["bash", "-c", f"while kill -TERM -- -{os.getpgid(0)}; do sleep 0.001; done"], start_new_session=True
+)
+try:
+    stream = ShardStream(shards, cfg, rank=0, world_size=1, batch_size=64, image_size=28, channels=1, seed=0)
+    loader = Loader(stream, torch.device("cpu"), worker_signals=signals)
+    batches = [sum(1 for _ in loader.epoch(e)) for e in range(5)]
+    one = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    cached = CachedLoader(shards, cfg, one, batch_size=64, image_size=28, channels=1, seed=0, worker_signals=signals)
+finally:
+    storm.kill()
+print(f"batches per epoch {batches}, cached {cached.samples} images, rank noted {len(noted)} signals", flush=True)
+"""
+
+
+def test_stop_signals_to_every_process_never_kill_a_starting_data_worker(digit_shards):
+    # Without the signals held across the fork, torch's SIGTERM handler ends a worker that
+    # is hit before its init runs, and the loader fails ("worker exited unexpectedly").
+    result = run_python("-c", SIGNAL_STORM, str(digit_shards), timeout=120, start_new_session=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"batches per epoch \[(.*)\], cached (\d+) images, rank noted (\d+) signals", result.stdout)
+    assert found, result.stdout + result.stderr[-3000:]
+    assert found.group(1) == "8, 8, 8, 8, 8" and found.group(2) == "512" and int(found.group(3)) > 10
 
 
 # --------------------------------------------------------------------------- clear errors, full disk, text settings
