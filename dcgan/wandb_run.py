@@ -254,7 +254,7 @@ class WandbRun:
                 import wandb
 
                 wandb.teardown()
-            except Exception:  # noqa: BLE001
+            except (Exception, SystemExit):  # noqa: BLE001 - teardown sys.exit()s with the service's exit code
                 pass
 
 
