@@ -18,8 +18,6 @@ import warnings
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 
 class _Precomputed(nn.Module):
@@ -44,6 +42,11 @@ def quality_scores(
 ) -> dict[str, float]:
     """FID, KID (mean and std over random subsets), precision and recall. Deterministic:
     KID's subsets are drawn from ``seed`` without touching the caller's RNG."""
+    # Imported here: torchmetrics (with the scipy and matplotlib it loads) adds about 2 s to
+    # the start of every process that imports the trainer, and most runs never score.
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     if len(real) < k + 1 or len(fake) < k + 1:
         raise ValueError(f"need more than k={k} real and generated samples, got {len(real)} and {len(fake)}")
     real, fake = real.float().cpu(), fake.float().cpu()

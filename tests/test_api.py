@@ -124,3 +124,14 @@ def test_importing_dcgan_is_cheap():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_trainer_starts_without_the_scoring_stack():
+    # torchmetrics, and the scipy and matplotlib it loads, cost every process about 2 s of
+    # start-up; only an evaluation needs them (dcgan/scores.py imports them then).
+    code = (
+        "import sys, dcgan.train; loaded = {'torchmetrics', 'scipy', 'matplotlib', 'wandb'} & set(sys.modules); "
+        "assert not loaded, f'importing dcgan.train loaded {sorted(loaded)}'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
