@@ -267,8 +267,7 @@ class CachedLoader:
             worker_init_fn=worker_signals,
         )
         images, labels, logged = [], [], 0
-        with worker_signals.starting():
-            pieces_done = iter(loader)  # starts the workers
+        pieces_done = worker_signals.start(loader)
         todo = sum(p.stop - p.start for p in mine)
         desc = f"decoding {todo} images into the cache (rank {self.dist.rank})"
         try:

@@ -388,8 +388,7 @@ class Loader:
             # seed themselves from (seed, epoch, rank, slot) and ignore it anyway).
             generator=torch.Generator().manual_seed(0),
         )
-        with self.worker_signals.starting():
-            batches = iter(loader)  # starts the workers
+        batches = self.worker_signals.start(loader)
         try:
             for expected, batch in enumerate(batches, start_batch):
                 if batch.index != expected:  # the round-robin order the plan relies on did not hold

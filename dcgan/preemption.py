@@ -13,7 +13,6 @@ step (one check later than they could), checkpoint together and exit with
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from dcgan import failure
 from dcgan.distributed import DistInfo
@@ -125,10 +125,10 @@ class WorkerSignals:
     Slurm signals every process of a step, workers included. Each worker ignores the stop
     signals from its first call (``__call__``, the loader's ``worker_init_fn``), but in
     the milliseconds before it, torch's own SIGTERM handler ends a worker on a signal its
-    parent did not send. So the rank starts its workers inside ``starting()``: the stop
+    parent did not send. So the rank starts its workers through ``start()``: the stop
     signals are blocked across the fork, a worker inherits them blocked and drops one that
-    came meanwhile when it ignores them, and the rank handles its own when ``starting()``
-    ends. Picklable, as a worker_init_fn must be."""
+    came meanwhile when it ignores them, and the rank handles its own when ``start()``
+    returns. Picklable, as a worker_init_fn must be."""
 
     names: tuple[str, ...]
 
@@ -136,11 +136,11 @@ class WorkerSignals:
     def signals(self) -> set[signal.Signals]:
         return {signal.Signals[name] for name in self.names}
 
-    @contextlib.contextmanager
-    def starting(self) -> Iterator[None]:
+    def start(self, loader: DataLoader) -> Iterator:
+        """``iter(loader)``, which forks the workers, with the stop signals held meanwhile."""
         held = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
         try:
-            yield
+            return iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
