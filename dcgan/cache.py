@@ -79,7 +79,7 @@ def choose_cache(cfg: DataConfig, samples: int, channels: int, image_size: int, 
     if cfg.cache == "off":
         return CacheChoice(False, "data.cache=off: reading the shards every epoch")
     ram = available_ram_gb() if on_cpu else None
-    processes = local_processes()
+    processes = distributed.local_processes()
     if ram is not None and size * processes > 0.8 * ram:
         why = f"{held} per process x {processes} process(es), and this machine has {ram:.1f} GB of RAM available"
         if cfg.cache == "on":
@@ -94,11 +94,6 @@ def choose_cache(cfg: DataConfig, samples: int, channels: int, image_size: int, 
         f"data.cache=auto: off, {held} > data.cache_max_gb={cfg.cache_max_gb:g}; reading the shards every "
         "epoch (data.cache=on, or a larger data.cache_max_gb, holds them if the device has the memory)",
     )
-
-
-def local_processes() -> int:
-    """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 alone)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def available_ram_gb() -> float | None:
@@ -255,7 +250,7 @@ class CachedLoader:
         self, shards: ShardSet, cfg: DataConfig, image_size: int, channels: int, worker_signals: WorkerSignals
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the set, decoded by its worker processes (uint8 rows, labels)."""
-        workers = max(cfg.workers, (os.cpu_count() or 1) // local_processes())
+        workers = max(cfg.workers, (os.cpu_count() or 1) // distributed.local_processes())
         pieces = cut_into_pieces(shards.counts, 4 * self.dist.world_size * max(1, workers))
         mine = rank_pieces(pieces, self.dist.rank, self.dist.world_size)
         workers = min(workers, len(mine))

@@ -58,6 +58,11 @@ def read_env() -> EnvRanks:
     return EnvRanks(get("RANK", 0), get("LOCAL_RANK", 0), get("WORLD_SIZE", 1))
 
 
+def local_processes() -> int:
+    """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 alone)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+
+
 def restart_count() -> int:
     """How many times this job was restarted: torchrun's --max-restarts attempts plus Slurm
     requeues (preemption, time limit, ``scontrol requeue``, node failure)."""
