@@ -117,13 +117,18 @@ def test_no_ema_falls_back_to_g(tiny_run, tmp_path, caplog):
     assert "no EMA generator" in caplog.text
 
 
+def assert_python_runs(code: str) -> None:
+    """``python -c code`` in a fresh interpreter (what it imports is what a new process pays for)."""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_importing_dcgan_is_cheap():
     code = (
         "import sys, dcgan; assert 'torch' not in sys.modules, 'import dcgan loaded torch'; "
         "from dcgan import load_generator; assert 'wandb' not in sys.modules, 'load_generator loaded wandb'"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert_python_runs(code)
 
 
 def test_the_trainer_starts_without_the_scoring_stack():
@@ -133,5 +138,4 @@ def test_the_trainer_starts_without_the_scoring_stack():
         "import sys, dcgan.train; loaded = {'torchmetrics', 'scipy', 'matplotlib', 'wandb'} & set(sys.modules); "
         "assert not loaded, f'importing dcgan.train loaded {sorted(loaded)}'"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert_python_runs(code)
