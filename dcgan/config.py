@@ -159,7 +159,12 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0  # seeds init, latents, augmentation and the data order (each rank derives its own)
     sync_bn: bool = True  # SyncBatchNorm when world size > 1
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
+    # auto: cuda when available. A process takes cuda:LOCAL_RANK when it sees all of the
+    # node's GPUs, cuda:0 when it sees one (one GPU per task); other counts exit 2.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # A process group (DDP, SyncBN; NCCL on GPUs): auto: with several processes;
+    # always: with one too, so a one-GPU machine runs the multi-GPU code path.
+    distributed: Literal["auto", "always"] = "auto"
     # "auto": continue from the newest valid checkpoint in the run folder if there is one;
     # "never": start fresh; anything else: a checkpoint file to start from.
     resume: str = "auto"

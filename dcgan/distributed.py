@@ -1,8 +1,10 @@
 """Who am I: rank, local rank, world size and device, from torchrun's environment.
 
 ``setup()`` reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun; a plain
-``python -m dcgan.train`` is rank 0 of 1), picks the device and initialises the process
-group (env://: MASTER_ADDR / MASTER_PORT): NCCL on CUDA, gloo on the CPU.
+``python -m dcgan.train`` is rank 0 of 1), picks the device (``cuda_index``: the rule
+clusters bind GPUs by) and initialises the process group (env://: MASTER_ADDR /
+MASTER_PORT): NCCL on CUDA, gloo on the CPU. With one process there is none, unless
+``train.distributed=always`` asks for it (DDP, SyncBN and NCCL then run at world size 1).
 
 The small helpers below (``broadcast_object``, ``gather_objects``) are host-side
 agreements the trainer needs: which checkpoint to resume from, every rank's RNG state.
@@ -21,6 +23,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from dcgan.checks import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +34,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
-    control_group: Any = None  # gloo group for host-side agreements (None with one process)
+    control_group: Any = None  # gloo group for host-side agreements (None without a process group)
     store: Any = None  # this attempt's rendezvous key-value store (None with one process): failures are posted there
 
     @property
@@ -39,7 +43,8 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether a process group runs (DDP, SyncBN): several processes, or train.distributed=always."""
+        return self.control_group is not None
 
 
 class EnvRanks(NamedTuple):
@@ -69,23 +74,60 @@ def restart_count() -> int:
     return sum(int(os.environ.get(name) or 0) for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
-def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
-    """Join the process group (if launched with several processes) and pick the device."""
-    rank, local_rank, world_size = read_env()
+class DeviceError(ConfigError):
+    """No CUDA device fits this process (exit 2); the message says why."""
 
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+def cuda_index(local_rank: int, local_processes: int, visible: int) -> int:
+    """The CUDA device a process takes, by the two ways clusters hand out GPUs:
+
+    * every process of the node sees all of its GPUs (torchrun alone, ``srun
+      --gpus-per-node``): local rank r takes ``cuda:r``;
+    * each process sees its own GPU only (Slurm's ``--gpus-per-task=1``, ``--gpu-bind``,
+      a site's cgroups): it is ``cuda:0`` in every process.
+
+    ``visible``: ``torch.cuda.device_count()``. DeviceError for any other count."""
+    if visible >= max(local_processes, local_rank + 1):
+        return local_rank
+    if visible == 1:
+        return 0
+    setting = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise DeviceError(
+        f"train.device: LOCAL_RANK={local_rank} of {local_processes} process(es) on this machine, but this process sees "
+        f"{visible} CUDA device(s) (CUDA_VISIBLE_DEVICES={setting if setting is not None else 'unset'}): "
+        "give every process all of the node's GPUs, or exactly one each (srun --gpus-per-task=1)"
+    )
+
+
+def choose_device(device: str, local_rank: int) -> torch.device:
+    """train.device for this process: ``cuda:cuda_index(...)`` or the CPU (DeviceError:
+    a CUDA device asked for and none fits)."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError("train.device: 'cuda', but torch sees no CUDA device here")
+    return torch.device("cuda", cuda_index(local_rank, local_processes(), torch.cuda.device_count()))
+
+
+def setup(device: str = "auto", timeout_s: float = 1800, always: bool = False) -> DistInfo:
+    """Join the process group (several processes, or ``always``) and pick the device."""
+    rank, local_rank, world_size = read_env()
+    dev = choose_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but torch sees no CUDA device")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+        torch.cuda.set_device(dev)
+        log.info(
+            "rank %d (local %d) takes cuda:%d, %s (CUDA_VISIBLE_DEVICES=%s)", rank, local_rank, dev.index,
+            torch.cuda.get_device_name(dev), os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
+        )  # fmt: skip
 
     store = None
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or always) and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
-        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            store = dist.HashStore()  # one process without torchrun: nobody to meet
+        else:
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
         # torchrun keeps one store across --max-restarts; without a per-attempt prefix a
         # restarted group can read the dead group's addresses and fail to connect.
         store = dist.PrefixStore(f"dcgan/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
@@ -99,7 +141,7 @@ def setup(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
         )
     # Small host-side agreements get their own gloo group: NCCL would need device tensors
     # (a sync with the GPU stream), and on the CPU they stay out of DDP's way.
-    control = dist.new_group(backend="gloo") if world_size > 1 else None
+    control = dist.new_group(backend="gloo") if dist.is_initialized() else None
     info = DistInfo(rank, local_rank, world_size, dev, control_group=control, store=store)
     log.debug("process %d/%d (local %d) on %s", rank, world_size, local_rank, dev)
     return info

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dcgan import distributed
 from dcgan.cache import CacheChoice, choose_cache
 from dcgan.checkpoint import check_resume_setting, latest_valid, list_checkpoints, read_record, step_of
 from dcgan.config import Config, ConfigError, load_config
@@ -83,8 +84,8 @@ def plan_run(
     shards = resolve_shards(cfg.data)
     steps_per_epoch(shards.total, world_size, cfg.train.batch_size)  # the data fills a batch per process
     extractor = choose_extractor(cfg.eval, cfg.data.shards, cfg.model) if cfg.eval.every else None
-    if on_this_machine and cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda', but torch sees no CUDA device here")
+    if on_this_machine:  # the GPU this process would take (DeviceError: none fits)
+        distributed.choose_device(cfg.train.device, distributed.read_env().local_rank)
     on_cpu = on_this_machine and (cfg.train.device == "cpu" or not torch.cuda.is_available())
     cache = choose_cache(cfg.data, shards.total, cfg.model.channels, cfg.model.image_size, on_cpu)
     warn_if_resized(shards, cfg.model.image_size)

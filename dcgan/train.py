@@ -423,7 +423,7 @@ def run(config: str, overrides: list[str], env: distributed.EnvRanks, on_exit: C
     stop = StopRequest(cfg.train.stop_signals)  # before anything slow: from here on a signal means "stop"
     where, dist, watch, lock = Where(), None, None, RunLock(cfg.run_dir)
     try:
-        dist = distributed.setup(cfg.train.device)
+        dist = distributed.setup(cfg.train.device, always=cfg.train.distributed == "always")
         watch = failure.PeerWatch(dist.store, dist.rank)
         claim_run_dir(cfg, dist, lock)
         if dist.is_main and plan.restart_note:
