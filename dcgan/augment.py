@@ -110,8 +110,10 @@ def _grids(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=device)
     base[..., 1].copy_(ys.unsqueeze(-1))
     base[..., 2].fill_(1)
-    half_size = torch.tensor([0.5 * width, 0.5 * height], dtype=torch.float32, device=device)
-    rescaled = theta.transpose(1, 2) / half_size  # (B, 3, 2)
+    # Divided column by column by Python floats: a torch.tensor of them on a GPU would be a
+    # blocking host-to-device copy every batch.
+    columns = theta.transpose(1, 2)  # (B, 3, 2)
+    rescaled = torch.stack([columns[..., 0] / (0.5 * width), columns[..., 1] / (0.5 * height)], dim=-1)
     batch = theta.shape[0]
     return base.view(1, height * width, 3).expand(batch, -1, -1).bmm(rescaled).view(batch, height, width, 2)
 
