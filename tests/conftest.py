@@ -83,11 +83,12 @@ def digit_shards(tmp_path_factory, real_images) -> Path:
 def write_config(path: Path, shards: Path, **sections) -> Path:
     """A tiny kmnist-arch config on ``shards``; ``sections`` update its sections. It reads
     the shards every epoch (data.cache=off), as most tests are about that reader; the
-    cache's tests turn it on."""
+    cache's tests turn it on. It trains on the CPU, also on a GPU machine (CUDA tests,
+    tests/test_cuda.py, set train.device themselves)."""
     cfg = {
         "data": {"shards": str(shards), "workers": 1, "shuffle_buffer": 64, "cache": "off"},
         "model": {"arch": "kmnist", "image_size": 28, "channels": 1, "nz": 16, "ngf": 8, "ndf": 8},
-        "train": {"steps": 6, "batch_size": 16, "out_dir": str(path.parent / "runs"), "seed": 0},
+        "train": {"steps": 6, "batch_size": 16, "out_dir": str(path.parent / "runs"), "seed": 0, "device": "cpu"},
         "log": {"every": 2, "samples_every": 3, "num_samples": 16},
         "checkpoint": {"every": 3, "keep": 2},
     }
@@ -98,7 +99,10 @@ def write_config(path: Path, shards: Path, **sections) -> Path:
 
 
 def _command(args: tuple[str, ...], nproc: int, launcher_args: tuple[str, ...], env: dict | None):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # No GPU for the processes tests start, unless a test gives CUDA_VISIBLE_DEVICES in
+    # ``env`` (a CUDA test): several ranks on a one-GPU machine would share its one GPU,
+    # which NCCL refuses.
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher_args]
@@ -121,6 +125,16 @@ def start_python(*args: str, log: Path, nproc: int = 0, env: dict | None = None,
 def run_module(module: str, *args: str, **kwargs):
     """``python -m module args`` (under torchrun with ``nproc=N``); returns CompletedProcess."""
     return run_python("-m", module, *args, **kwargs)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a GPU: skipped, with the reason, where torch sees none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="a CUDA test: torch sees no CUDA device here (bench/gpu.sh runs them on a GPU)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 # --------------------------------------------------------------------------- local Slurm
