@@ -213,12 +213,20 @@ def ema_copy(generator: nn.Module) -> nn.Module:
     return ema
 
 
+def ema_decay(step: torch.Tensor, decay: float) -> torch.Tensor:
+    """min(decay, (1 + step) / (10 + step)) for ``step`` (steps done, a 0-dim float64 tensor
+    on the device): the ramp keeps early samples from averaging in the random init. Worked
+    out on the device, so a CUDA graph replay recomputes it every step (a Python float would
+    be frozen at capture); float64 rounds it as the same formula in Python floats."""
+    return ((1 + step) / (10 + step)).clamp(max=decay).float()
+
+
 @torch.no_grad()
-def update_ema(ema: nn.Module, generator: nn.Module, step: int, decay: float) -> None:
-    """ema <- d * ema + (1 - d) * G with d = min(decay, (1 + step) / (10 + step)): the ramp
-    keeps early samples from averaging in the random init. Buffers (BN running statistics)
-    are copied, as in stylegan2-ada."""
-    d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in generator.parameters()], 1 - d)
-    for b_ema, b in zip(ema.buffers(), generator.buffers()):
-        b_ema.copy_(b)
+def update_ema(ema: nn.Module, generator: nn.Module, decay: torch.Tensor) -> None:
+    """ema <- decay * ema + (1 - decay) * G, with ``decay`` a 0-dim tensor on G's device
+    (``ema_decay``): foreach kernels that take it by address, so no host sync. Buffers
+    (BN running statistics) are copied, as in stylegan2-ada."""
+    averaged = list(ema.parameters())
+    torch._foreach_mul_(averaged, decay)
+    torch._foreach_add_(averaged, torch._foreach_mul([p.detach() for p in generator.parameters()], 1 - decay))
+    torch._foreach_copy_(list(ema.buffers()), list(generator.buffers()))

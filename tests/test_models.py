@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dcgan.config import load_config
-from dcgan.models import build_models, ema_copy, update_ema
+from dcgan.models import build_models, ema_copy, ema_decay, update_ema
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -115,12 +115,13 @@ def test_ema_generator_averages_weights_with_a_ramp_and_copies_buffers():
         for p in G.parameters():
             p.add_(1.0)
         G[1].running_mean.fill_(3.0)
-    update_ema(ema, G, step=1, decay=0.999)  # the ramp: d = min(0.999, 2 / 11)
+    steps_done = torch.tensor(1.0, dtype=torch.float64)
+    update_ema(ema, G, ema_decay(steps_done, 0.999))  # the ramp: d = min(0.999, 2 / 11)
     d = 2 / 11
     for b, e, g in zip(before, ema.parameters(), G.parameters()):
         torch.testing.assert_close(e, d * b + (1 - d) * g)
     assert torch.equal(ema[1].running_mean, G[1].running_mean)
-    update_ema(ema, G, step=10**6, decay=0.5)  # late on the decay itself applies
+    update_ema(ema, G, ema_decay(steps_done + 10**6, 0.5))  # late on the decay itself applies
     torch.testing.assert_close(
         next(ema.parameters()), 0.5 * (d * before[0] + (1 - d) * next(G.parameters())) + 0.5 * next(G.parameters())
     )
