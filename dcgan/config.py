@@ -151,12 +151,22 @@ class TrainConfig:
     steps: int = 1000  # optimisation steps (one D update + one G update each)
     batch_size: int = 128  # per process; the global batch is batch_size x world size
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"  # autocast dtype; fp16 adds grad scaling
+    # TensorFloat-32 on GPUs, for what stays float32 (all of fp32, BN and the loss under
+    # bf16): default: torch's (convolutions in TF32, matrix products in full float32);
+    # on: both TF32; off: both full float32. The start-up log says which.
+    tf32: Literal["default", "on", "off"] = "default"
     # NHWC memory layout for the conv nets' weights, activations and input batches: the
     # layout oneDNN (CPU) and tensor cores (GPU) run fastest; the maths is unchanged.
     channels_last: bool = True
-    # torch.compile the forwards of G and D (compiled on the first steps; recompiled once
-    # for D's frozen G-step pass). Pays on GPUs; on the CPU it did not (bench/README.md).
+    # torch.compile the forwards of G and D, each on its own (compiled on the first steps;
+    # D once more for its frozen G-step pass; the log counts the graphs). bench/README.md
+    # says where it pays.
     compile: bool = False
+    # Capture the whole step (both D passes and updates, G's step, the EMA update, the
+    # statistics) as one CUDA graph after a few eager steps and replay it: one launch instead
+    # of hundreds (dcgan/train_step.py). auto: on CUDA under bf16 or fp32 without
+    # train.compile; on: with train.compile too. fp16 and the CPU always run eagerly.
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
     seed: int = 0  # seeds init, latents, augmentation and the data order (each rank derives its own)
     sync_bn: bool = True  # SyncBatchNorm when world size > 1
     # auto: cuda when available. A process takes cuda:LOCAL_RANK when it sees all of the

@@ -23,7 +23,7 @@ import torch
 from dcgan import distributed
 from dcgan.cache import CacheChoice, choose_cache
 from dcgan.checkpoint import check_resume_setting, latest_valid, list_checkpoints, read_record, step_of
-from dcgan.config import Config, ConfigError, load_config
+from dcgan.config import Config, load_config
 from dcgan.data import steps_per_epoch
 from dcgan.eval import ExtractorChoice, choose_extractor
 from dcgan.shardset import ShardSet, first_image_size, resolve_shards

@@ -60,12 +60,10 @@ class Interval:
     statistics (on the device: read once, at the log step), its steps, data wait and time."""
 
     def __init__(self, device: torch.device):
+        # Summed into in place by the step (dcgan/train_step.py), and only ever zeroed in
+        # place: a captured CUDA graph holds its address.
         self.stats = torch.zeros(len(STAT_NAMES), device=device)
         self.steps, self.data_wait, self.started = 0, 0.0, time.perf_counter()
-
-    def add(self, stats: torch.Tensor) -> None:
-        self.stats += stats
-        self.steps += 1
 
     def timed(self, batches: Iterable) -> Iterator:
         """``batches``, counting the time spent waiting for each as data wait."""
@@ -120,9 +118,9 @@ class Tracker:
         self.progress = StepProgress(total, step, enabled=True)
         return self.wandb.id or wandb_run_id  # W&B off this time: keep the id for the next attempt
 
-    def advance(self, step: int, stats: torch.Tensor) -> None:
-        """A step is done: add its statistics to the interval, move the progress bar."""
-        self.interval.add(stats)
+    def advance(self, step: int) -> None:
+        """A step is done (its statistics are in ``interval.stats``): count it, move the progress bar."""
+        self.interval.steps += 1
         self.progress.update(step)
 
     def log_due(self, step: int) -> bool:

@@ -39,13 +39,14 @@ from dcgan.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Endin
 from dcgan.failure import Where
 from dcgan.fileio import write_atomic
 from dcgan.logs import LOG_DATE_FORMAT, RunLogHandler, log_format, setup_logging
-from dcgan.models import sample_latent, update_ema
+from dcgan.models import sample_latent
 from dcgan.preemption import StoppedDuringStartUp, StopRequest, WorkerSignals
 from dcgan.preflight import RunPlan, plan_run
 from dcgan.runlock import RunFolderBusy, RunLock
 from dcgan.shardset import ShardSet
 from dcgan.tracking import Tracker
-from dcgan.training import AMP_DTYPES, TrainState, build_training, memory_format
+from dcgan.train_step import TrainStep, choose_graph
+from dcgan.training import TrainState, build_training, compiled_graphs, memory_format, set_tf32
 
 log = logging.getLogger("dcgan.train")
 
@@ -61,8 +62,7 @@ class Run:
     dist: DistInfo
     shards: ShardSet
     state: TrainState
-    g_train: nn.Module  # G as trained: its DDP wrapper with several processes
-    d_train: nn.Module
+    train_step: TrainStep  # one step on a batch: eager, or a CUDA graph replayed
     loader: BatchSource
     tracker: Tracker
     checkpointer: Checkpointer
@@ -115,9 +115,9 @@ def agree_on_resume(cfg: Config, dist: DistInfo) -> checkpoint.Resume | None:
 
 def train_loop(run: Run, stop: StopRequest, where: Where) -> int:
     cfg, state, dist, tracker = run.cfg, run.state, run.dist, run.tracker
-    amp_dtype, real_target = AMP_DTYPES[cfg.train.precision], 1.0 - cfg.optim.label_smoothing
     guard = DivergenceGuard(training.STAT_NAMES, cfg.train.divergence_patience, cfg.train.precision == "fp16")
     started = (state.step, time.perf_counter(), state.train_seconds)
+    graphs_logged = 0  # torch.compile's graphs so far, as last logged
     ending = None if state.step < cfg.train.steps else Ending("done")  # resumed at or past train.steps
     stop.arm()
     while ending is None:
@@ -127,15 +127,19 @@ def train_loop(run: Run, stop: StopRequest, where: Where) -> int:
             for real, _ in tracker.interval.timed(batches):
                 if state.step == 0:
                     tracker.real_grid(real[: cfg.log.num_samples])
-                stats = training.gan_step(state, run.g_train, run.d_train, real, cfg.model.nz, amp_dtype, real_target)
-                step = advance(state, stats, cfg, dist)
-                tracker.advance(step, stats)
+                run.train_step(real)  # D's update, G's, the EMA's; the statistics summed on the device
+                step = advance(state, cfg, dist)
+                tracker.advance(step)
 
                 if tracker.log_due(step):
                     diverged = guard.check(
                         tracker.interval.stats, run.nets, dist, (step - tracker.interval.steps + 1, step)
                     )
                     tracker.log_interval(step, state, run.loader.corrupt_samples, dist)
+                    if cfg.train.compile and dist.is_main and compiled_graphs() != graphs_logged:
+                        graphs_logged = compiled_graphs()
+                        log.info("torch.compile: %d graphs so far (G, D and D frozen make 3; more are recompiles)",
+                                 graphs_logged)  # fmt: skip
                     if diverged is not None:
                         ending = Ending("diverged", diverged)
                         break
@@ -158,13 +162,11 @@ def train_loop(run: Run, stop: StopRequest, where: Where) -> int:
     return finish_attempt(run, ending, started)
 
 
-def advance(state: TrainState, stats: torch.Tensor, cfg: Config, dist: DistInfo) -> int:
-    """Count a step done (step, position in the epoch, samples) and update the EMA generator."""
+def advance(state: TrainState, cfg: Config, dist: DistInfo) -> int:
+    """Count a step done: step, position in the epoch, samples."""
     state.step += 1
     state.batch_in_epoch += 1
     state.samples_seen += cfg.train.batch_size * dist.world_size
-    if state.generator_ema is not None:
-        update_ema(state.generator_ema, state.generator, state.step, cfg.model.ema_decay)
     return state.step
 
 
@@ -191,7 +193,8 @@ def build_run(
     cfg, shards, t = plan.cfg, plan.shards, plan.cfg.train
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    state, g_train, d_train = build_training(cfg, dist)
+    graph = choose_graph(cfg, dist.device)
+    state, g_train, d_train = build_training(cfg, dist, graphed=graph.on)
     loader = build_loader(plan, dist, where)
     # Each rank draws its own latents; the fixed grid noise is the same everywhere.
     checkpoint.seed_rng(derive_seed(t.seed, dist.rank, 0, 1))
@@ -218,12 +221,13 @@ def build_run(
         where.at("building the evaluator")
         evaluator = Evaluator.build(plan.extractor, cfg.eval, cfg.data, cfg.model, dist)
     checkpointer = Checkpointer(cfg, dist, {**shards.identity(), "reader": loader.reader})
+    train_step = TrainStep(state, g_train, d_train, cfg, dist, tracker.interval.stats, graphed=graph.on)
     run = Run(
-        cfg, dist, shards, state, g_train, d_train, loader, tracker, checkpointer, evaluator,
+        cfg, dist, shards, state, train_step, loader, tracker, checkpointer, evaluator,
         eval_mode_sampler(state.generator_ema if state.generator_ema is not None else state.generator),
         fixed_noise.to(dist.device), resume_from,
     )  # fmt: skip
-    log_start(run, plan)
+    log_start(run, plan, [graph.why, set_tf32(t.tf32)] if dist.device.type == "cuda" else [graph.why])
     return run
 
 
@@ -252,12 +256,21 @@ def build_loader(plan: RunPlan, dist: DistInfo, where: Where) -> BatchSource:
     )
 
 
-def log_start(run: Run, plan: RunPlan) -> None:
+def log_start(run: Run, plan: RunPlan, settings: list[str]) -> None:
+    """The start-up lines (rank 0): what trains, on what, and how the step runs (``settings``)."""
     cfg, t, dist, shards = run.cfg, run.cfg.train, run.dist, plan.shards
+    if not dist.is_main:
+        return
+    for line in settings:
+        log.info("%s", line)
+    process_group = ""
+    if dist.distributed:  # gradients: DDP's all-reduce, or the graph's own (dcgan/train_step.py)
+        process_group = " (process group: one all-reduce per net in the graph)" if run.train_step.graphed else " (DDP)"
     log.info(
-        "training %s: arch %s, %d process(es) on %s, batch %d x %d, %s%s%s, %d steps "
+        "training %s: arch %s, %d process(es) on %s%s, batch %d x %d, %s%s%s, %d steps "
         "(%d per epoch of %d samples in %d shards, counts from %s), G %.2fM params, D %.2fM params, EMA %s",
-        t.name, cfg.model.arch, dist.world_size, dist.device.type, t.batch_size, dist.world_size, t.precision,
+        t.name, cfg.model.arch, dist.world_size, dist.device.type, process_group,
+        t.batch_size, dist.world_size, t.precision,
         ", channels_last" if t.channels_last else "", ", torch.compile" if t.compile else "", t.steps,
         run.loader.steps_per_epoch, shards.total, len(shards.urls), shards.counted_by,
         sum(p.numel() for p in run.state.generator.parameters()) / 1e6,

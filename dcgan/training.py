@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +92,8 @@ class TrainState:
         if self.generator_ema is not None:
             # Turned on for a run whose checkpoint has none: start the average from G.
             self.generator_ema.load_state_dict(sd["generator_ema"] or sd["generator"])
-        self.opt_g.load_state_dict(sd["opt_g"])
-        self.opt_d.load_state_dict(sd["opt_d"])
+        load_optimizer(self.opt_g, sd["opt_g"])
+        load_optimizer(self.opt_d, sd["opt_d"])
         if sd["scaler_g"]:  # empty when saved with grad scaling off
             self.scaler_g.load_state_dict(sd["scaler_g"])
             self.scaler_d.load_state_dict(sd["scaler_d"])
@@ -106,9 +107,27 @@ class TrainState:
         )  # absent from older checkpoints
 
 
-def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, nn.Module]:
+# How an optimiser runs, not what it learnt: this attempt's settings (train.cuda_graph,
+# optim.fused) win over those a checkpoint's param groups hold.
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load ``saved`` into ``opt`` but keep ``opt``'s IMPLEMENTATION_FLAGS. The second
+    load puts Adam's step counters where those flags want them (on the device for fused
+    or capturable, else on the CPU): torch placed them by the saved flags."""
+    flags = [{k: group[k] for k in IMPLEMENTATION_FLAGS if k in group} for group in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, kept in zip(opt.param_groups, flags):
+        group.update(kept)
+    opt.load_state_dict(opt.state_dict())
+
+
+def build_training(cfg: Config, dist: DistInfo, graphed: bool = False) -> tuple[TrainState, nn.Module, nn.Module]:
     """(state, G as trained, D as trained): the bare nets live in ``state``; the trained
-    ones are their DDP wrappers when there are several processes."""
+    ones are compiled (``train.compile``) and wrapped in DDP when a process group runs.
+    ``graphed``: built for a CUDA graph (dcgan/train_step.py): Adam keeps its step on the
+    device (``capturable``) and there is no DDP (the step averages gradients itself)."""
     torch.manual_seed(cfg.train.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     G, D = build_models(cfg)
     layout = memory_format(cfg)
@@ -118,11 +137,11 @@ def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, 
         D = convert_sync_batchnorm(D, dist.device)
     G, D = G.to(dist.device, memory_format=layout), D.to(dist.device, memory_format=layout)
     o = cfg.optim
-    opt_g = torch.optim.Adam(G.parameters(), lr=o.g.lr, betas=o.g.betas, weight_decay=o.g.weight_decay, fused=o.fused)
-    opt_d = torch.optim.Adam(D.parameters(), lr=o.d.lr, betas=o.d.betas, weight_decay=o.d.weight_decay, fused=o.fused)
-    if cfg.train.compile:  # in place: state-dict keys stay those of the bare nets, DDP wraps the compiled call
-        G.compile()
-        D.compile()
+    opt_g, opt_d = (
+        torch.optim.Adam(net.parameters(), lr=adam.lr, betas=adam.betas, weight_decay=adam.weight_decay,
+                         fused=o.fused, capturable=graphed)
+        for net, adam in ((G, o.g), (D, o.d))
+    )  # fmt: skip
     # One scaler per network: their gradients live on different scales (fp16 only).
     fp16 = cfg.train.precision == "fp16"
     state = TrainState(
@@ -134,11 +153,30 @@ def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, 
         torch.amp.GradScaler(dist.device.type, enabled=fp16),
         torch.amp.GradScaler(dist.device.type, enabled=fp16),
     )
-    if not dist.distributed:
-        return state, G, D
+    # Each net's call compiled on its own (torch.compile(net), not net.compile(), which
+    # compiles the Module.__call__ all nets share); the bare nets keep their state-dict keys.
+    g_train, d_train = (torch.compile(G), torch.compile(D)) if cfg.train.compile else (G, D)
+    if not dist.distributed or graphed:
+        return state, g_train, d_train
     # No buffer broadcast at each forward: BN statistics are SyncBN's business, and
     # rebroadcasting them between D's two forwards breaks autograd (in-place buffer update).
-    return state, DDP(G, **NO_FORWARD_BUFFER_SYNC), DDP(D, **NO_FORWARD_BUFFER_SYNC)
+    return state, DDP(g_train, **NO_FORWARD_BUFFER_SYNC), DDP(d_train, **NO_FORWARD_BUFFER_SYNC)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process: G, D and D frozen (the G step) make 3;
+    each one more is a recompile."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def set_tf32(setting: str) -> str:
+    """Apply ``train.tf32`` (this process) and say what float32 means now, for the log."""
+    if setting != "default":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = setting == "on"
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    return f"train.tf32={setting}: float32 convolutions in {'TF32' if conv else 'full float32'}, matrix products in {'TF32' if matmul else 'full float32'}"
 
 
 def memory_format(cfg: Config) -> torch.memory_format:
@@ -154,12 +192,18 @@ def gan_step(
     nz: int,
     amp_dtype: torch.dtype | None,
     real_target: float = 1.0,
+    average_grads: Callable[[nn.Module], None] | None = None,
 ) -> torch.Tensor:
     """One D update and one G update; returns the STAT_NAMES values as a tensor on the
-    device (no host sync here: the caller reads them only at log steps). ``real_target``:
-    D's label for real images (below 1: one-sided label smoothing)."""
+    device. No host sync anywhere (the caller reads the statistics only at log steps), so
+    the whole step can be captured as a CUDA graph (dcgan/train_step.py). ``real_target``:
+    D's label for real images (below 1: one-sided label smoothing). ``average_grads``: what
+    averages a net's gradients over the ranks after its backward, where DDP does not."""
     D = state.discriminator
-    amp = torch.autocast(real.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    # G's pass goes through D without DDP (D is frozen there: nothing to all-reduce), compiled when D is.
+    d_frozen = d_train.module if isinstance(d_train, DDP) else d_train
+    # No autocast weight cache: a cast cached while a CUDA graph is captured would be freed with it.
+    amp = torch.autocast(real.device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False)
     n = real.shape[0]
     ones = torch.ones(n, device=real.device)
     zeros = torch.zeros(n, device=real.device)
@@ -177,17 +221,21 @@ def gan_step(
         out_fake = d_train(fake.detach()).view(-1).float()
     loss_d_fake = F.binary_cross_entropy_with_logits(out_fake, zeros)
     state.scaler_d.scale(loss_d_fake).backward()
+    if average_grads is not None:
+        average_grads(D)
     grad_norm_d = gradient_norm(D, state.scaler_d, state.opt_d)
     state.scaler_d.step(state.opt_d)
     state.scaler_d.update()
 
-    # G through the bare, frozen D: no D gradients, no D all-reduce (and no stale-gradient mix-up in the next D step).
+    # G through the frozen D: no D gradients, no D all-reduce (and no stale-gradient mix-up in the next D step).
     state.opt_g.zero_grad(set_to_none=True)
     D.requires_grad_(False)
     with amp:
-        out_g = D(fake).view(-1).float()
+        out_g = d_frozen(fake).view(-1).float()
     loss_g = F.binary_cross_entropy_with_logits(out_g, ones)
     state.scaler_g.scale(loss_g).backward()
+    if average_grads is not None:
+        average_grads(state.generator)
     grad_norm_g = gradient_norm(state.generator, state.scaler_g, state.opt_g)
     state.scaler_g.step(state.opt_g)
     state.scaler_g.update()

@@ -49,7 +49,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any] | None:
         os.chdir(self.workdir)
         job = submitit.JobEnvironment()
-        # CUDA_VISIBLE_DEVICES is left alone: each rank picks GPU LOCAL_RANK (dcgan/distributed.py).
+        # CUDA_VISIBLE_DEVICES is left alone: each rank finds its GPU from LOCAL_RANK and the GPUs
+        # it sees (dcgan/distributed.py, cuda_index).
         torch_env = submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True
         )

@@ -5,6 +5,8 @@
    output, input gradient, parameter gradients and running statistics.
 2. One training step all-reduces D's gradients once (not once per backward, and not in
    the G step) and G's once, and leaves both nets identical on every rank.
+3. The gradient average a CUDA graph runs instead of DDP (train_step.average_gradients)
+   trains the nets as DDP does.
 Prints "ddp checks passed" on rank 0; any failure raises (non-zero exit).
 """
 
@@ -16,6 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from dcgan import distributed
 from dcgan.config import Config, DataConfig, ModelConfig, TrainConfig
 from dcgan.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
+from dcgan.train_step import average_gradients
 from dcgan.training import build_training, gan_step
 
 
@@ -49,12 +52,15 @@ def check_sync_batchnorm(rank: int) -> None:
     torch.testing.assert_close(synced.running_var, reference.running_var)
 
 
+TINY = Config(
+    data=DataConfig(shards="unused"),
+    model=ModelConfig(arch="kmnist", image_size=28, channels=1, nz=8, ngf=4, ndf=4),
+    train=TrainConfig(batch_size=6),
+)
+
+
 def check_one_all_reduce_per_network(info: distributed.DistInfo) -> None:
-    cfg = Config(
-        data=DataConfig(shards="unused"),
-        model=ModelConfig(arch="kmnist", image_size=28, channels=1, nz=8, ngf=4, ndf=4),
-        train=TrainConfig(batch_size=6),
-    )
+    cfg = TINY
     state, g_train, d_train = build_training(cfg, info)
     calls = {"G": 0, "D": 0}
 
@@ -78,11 +84,29 @@ def check_one_all_reduce_per_network(info: distributed.DistInfo) -> None:
         assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
 
 
+def check_graph_gradient_average(info: distributed.DistInfo) -> None:
+    """Three steps with DDP, and three from the same start and data with the bare nets and
+    average_gradients: the same nets, to float32 rounding (DDP divides before it sums)."""
+    trained = []
+    for ddp in (True, False):
+        state, g_train, d_train = build_training(TINY, info)
+        average = None if ddp else average_gradients
+        if not ddp:
+            g_train, d_train = g_train.module, d_train.module  # the bare (SyncBN) nets, as a graph runs them
+        torch.manual_seed(100 + info.rank)
+        for _ in range(3):
+            gan_step(state, g_train, d_train, torch.rand(6, 1, 28, 28) * 2 - 1, TINY.model.nz, None, 1.0, average)
+        trained.append(torch.cat([p.detach().flatten() for net in (state.generator, state.discriminator)
+                                  for p in net.parameters()]))  # fmt: skip
+    torch.testing.assert_close(trained[1], trained[0], rtol=1e-5, atol=1e-6)
+
+
 def main() -> None:
     info = distributed.setup("cpu")
     try:
         check_sync_batchnorm(info.rank)
         check_one_all_reduce_per_network(info)
+        check_graph_gradient_average(info)
         if info.is_main:
             print("ddp checks passed")
     finally:

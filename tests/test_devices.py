@@ -1,0 +1,39 @@
+"""Which device a process takes, and a process group with one process: what a GPU cluster
+decides, checked here with the device counts given (tests/test_cuda.py runs it on a GPU)."""
+
+import pytest
+
+from conftest import run_module, write_config
+from dcgan.distributed import DeviceError, cuda_index
+
+
+@pytest.mark.parametrize(
+    "local_rank, processes, visible, expected",
+    [
+        (0, 1, 1, 0),  # one process, one GPU
+        (3, 8, 8, 3),  # torchrun on a node whose 8 GPUs every process sees
+        (3, 8, 1, 0),  # Slurm --gpus-per-task=1: each task sees its own GPU as cuda:0
+        (1, 2, 4, 1),  # more GPUs than processes: the first ones
+    ],
+)
+def test_a_process_takes_the_gpu_its_binding_gives(local_rank, processes, visible, expected):
+    assert cuda_index(local_rank, processes, visible) == expected
+
+
+def test_any_other_binding_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(DeviceError) as refused:
+        cuda_index(3, 4, 2)  # 4 processes share 2 GPUs: two of them would take the same one
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("train.device: LOCAL_RANK=3 of 4 process(es)")
+    assert "sees 2 CUDA device(s) (CUDA_VISIBLE_DEVICES=0,1)" in message
+
+
+def test_a_process_group_of_one(tmp_path, digit_shards):
+    """train.distributed=always: DDP and SyncBN with one process (gloo here, NCCL on a GPU);
+    train.cuda_graph=on on the CPU says it runs eagerly."""
+    config = write_config(tmp_path / "one.yaml", digit_shards, train={"distributed": "always", "cuda_graph": "on"})
+    result = run_module("dcgan.train", "--config", str(config), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 process(es) on cpu (DDP)" in result.stderr
+    assert "train.cuda_graph=on: eager steps on the cpu (CUDA graphs need a GPU)" in result.stderr
