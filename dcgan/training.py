@@ -91,8 +91,11 @@ class TrainState:
         if self.generator_ema is not None:
             # Turned on for a run whose checkpoint has none: start the average from G.
             self.generator_ema.load_state_dict(sd["generator_ema"] or sd["generator"])
-        self.opt_g.load_state_dict(sd["opt_g"])
-        self.opt_d.load_state_dict(sd["opt_d"])
+        # Here rather than in checkpointer.restore: every caller that loads a TrainState
+        # (the trainer, bench/, the tests) then gets moments the fused kernel accepts.
+        for opt, key in ((self.opt_g, "opt_g"), (self.opt_d, "opt_d")):
+            opt.load_state_dict(sd[key])
+            match_parameter_layout(opt)
         if sd["scaler_g"]:  # empty when saved with grad scaling off
             self.scaler_g.load_state_dict(sd["scaler_g"])
             self.scaler_d.load_state_dict(sd["scaler_d"])
@@ -104,6 +107,19 @@ class TrainState:
             sd.get("best_fid"),
             sd.get("best_fid_step", 0),
         )  # absent from older checkpoints
+
+
+def match_parameter_layout(opt: torch.optim.Optimizer) -> None:
+    """Give each optimiser state tensor shaped like its parameter (Adam's moments) that
+    parameter's strides. ``Optimizer.load_state_dict`` keeps the layout they were saved in,
+    so a checkpoint of a channels_last run resumed without it (or the reverse) would pair
+    NCHW weights with NHWC moments, which CUDA's fused Adam refuses. Scalars (``step``) stay."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            state = opt.state.get(param, {})
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)  # dense: param's strides
 
 
 def build_training(cfg: Config, dist: DistInfo) -> tuple[TrainState, nn.Module, nn.Module]:
