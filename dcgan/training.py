@@ -66,6 +66,8 @@ class TrainState:
             "batch_in_epoch": self.batch_in_epoch,
             "samples_seen": self.samples_seen,
             "world_size": world_size,  # batch_in_epoch is a position in this world size's split
+            # Resumed on another device type, the run goes on but not bitwise (checkpointer.restore).
+            "device": next(self.generator.parameters()).device.type,
             "generator": self.generator.state_dict(),
             "discriminator": self.discriminator.state_dict(),
             "generator_ema": None if self.generator_ema is None else self.generator_ema.state_dict(),
