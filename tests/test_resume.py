@@ -5,7 +5,8 @@ A run stopped at a checkpoint, by a signal between checkpoints, or by SIGKILL un
 rank's RNG bitwise equal to a run that was never stopped. Bitwise equal weights also mean
 that no sample was repeated or skipped across the stop: D saw exactly the same batches.
 Damaged checkpoints and failed writes cost at most the steps since the previous one.
-A checkpoint resumes under the other memory layout (train.channels_last).
+A checkpoint resumes under the other memory layout (train.channels_last), and on
+another device type: it goes on, with a warning that it is not bitwise exact.
 """
 
 import json
@@ -315,7 +316,7 @@ def test_resuming_on_other_data_is_refused_unless_asked_for(tmp_path, digit_shar
     assert final_state(run_dir, 9)["data"]["samples"] == 500
 
 
-# --------------------------------------------------------------------------- another layout
+# --------------------------------------------------------------------------- another layout, another device
 
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -382,3 +383,42 @@ def test_a_channels_last_run_resumes_without_it(six_steps):
         params = [sd[net][name] for name in names]
         assert all(p.is_contiguous() for p in params)  # the nets are plain now
         assert_moments_follow(params, sd[opt]["state"], net)
+
+
+def claim_gpu(path: Path, out_dir: Path) -> Path:
+    """A copy of the CPU checkpoint ``path`` (with its record) that says a GPU wrote it."""
+    sd = checkpoint.load(path)
+    assert sd["device"] == "cpu" and sd["rng"][0]["cuda"] is None
+    sd["device"] = "cuda"
+    sd["rng"][0]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # a Philox seed and offset, as CUDA's generator keeps
+    return checkpoint.save(sd, out_dir, sd["step"], keep=1).path
+
+
+def test_a_gpu_checkpoint_resumes_on_the_cpu_with_a_warning(six_steps, tmp_path):
+    config, path = six_steps
+    from_gpu = claim_gpu(path, tmp_path)
+    runs = config.parent / "runs"
+    moved = run_module(
+        "dcgan.train", "--config", str(config), "train.name=moved", f"train.resume={from_gpu}", "train.steps=9"
+    )
+    assert moved.returncode == 0, moved.stderr
+    assert resumed_at(moved.stderr) == 6
+    warnings = re.findall(r".*device cuda -> cpu.*", moved.stderr)
+    assert len(warnings) == 1 and "not bitwise exact" in warnings[0], moved.stderr
+    assert "latents and augmentation" in warnings[0] and "split afresh" not in moved.stderr
+    # On the CPU the CUDA state has nothing to restore: the run is the exact resume's, bit for bit.
+    exact = run_module(
+        "dcgan.train", "--config", str(config), "train.name=exact", f"train.resume={path}", "train.steps=9"
+    )
+    assert exact.returncode == 0 and "not bitwise exact" not in exact.stderr, exact.stderr
+    assert_bitwise_equal(final_state(runs / "exact", 9), final_state(runs / "moved", 9))
+    assert final_state(runs / "moved", 9)["device"] == "cpu"
+
+    # With a new batch too: one warning, the re-split's, which names the device among its reasons.
+    resplit = run_module(
+        "dcgan.train", "--config", str(config), "train.name=resplit", f"train.resume={from_gpu}",
+        "train.batch_size=8", "train.steps=7",
+    )  # fmt: skip
+    assert resplit.returncode == 0, resplit.stderr
+    assert re.search(r"batch per process 16 -> 8, device cuda -> cpu: the data is split afresh", resplit.stderr)
+    assert "not bitwise exact" not in resplit.stderr
