@@ -15,8 +15,9 @@ summary. Stages:
               fed by the cache, and with a process group of one; the demo config; the NCCL
               all-reduce of the nets' gradients
 
-The log, the children's logs and report.json go to --out. A stage's child writes its
-figures to a JSON file that the orchestrator merges into the report.
+Two files go to --out: gpu.log (every stage's output, the trainers' logs included) and
+report.json (every figure). The run folders, data and each stage's own JSON (merged into
+the report) stay in --work.
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("env", "packages", "e2e", "tests", "throughput")
-LIMIT_S = {"env": 60, "packages": 60, "e2e": 200, "tests": 240, "throughput": 300}
+# Seconds per stage on one GPU: at most 8 minutes together (typically about 5).
+LIMIT_S = {"env": 30, "packages": 30, "e2e": 100, "tests": 150, "throughput": 170}
 SMOKE_LIMIT_S = {"env": 30, "packages": 30, "e2e": 120, "tests": 60, "throughput": 90}
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the datasheet's figure: MFU is against it
 
@@ -45,15 +47,17 @@ PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the datasheet's figure: MF
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="GPU checks and figures (bench/gpu.sh)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "gpu-out"))
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "dcgan-gpu"), help="run folders, data")
     parser.add_argument("--cpu-smoke", action="store_true", help="every stage at tiny sizes on the CPU")
     parser.add_argument("--only", default=",".join(STAGES), help=f"stages to run, of {','.join(STAGES)}")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # a child: run this one stage
     parser.add_argument("--result", help=argparse.SUPPRESS)  # where the child writes its figures
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     if args.stage:
-        figures = STAGE_FUNCTIONS[args.stage](out, args.cpu_smoke)
+        figures = STAGE_FUNCTIONS[args.stage](work, args.cpu_smoke)
         Path(args.result).write_text(json.dumps(figures, indent=1))
         return 0 if figures.get("ok", True) else 1
 
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in STAGES:
             if name not in chosen:
                 continue
-            result = run_stage(name, out, args.cpu_smoke, limits[name], log)
+            result = run_stage(name, work, args.cpu_smoke, limits[name], log)
             report["stages"][name] = result
             print(f"{result['status']}  {name:<10} {result['seconds']:6.1f}s  {result.get('line', '')}", flush=True)
             (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -76,17 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["status"] == "PASS" for r in report["stages"].values()) else 1
 
 
-def run_stage(name: str, out: Path, smoke: bool, limit_s: float, log) -> dict:
+def run_stage(name: str, work: Path, smoke: bool, limit_s: float, log) -> dict:
     """The stage ``name`` in a child process, at most ``limit_s`` seconds: PASS or FAIL, time, figures."""
-    result_file = out / f"{name}.json"
+    result_file = work / f"{name}.json"
     result_file.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--result", str(result_file),
-               "--out", str(out)] + (["--cpu-smoke"] if smoke else [])  # fmt: skip
+               "--work", str(work)] + (["--cpu-smoke"] if smoke else [])  # fmt: skip
     t0 = time.perf_counter()
     log.write(f"\n===== stage {name} (limit {limit_s:.0f}s) =====\n")
     log.flush()
     try:
-        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=limit_s, env=child_env(smoke))
+        done = subprocess.run(
+            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=limit_s, env=child_env(smoke)
+        )
         code = done.returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
@@ -124,7 +130,7 @@ def summary(report: dict) -> str:
 # --------------------------------------------------------------------------- stages (children)
 
 
-def stage_env(out: Path, smoke: bool) -> dict:
+def stage_env(work: Path, smoke: bool) -> dict:
     import torch
 
     facts = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -156,7 +162,7 @@ def nvidia_driver() -> str:
         return "unknown"
 
 
-def stage_packages(out: Path, smoke: bool) -> dict:
+def stage_packages(work: Path, smoke: bool) -> dict:
     found, missing = {}, []
     needed = ["webdataset", "wandb", "submitit", "yaml", "torchvision", "torchmetrics", "pytest"]
     for name in needed + ([] if smoke else ["skimage"]):  # skimage: the photo patches (the smoke test uses digits)
@@ -170,9 +176,9 @@ def stage_packages(out: Path, smoke: bool) -> dict:
     return {"line": line, "ok": not missing}
 
 
-def stage_e2e(out: Path, smoke: bool) -> dict:
+def stage_e2e(work: Path, smoke: bool) -> dict:
     """Real trainer runs on photo patches; several at once (the GPU has room, the timing is not the point)."""
-    runs_dir = out / "runs"
+    runs_dir = work / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     shards = bench_shards(smoke)
     size = (["model.ngf=8", "model.ndf=8", "train.batch_size=8", "train.device=cpu", "data.workers=0"] if smoke
@@ -181,7 +187,15 @@ def stage_e2e(out: Path, smoke: bool) -> dict:
     common = [f"data.shards={shards}", f"train.out_dir={runs_dir}", "log.every=10" if smoke else "log.every=50",
               "log.samples_every=1000", "wandb.mode=disabled", *size]  # fmt: skip
     train = [sys.executable, "-m", "dcgan.train"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "dcgan.train"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "dcgan.train",
+    ]
     celeba = ["--config", "configs/celeba.yaml", *common, "train.precision=bf16", "data.cache=on", "train.name=celeba",
               f"checkpoint.every={steps(100)}"]  # fmt: skip
     jobs = {
@@ -196,11 +210,15 @@ def stage_e2e(out: Path, smoke: bool) -> dict:
         "process group of 1, graph": [*train, "--config", "configs/celeba.yaml", *common, "train.name=pg1graph",
                                       "train.precision=bf16", "train.distributed=always", f"train.steps={steps(50)}"],
     }  # fmt: skip
-    results = run_all(jobs, out)
+    results = run_all(jobs, work)
     # The celeba run resumed to 250 steps: it must carry on from step 200.
-    resume = run_all({"celeba resumed to 250": [*train, *celeba, f"train.steps={steps(250)}"]}, out)
+    resume = run_all({"celeba resumed to 250": [*train, *celeba, f"train.steps={steps(250)}"]}, work)
     results.update(resume)
-    resumed_log = (out / "e2e-celeba-resumed-to-250.log").read_text() if (out / "e2e-celeba-resumed-to-250.log").exists() else ""
+    resumed_log = (
+        (work / "e2e-celeba-resumed-to-250.log").read_text()
+        if (work / "e2e-celeba-resumed-to-250.log").exists()
+        else ""
+    )
     if results["celeba resumed to 250"]["ok"] and f"at step {steps(200)} " not in resumed_log:
         results["celeba resumed to 250"].update(ok=False, line="did not resume from its step-200 checkpoint")
     details = [f"{'PASS' if r['ok'] else 'FAIL'} {name}: {r['line']}" for name, r in results.items()]
@@ -211,20 +229,27 @@ def stage_e2e(out: Path, smoke: bool) -> dict:
             "runs": results}  # fmt: skip
 
 
-def run_all(jobs: dict[str, list[str]], out: Path) -> dict:
-    """Start every command at once, wait for all; each one's log in out/e2e-<name>.log."""
+def run_all(jobs: dict[str, list[str]], work: Path) -> dict:
+    """Start every command at once, wait for all; each one's log in work/e2e-<name>.log, its
+    last lines printed (into gpu.log)."""
     started = {}
     for name, command in jobs.items():
-        log_path = out / ("e2e-" + "".join(c if c.isalnum() else "-" for c in name) + ".log")
+        log_path = work / ("e2e-" + "".join(c if c.isalnum() else "-" for c in name) + ".log")
         log_file = open(log_path, "w")
-        started[name] = (subprocess.Popen(command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT), log_path, log_file)
+        started[name] = (
+            subprocess.Popen(command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT),
+            log_path,
+            log_file,
+        )
     results = {}
     for name, (process, log_path, log_file) in started.items():
         code = process.wait()
         log_file.close()
         text = log_path.read_text()
+        print(f"----- {name} (exit {code}), the last lines of {log_path}:")
+        print("\n".join(text.splitlines()[-25:]), flush=True)
         done = [line for line in text.splitlines() if "] INFO done:" in line or "] ERROR" in line]
-        last = (done[-1].split("] ", 1)[-1] if done else text.strip().splitlines()[-1] if text.strip() else "no output")
+        last = done[-1].split("] ", 1)[-1] if done else text.strip().splitlines()[-1] if text.strip() else "no output"
         results[name] = {"ok": code == 0, "exit": code, "line": last[:160]}
     return results
 
@@ -236,8 +261,20 @@ def bench_shards(smoke: bool) -> Path:
     return bench_shards(smoke)
 
 
-def stage_tests(out: Path, smoke: bool) -> dict:
-    command = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-m", "cuda", "-q", "-rA", "-s", "-p", "no:cacheprovider"]
+def stage_tests(work: Path, smoke: bool) -> dict:
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/test_cuda.py",
+        "-m",
+        "cuda",
+        "-q",
+        "-rA",
+        "-s",
+        "-p",
+        "no:cacheprovider",
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     print(done.stdout[-20000:], done.stderr[-5000:])
     lines = done.stdout.strip().splitlines()
@@ -248,11 +285,11 @@ def stage_tests(out: Path, smoke: bool) -> dict:
             "details": [v for v in verdicts if not v.startswith("PASSED")] + printed}  # fmt: skip
 
 
-def stage_throughput(out: Path, smoke: bool) -> dict:
+def stage_throughput(work: Path, smoke: bool) -> dict:
     sys.path.insert(0, str(REPO / "bench"))
     import gpu_table
 
-    return gpu_table.measure_all(out, smoke, PEAK_BF16_TFLOPS, deadline_s=SMOKE_LIMIT_S["throughput"] - 15 if smoke
+    return gpu_table.measure_all(work, smoke, PEAK_BF16_TFLOPS, deadline_s=SMOKE_LIMIT_S["throughput"] - 15 if smoke
                                  else LIMIT_S["throughput"] - 20)  # fmt: skip
 
 

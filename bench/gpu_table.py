@@ -16,11 +16,11 @@ Every row but the cache's is fed one batch held on the device.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -79,7 +79,9 @@ def kernel_profile(step: Step, batches: Iterator[torch.Tensor], steps: int) -> d
         for _ in range(steps):
             step(next(batches))
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+    kernels = [
+        e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
     return {"kernels": len(kernels) / steps, "gpu_busy_us": sum(e.time_range.elapsed_us() for e in kernels) / steps}
 
 
@@ -94,82 +96,101 @@ def config(smoke: bool, name: str, *overrides: str) -> Config:
     return load_config(f"configs/{name}.yaml", [*tiny, "data.workers=4", *overrides])
 
 
+class Table:
+    """The rows measured so far; ``row`` measures one (an error is recorded as the row's figure)."""
+
+    def __init__(self, device: torch.device, smoke: bool, peak_tflops: float, deadline_s: float):
+        self.device, self.timing, self.peak_tflops = device, Timing(smoke), peak_tflops
+        self.t_end = time.perf_counter() + deadline_s
+        self.rows: list[dict] = []
+        self.skipped: list[str] = []
+        self.flops: dict[str, float] = {}  # arch -> FLOPs per image per iteration
+
+    def row(
+        self, name: str, batch: int, build: Callable[[], Step], feed: Callable[[], Iterator], arch="celeba"
+    ) -> None:
+        """Measure ``build()``'s step fed by ``feed()`` (both called here, so rows never share a state)."""
+        if time.perf_counter() > self.t_end:
+            self.skipped.append(f"{name} @ {batch} (time budget)")
+            return
+        try:
+            figures = measure(build(), feed(), batch, self.device, self.timing)
+        except Exception as e:  # one row's failure is a figure too: the table goes on
+            figures = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"}
+        figures.update(name=name, batch=batch, arch=arch)
+        if "img_s" in figures and arch in self.flops:
+            figures["mfu"] = figures["img_s"] * self.flops[arch] / (self.peak_tflops * 1e12)
+        self.rows.append(figures)
+        print(format_row(figures, self.rows), flush=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def random_batch(device: torch.device, batch: int, channels: int = 3, size: int = 64, channels_last=True) -> Iterator:
+    """One batch in [-1, 1] on the device, given again and again."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return itertools.repeat(
+        (torch.rand(batch, channels, size, size, device=device) * 2 - 1).contiguous(memory_format=layout)
+    )
+
+
 def measure_all(out: Path, smoke: bool, peak_tflops: float, deadline_s: float) -> dict:
-    t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True  # as dcgan.train
     one = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
-    timing = Timing(smoke)
-    batches_sizes = (8,) if smoke else (128, 512)
-    rows: list[dict] = []
-    skipped: list[str] = []
-    flops = {}
-
-    def row(name: str, batch: int, make: Callable[[], tuple[Step, Iterator]], arch: str = "celeba") -> None:
-        if time.perf_counter() - t_start > deadline_s:
-            skipped.append(f"{name} @ {batch}")
-            return
-        try:
-            step, batches = make()
-            figures = measure(step, batches, batch, device, timing)
-        except Exception as e:  # one row's failure is a figure too: the table goes on
-            figures = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"}
-        figures.update(name=name, batch=batch, arch=arch)
-        if "img_s" in figures and arch in flops:
-            figures["mfu"] = figures["img_s"] * flops[arch] / (peak_tflops * 1e12)
-        rows.append(figures)
-        print(format_row(figures, rows), flush=True)
-        if cuda:
-            torch.cuda.empty_cache()
-
-    def repeat(batch_tensor: torch.Tensor) -> Iterator:
-        return itertools.repeat(batch_tensor)
-
-    def celeba_real(batch: int, layout=torch.channels_last) -> torch.Tensor:
-        return (torch.rand(batch, 3, 64, 64, device=device) * 2 - 1).contiguous(memory_format=layout)
-
+    table = Table(device, smoke, peak_tflops, deadline_s)
     tf32 = set_tf32("default")
-    fp32 = config(smoke, "celeba", "train.precision=fp32")
-    flops["celeba"] = flops_per_image(trainer_step(fp32, one, False), celeba_real(8))
+    celeba = partial(config, smoke, "celeba")
     demo = config(smoke, "fashion-mnist", "train.precision=bf16")
-    flops["demo"] = flops_per_image(trainer_step(demo, one, False), torch.rand(8, 1, 28, 28, device=device) * 2 - 1)
+    table.flops["celeba"] = flops_per_image(trainer_step(celeba(), one, False), next(random_batch(device, 8)))
+    table.flops["demo"] = flops_per_image(trainer_step(demo, one, False), next(random_batch(device, 8, 1, 28)))
 
     shards = bench_shards(smoke)
-    for batch in batches_sizes:
-        b = [f"train.batch_size={batch}"]
-        row("plain seed loop, fp32", batch,
-            lambda: (PlainLoop(config(smoke, "celeba", *b), device).step, repeat(celeba_real(batch, torch.contiguous_format))))
+    batch_sizes = (8,) if smoke else (128, 512)
+    for batch in batch_sizes:
+        size = f"train.batch_size={batch}"
+        feed = partial(random_batch, device, batch)
+        table.row("plain seed loop, fp32", batch, partial(plain_step, celeba(size), device),
+                  partial(random_batch, device, batch, channels_last=False))  # fmt: skip
         for precision in ("fp32", "bf16"):
-            cfg = config(smoke, "celeba", *b, f"train.precision={precision}")
-            row(f"eager {precision}", batch, lambda cfg=cfg: (trainer_step(cfg, one, False), repeat(celeba_real(batch))))
-        bf16 = config(smoke, "celeba", *b, "train.precision=bf16")
-        if cuda:
-            row("graph bf16", batch, lambda: (trainer_step(bf16, one, True), repeat(celeba_real(batch))))
-            cached = config(smoke, "celeba", *b, "train.precision=bf16", f"data.shards={shards}")
-            row("graph bf16, cache", batch, lambda: (trainer_step(cached, one, True), cache_batches(cached, one)))
-        else:
-            skipped.append(f"graph rows @ {batch}: no GPU")
+            table.row(f"eager {precision}", batch, partial(trainer_step, celeba(size, f"train.precision={precision}"),
+                                                           one, False), feed)  # fmt: skip
+        if not cuda:
+            table.skipped.append(f"graph rows @ {batch} (no GPU)")
+            continue
+        bf16 = celeba(size, "train.precision=bf16")
+        table.row("graph bf16", batch, partial(trainer_step, bf16, one, True), feed)
+        cached = celeba(size, "train.precision=bf16", f"data.shards={shards}")
+        table.row(
+            "graph bf16, cache", batch, partial(trainer_step, cached, one, True), partial(cache_batches, cached, one)
+        )
     if cuda:
-        row("demo config, eager bf16", 128, lambda: (trainer_step(demo, one, False), repeat(torch.rand(128, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last))), "demo")
-        row("demo config, graph bf16", 128, lambda: (trainer_step(demo, one, True), repeat(torch.rand(128, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last))), "demo")
-
-    extra = process_group_rows(row, smoke, device, batches_sizes, celeba_real, repeat) if cuda else {}
+        demo_feed = partial(random_batch, device, demo.train.batch_size, 1, 28)
+        for name, graphed in (("demo config, eager bf16", False), ("demo config, graph bf16", True)):
+            table.row(name, demo.train.batch_size, partial(trainer_step, demo, one, graphed), demo_feed, "demo")
+    extra = process_group_rows(table, celeba, device, batch_sizes) if cuda else {}
     if smoke:  # inductor's C++ build of the nets takes minutes on a small CPU: the smoke test checks the code path
-        torch.compile = functools.partial(torch.compile, backend="eager")
-    for batch in batches_sizes:  # last: compiling takes the longest, and the time budget may stop it
-        compiled = config(smoke, "celeba", f"train.batch_size={batch}", "train.precision=bf16", "train.compile=true")
-        row("compile bf16", batch, lambda compiled=compiled: (trainer_step(compiled, one, False), repeat(celeba_real(batch))))
+        torch.compile = partial(torch.compile, backend="eager")
+    for batch in batch_sizes:  # last: compiling takes the longest, and the time budget may cut it
+        compiled = celeba(f"train.batch_size={batch}", "train.precision=bf16", "train.compile=true")
+        table.row(
+            "compile bf16", batch, partial(trainer_step, compiled, one, False), partial(random_batch, device, batch)
+        )
 
-    table = format_table(rows, tf32, device, peak_tflops, skipped, extra)
-    for line in table:
+    lines = format_table(table.rows, tf32, device, peak_tflops, table.skipped, extra)
+    for line in lines:
         print(line)
-    failed = [r["name"] for r in rows if "error" in r]
+    failed = [r["name"] for r in table.rows if "error" in r]
     return {
-        "ok": not failed, "line": f"{len(rows)} rows, {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ""),
-        "rows": rows, "table": table, "flops_per_image": flops, "skipped": skipped, **extra,
+        "ok": not failed, "line": f"{len(table.rows)} rows, {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ""),
+        "rows": table.rows, "table": lines, "flops_per_image": table.flops, "skipped": table.skipped, **extra,
     }  # fmt: skip
+
+
+def plain_step(cfg: Config, device: torch.device) -> Step:
+    return PlainLoop(cfg, device).step
 
 
 def bench_shards(smoke: bool) -> Path:
@@ -179,9 +200,8 @@ def bench_shards(smoke: bool) -> Path:
         return ensure_bench_shards(64)
     source = Path("data/bench-digits.npy")
     if not source.exists():
-        from sklearn.datasets import load_digits
-
         import numpy as np
+        from sklearn.datasets import load_digits
 
         source.parent.mkdir(parents=True, exist_ok=True)
         np.save(source, (load_digits().images[:256] * (255 / 16)).astype(np.uint8))
@@ -198,40 +218,47 @@ def cache_batches(cfg: Config, one: DistInfo) -> Iterator[torch.Tensor]:
             yield images
 
 
-def process_group_rows(row, smoke, device, batch_sizes, celeba_real, repeat) -> dict:
-    """Rows with a process group of one (NCCL), and the all-reduce of the nets' gradients."""
+def process_group_rows(table: Table, celeba: Callable[..., Config], device: torch.device, batch_sizes) -> dict:
+    """Rows with a process group of one (NCCL), its host syncs, and the all-reduce of the nets' gradients."""
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
     grouped = DistInfo(rank=0, local_rank=0, world_size=1, device=device, control_group=dist.new_group(backend="gloo"))
     extra = {}
     try:
         for batch in batch_sizes:
-            cfg = config(smoke, "celeba", f"train.batch_size={batch}", "train.precision=bf16")
-            row("process group of 1: eager DDP bf16", batch, lambda cfg=cfg: (trainer_step(cfg, grouped, False), repeat(celeba_real(batch))))
-            row("process group of 1: graph bf16", batch, lambda cfg=cfg: (trainer_step(cfg, grouped, True), repeat(celeba_real(batch))))
-        cfg = config(smoke, "celeba", "train.batch_size=128", "train.precision=bf16")
+            cfg, feed = (
+                celeba(f"train.batch_size={batch}", "train.precision=bf16"),
+                partial(random_batch, device, batch),
+            )
+            table.row("process group of 1: eager DDP bf16", batch, partial(trainer_step, cfg, grouped, False), feed)
+            table.row("process group of 1: graph bf16", batch, partial(trainer_step, cfg, grouped, True), feed)
+        cfg, real = celeba("train.batch_size=128", "train.precision=bf16"), next(random_batch(device, 128))
         ddp_step = trainer_step(cfg, grouped, False)
-        extra["host_syncs_per_step_ddp_syncbn"] = host_syncs(ddp_step, celeba_real(128))
+        extra["host_syncs_per_step_ddp_syncbn"] = host_syncs(ddp_step, real)
         graph_step = trainer_step(cfg, grouped, True)
         for _ in range(WARMUP_STEPS + 1):  # then a replay is what is counted
-            graph_step(celeba_real(128))
-        extra["host_syncs_per_step_graph"] = host_syncs(graph_step, celeba_real(128))
-        params = sum(p.numel() for net in (ddp_step.state.generator, ddp_step.state.discriminator) for p in net.parameters())
-        flat = torch.randn(params, device=device)
-        for _ in range(5):
-            dist.all_reduce(flat)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(30):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dist.all_reduce(flat)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        extra["all_reduce"] = {"params": params, "us": statistics.median(times), "world_size": 1}
+            graph_step(real)
+        extra["host_syncs_per_step_graph"] = host_syncs(graph_step, real)
+        nets = (ddp_step.state.generator, ddp_step.state.discriminator)
+        flat = torch.randn(sum(p.numel() for net in nets for p in net.parameters()), device=device)
+        extra["all_reduce"] = {"params": flat.numel(), "us": all_reduce_us(flat), "world_size": 1}
     finally:
         dist.destroy_process_group()
     return extra
+
+
+def all_reduce_us(flat: torch.Tensor, repeats: int = 30) -> float:
+    """The median time of one NCCL all-reduce of ``flat``, by CUDA events."""
+    for _ in range(5):
+        dist.all_reduce(flat)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dist.all_reduce(flat)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
 
 
 def format_row(r: dict, rows: list[dict]) -> str:

@@ -81,6 +81,9 @@ def capture_rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what ``capture_rng_state`` took. Across device types, what both sides have:
+    a GPU's state resumed on the CPU skips its CUDA part; a CPU's state resumed on a GPU
+    has none, and the CUDA generator keeps the state it was seeded with."""
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     n = state["numpy"]
@@ -91,8 +94,14 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
         "gauss": n["gauss"],
     })  # fmt: skip
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state["cuda"] is not None:
+    if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def trained_on(sd: dict[str, Any]) -> str:
+    """The device type ("cpu", "cuda") the run that wrote ``sd`` trained on. Checkpoints
+    older than its "device" key hold a CUDA RNG state exactly when written on a GPU."""
+    return sd.get("device") or ("cuda" if sd["rng"][0].get("cuda") is not None else "cpu")
 
 
 def seed_rng(seed: int) -> None:

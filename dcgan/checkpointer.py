@@ -103,7 +103,9 @@ def restore(
     the optimiser settings given now, and put each rank's RNG and data position where it
     left them. Exact with the world size, batch and data it was written with; otherwise the
     epoch goes on at the same fraction under the new plan, with per-rank RNG derived afresh
-    (also when the data is now read another way: from the cache, or from the shards).
+    (also when the data is now read another way: from the cache, or from the shards). On
+    another device type alone (CPU <-> GPU) the RNG states and position are restored, but
+    the latents and augmentation come from another generator: not bitwise, and it says so.
     ConfigError when the data changed and train.data_changed says "refuse", or when the
     checkpoint's tensors do not fit the nets."""
     t_load = time.perf_counter()
@@ -124,7 +126,16 @@ def restore(
     apply_resume_overrides(state, cfg, sd["config"], dist)
     saved_reader = (sd.get("data") or {}).get("reader", "shards")
     same_reader = saved_reader == loader.reader
+    saved_device = checkpoint.trained_on(sd)
+    device_change = f"device {saved_device} -> {dist.device.type}" if saved_device != dist.device.type else ""
     if (saved_world, saved_batch) == (dist.world_size, cfg.train.batch_size) and data_change is None and same_reader:
+        # Another device type alone needs no new split: the data goes on where it stopped.
+        if device_change and dist.is_main:
+            log.warning(
+                "%s: training goes on from the checkpoint's RNG states and data position, but is not bitwise "
+                "exact: the latents and augmentation are drawn from the %s generator, not the %s one that wrote it",
+                device_change, dist.device.type, saved_device,
+            )  # fmt: skip
         checkpoint.restore_rng_state(sd["rng"][dist.rank], dist.device)
         return
     saved_total = sd["data"]["samples"] if sd.get("data") else shards.total
@@ -137,10 +148,11 @@ def restore(
         ""
         if same_reader
         else f"the data is read from the {loader.reader} now, from the {saved_reader} then (data.cache)",
+        device_change,
     ]
     log.warning(
         "%s: the data is split afresh; epoch %d goes on at batch %d of %d (was %d of %d) and each rank's RNG is "
-        "derived from the seed again. Exact resume needs the same world size, batch and data.",
+        "derived from the seed again. Exact resume needs the same world size, batch, data and device type.",
         ", ".join(filter(None, changes)), state.epoch, batch, loader.steps_per_epoch, state.batch_in_epoch, saved_steps,
     )  # fmt: skip
     state.batch_in_epoch = batch

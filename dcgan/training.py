@@ -67,6 +67,8 @@ class TrainState:
             "batch_in_epoch": self.batch_in_epoch,
             "samples_seen": self.samples_seen,
             "world_size": world_size,  # batch_in_epoch is a position in this world size's split
+            # Resumed on another device type, the run goes on but not bitwise (checkpointer.restore).
+            "device": next(self.generator.parameters()).device.type,
             "generator": self.generator.state_dict(),
             "discriminator": self.discriminator.state_dict(),
             "generator_ema": None if self.generator_ema is None else self.generator_ema.state_dict(),
@@ -92,6 +94,8 @@ class TrainState:
         if self.generator_ema is not None:
             # Turned on for a run whose checkpoint has none: start the average from G.
             self.generator_ema.load_state_dict(sd["generator_ema"] or sd["generator"])
+        # Here rather than in checkpointer.restore: every caller that loads a TrainState
+        # (the trainer, bench/, the tests) then gets an optimiser state this run can step.
         load_optimizer(self.opt_g, sd["opt_g"])
         load_optimizer(self.opt_d, sd["opt_d"])
         if sd["scaler_g"]:  # empty when saved with grad scaling off
@@ -113,14 +117,29 @@ IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def load_optimizer(opt: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Load ``saved`` into ``opt`` but keep ``opt``'s IMPLEMENTATION_FLAGS. The second
-    load puts Adam's step counters where those flags want them (on the device for fused
-    or capturable, else on the CPU): torch placed them by the saved flags."""
+    """Load ``saved`` into ``opt`` but keep ``opt``'s IMPLEMENTATION_FLAGS, in the layout of
+    this run's parameters. The second load puts Adam's step counters where those flags want
+    them (on the device for fused or capturable, else on the CPU): torch placed them by the
+    saved flags."""
     flags = [{k: group[k] for k in IMPLEMENTATION_FLAGS if k in group} for group in opt.param_groups]
     opt.load_state_dict(saved)
     for group, kept in zip(opt.param_groups, flags):
         group.update(kept)
     opt.load_state_dict(opt.state_dict())
+    match_parameter_layout(opt)
+
+
+def match_parameter_layout(opt: torch.optim.Optimizer) -> None:
+    """Give each optimiser state tensor shaped like its parameter (Adam's moments) that
+    parameter's strides. ``Optimizer.load_state_dict`` keeps the layout they were saved in,
+    so a checkpoint of a channels_last run resumed without it (or the reverse) would pair
+    NCHW weights with NHWC moments, which CUDA's fused Adam refuses. Scalars (``step``) stay."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            state = opt.state.get(param, {})
+            for name, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)  # dense: param's strides
 
 
 def build_training(cfg: Config, dist: DistInfo, graphed: bool = False) -> tuple[TrainState, nn.Module, nn.Module]:

@@ -102,7 +102,13 @@ def _command(args: tuple[str, ...], nproc: int, launcher_args: tuple[str, ...], 
     # No GPU for the processes tests start, unless a test gives CUDA_VISIBLE_DEVICES in
     # ``env`` (a CUDA test): several ranks on a one-GPU machine would share its one GPU,
     # which NCCL refuses.
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        **(env or {}),
+    }
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher_args]

@@ -96,6 +96,29 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
 
 
+@pytest.mark.parametrize("written_on, resumed_on", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_rng_states_restore_across_device_types(written_on, resumed_on):
+    """A GPU's CUDA state is skipped on the CPU; a CPU's missing one leaves CUDA as seeded
+    (no GPU is touched either way: the CPU state holds none to set)."""
+    checkpoint.seed_rng(123)
+    state = checkpoint.capture_rng_state(torch.device("cpu"))
+    if written_on == "cuda":
+        state["cuda"] = torch.zeros(16, dtype=torch.uint8)  # what a GPU run's capture adds
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    checkpoint.seed_rng(999)
+    checkpoint.restore_rng_state(state, torch.device(resumed_on))
+    got = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_the_device_a_checkpoint_was_trained_on():
+    cpu, gpu = {"cuda": None}, {"cuda": torch.zeros(16, dtype=torch.uint8)}
+    assert checkpoint.trained_on({"device": "cuda", "rng": [cpu]}) == "cuda"
+    # Older checkpoints have no "device": a CUDA RNG state says a GPU wrote it.
+    assert checkpoint.trained_on({"rng": [gpu, gpu]}) == "cuda"
+    assert checkpoint.trained_on({"rng": [cpu]}) == "cpu"
+
+
 @pytest.mark.parametrize(
     "resume, overwrite, has_checkpoints, after",
     [

@@ -40,13 +40,14 @@ def deterministic_cudnn():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
+def gpu_config(path, shards, train=None, **sections):
+    """write_config's tiny kmnist config, on CUDA, without W&B (its service takes seconds a run)."""
+    return write_config(path, shards, train={"device": "cuda", **(train or {})}, wandb={"mode": "disabled"}, **sections)
+
+
 def cuda_config(tmp_path, shards, **train):
     """The tests' tiny kmnist config on CUDA, data cached on the GPU with the seeds' affine augmentation."""
-    path = write_config(
-        tmp_path / "cuda.yaml", shards, train={"device": "cuda", **train},
-        data={"cache": "on", "augment": AFFINE},
-    )  # fmt: skip
-    return load_config(path)
+    return load_config(gpu_config(tmp_path / "cuda.yaml", shards, train, data={"cache": "on", "augment": AFFINE}))
 
 
 def stepper(cfg, graphed):
@@ -81,7 +82,9 @@ def train_steps(cfg, graphed, steps):
 
 
 def weights(state):
-    return torch.cat([p.detach().flatten().cpu() for net in (state.generator, state.discriminator) for p in net.parameters()])
+    return torch.cat(
+        [p.detach().flatten().cpu() for net in (state.generator, state.discriminator) for p in net.parameters()]
+    )
 
 
 def largest_difference(a, b):
@@ -130,7 +133,9 @@ def test_graphed_steps_train_as_eager_ones(tmp_path, digit_shards, deterministic
           f"weights {largest_difference(weights(state_g), weights(state_e)):.2e}")  # fmt: skip
     torch.testing.assert_close(graphed, eager, **TOLERANCE)
     torch.testing.assert_close(weights(state_g), weights(state_e), **TOLERANCE)
-    ema_e, ema_g = (torch.cat([t.flatten().cpu() for t in s.generator_ema.state_dict().values()]) for s in (state_e, state_g))
+    ema_e, ema_g = (
+        torch.cat([t.flatten().cpu() for t in s.generator_ema.state_dict().values()]) for s in (state_e, state_g)
+    )
     torch.testing.assert_close(ema_g.float(), ema_e.float(), **TOLERANCE)
     assert int(state_g.opt_d.state[next(iter(state_g.opt_d.state))]["step"]) == 50  # Adam stepped in every replay
 
@@ -143,9 +148,9 @@ def run_trainer(config, *overrides, env=None, timeout=300):
 
 
 def test_a_graph_mode_checkpoint_resumes_in_either_mode(tmp_path, digit_shards):
-    config = write_config(
+    config = gpu_config(
         tmp_path / "graph.yaml", digit_shards,
-        train={"device": "cuda", "cuda_graph": "on", "steps": 8, "precision": "bf16"},
+        train={"cuda_graph": "on", "steps": 8, "precision": "bf16"},
         data={"cache": "on", "augment": AFFINE}, checkpoint={"every": 4, "keep": 5},
     )  # fmt: skip
     first = run_trainer(config)
@@ -167,7 +172,7 @@ def test_a_graph_mode_checkpoint_resumes_in_either_mode(tmp_path, digit_shards):
 
 
 def test_a_cuda_checkpoint_loads_on_the_cpu(tmp_path, digit_shards):
-    config = write_config(tmp_path / "gpu.yaml", digit_shards, train={"device": "cuda", "steps": 4})
+    config = gpu_config(tmp_path / "gpu.yaml", digit_shards, train={"steps": 4})
     run_trainer(config)
     generator = load_generator(tmp_path / "runs" / "gpu")
     assert next(generator.parameters()).device.type == "cpu"
@@ -177,7 +182,7 @@ def test_a_cuda_checkpoint_loads_on_the_cpu(tmp_path, digit_shards):
 
 def test_resume_with_channels_last_flipped(tmp_path, digit_shards):
     """CUDA's fused Adam refuses moments in another layout than their parameters."""
-    config = write_config(tmp_path / "layout.yaml", digit_shards, train={"device": "cuda", "steps": 4})
+    config = gpu_config(tmp_path / "layout.yaml", digit_shards, train={"steps": 4})
     run_trainer(config, "train.channels_last=true")
     run_trainer(config, "train.steps=8", "train.channels_last=false")
     run_trainer(config, "train.steps=12", "train.channels_last=true")
@@ -186,7 +191,7 @@ def test_resume_with_channels_last_flipped(tmp_path, digit_shards):
 def test_one_gpu_per_task_and_a_process_group_of_one(tmp_path, digit_shards):
     """A task that sees one GPU takes cuda:0 whatever its LOCAL_RANK (Slurm's --gpus-per-task=1);
     train.distributed=always runs DDP's replacement in the graph, NCCL and SyncBN with one process."""
-    config = write_config(tmp_path / "bound.yaml", digit_shards, train={"device": "cuda", "steps": 8})
+    config = gpu_config(tmp_path / "bound.yaml", digit_shards, train={"steps": 8})
     env = {"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "CUDA_VISIBLE_DEVICES": GPU_ENV["CUDA_VISIBLE_DEVICES"][:1]}
     bound = run_trainer(config, env=env)
     assert "(local 3) takes cuda:0" in bound.stderr

@@ -5,6 +5,8 @@ A run stopped at a checkpoint, by a signal between checkpoints, or by SIGKILL un
 rank's RNG bitwise equal to a run that was never stopped. Bitwise equal weights also mean
 that no sample was repeated or skipped across the stop: D saw exactly the same batches.
 Damaged checkpoints and failed writes cost at most the steps since the previous one.
+A checkpoint resumes under the other memory layout (train.channels_last), and on
+another device type: it goes on, with a warning that it is not bitwise exact.
 """
 
 import json
@@ -20,7 +22,11 @@ import torch
 
 from conftest import run_module, start_python, write_config
 from dcgan import checkpoint
+from dcgan.config import load_config
+from dcgan.distributed import DistInfo
 from dcgan.exits import EXIT_PREEMPTED
+from dcgan.models import build_models
+from dcgan.training import TrainState, build_training, gan_step
 from wandb_files import read_run
 
 STEPS, EVERY = 120, 40  # epochs of 32 steps (1 rank) or 16 (2 ranks): stops land mid-epoch
@@ -308,3 +314,111 @@ def test_resuming_on_other_data_is_refused_unless_asked_for(tmp_path, digit_shar
     assert "the data changed (6 shards / 512 samples then, 5 / 500 now" in go_on.stderr
     assert "epoch 0 goes on at batch 6 of 31 (was 6 of 32)" in go_on.stderr
     assert final_state(run_dir, 9)["data"]["samples"] == 500
+
+
+# --------------------------------------------------------------------------- another layout, another device
+
+
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+TINY = ("model.arch=kmnist", "model.image_size=28", "model.channels=1", "model.nz=16", "model.ngf=8", "model.ndf=8")
+
+
+def stepped_state(channels_last: bool) -> tuple[dict, TrainState]:
+    """(config dict, a tiny CPU TrainState after one gan_step: Adam's moments exist)."""
+    cfg = load_config(None, [*TINY, f"train.channels_last={str(channels_last).lower()}"])
+    state, g_train, d_train = build_training(cfg, CPU)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    real = (torch.rand(4, 1, 28, 28) * 2 - 1).contiguous(memory_format=layout)
+    gan_step(state, g_train, d_train, real, cfg.model.nz, None)
+    return cfg.to_dict(), state
+
+
+def assert_moments_follow(params: list[torch.Tensor], opt_state: dict, where: str) -> None:
+    """Adam's moments of each 4-d parameter have its strides; ``opt_state``: an optimiser
+    state dict's "state", keyed by the parameters' positions."""
+    convs = [(i, p) for i, p in enumerate(params) if p.dim() == 4]
+    assert convs, where
+    for i, p in convs:
+        moments = opt_state[i]["exp_avg"].stride(), opt_state[i]["exp_avg_sq"].stride()
+        assert moments == (p.stride(), p.stride()), f"{where}: parameter {i} {p.stride()}, moments {moments}"
+
+
+@pytest.mark.parametrize("saved_channels_last", [True, False])
+def test_loaded_optimiser_moments_take_each_parameters_layout(tmp_path, saved_channels_last):
+    config, before = stepped_state(saved_channels_last)
+    sd = before.state_dict(config, [checkpoint.capture_rng_state(CPU.device)], 1, {})
+    path = checkpoint.save(sd, tmp_path, 1, keep=1).path
+    _, after = stepped_state(not saved_channels_last)
+    conv = after.discriminator[2].weight  # (16, 8, 4, 4): its two layouts have different strides
+    assert before.discriminator[2].weight.stride() != conv.stride()
+
+    after.load_state_dict(checkpoint.load(path))
+    for name, net, opt in (("G", after.generator, after.opt_g), ("D", after.discriminator, after.opt_d)):
+        params = list(net.parameters())
+        assert_moments_follow(params, {i: opt.state[p] for i, p in enumerate(params)}, name)
+    assert after.opt_d.state[conv]["step"].item() == 1  # scalars are left as they were
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory, digit_shards):
+    """(config, its checkpoint at step 6): a run trained channels_last (the default)."""
+    config = write_config(tmp_path_factory.mktemp("six_steps") / "six.yaml", digit_shards)
+    result = run_module("dcgan.train", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    return config, checkpoint.checkpoint_path(config.parent / "runs" / "six" / "checkpoints", 6)
+
+
+def test_a_channels_last_run_resumes_without_it(six_steps):
+    config, path = six_steps
+    plain = run_module(
+        "dcgan.train", "--config", str(config), "train.name=plain", f"train.resume={path}",
+        "train.channels_last=false", "train.steps=9",
+    )  # fmt: skip
+    assert plain.returncode == 0, plain.stderr
+    assert resumed_at(plain.stderr) == 6
+    sd = final_state(config.parent / "runs" / "plain", 9)
+    G, D = build_models(load_config(config).model)
+    for net, opt in (("generator", "opt_g"), ("discriminator", "opt_d")):
+        names = [name for name, _ in (G if net == "generator" else D).named_parameters()]
+        params = [sd[net][name] for name in names]
+        assert all(p.is_contiguous() for p in params)  # the nets are plain now
+        assert_moments_follow(params, sd[opt]["state"], net)
+
+
+def claim_gpu(path: Path, out_dir: Path) -> Path:
+    """A copy of the CPU checkpoint ``path`` (with its record) that says a GPU wrote it."""
+    sd = checkpoint.load(path)
+    assert sd["device"] == "cpu" and sd["rng"][0]["cuda"] is None
+    sd["device"] = "cuda"
+    sd["rng"][0]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # a Philox seed and offset, as CUDA's generator keeps
+    return checkpoint.save(sd, out_dir, sd["step"], keep=1).path
+
+
+def test_a_gpu_checkpoint_resumes_on_the_cpu_with_a_warning(six_steps, tmp_path):
+    config, path = six_steps
+    from_gpu = claim_gpu(path, tmp_path)
+    runs = config.parent / "runs"
+    moved = run_module(
+        "dcgan.train", "--config", str(config), "train.name=moved", f"train.resume={from_gpu}", "train.steps=9"
+    )
+    assert moved.returncode == 0, moved.stderr
+    assert resumed_at(moved.stderr) == 6
+    warnings = re.findall(r".*device cuda -> cpu.*", moved.stderr)
+    assert len(warnings) == 1 and "not bitwise exact" in warnings[0], moved.stderr
+    assert "latents and augmentation" in warnings[0] and "split afresh" not in moved.stderr
+    # On the CPU the CUDA state has nothing to restore: the run is the exact resume's, bit for bit.
+    exact = run_module(
+        "dcgan.train", "--config", str(config), "train.name=exact", f"train.resume={path}", "train.steps=9"
+    )
+    assert exact.returncode == 0 and "not bitwise exact" not in exact.stderr, exact.stderr
+    assert_bitwise_equal(final_state(runs / "exact", 9), final_state(runs / "moved", 9))
+    assert final_state(runs / "moved", 9)["device"] == "cpu"
+
+    # With a new batch too: one warning, the re-split's, which names the device among its reasons.
+    resplit = run_module(
+        "dcgan.train", "--config", str(config), "train.name=resplit", f"train.resume={from_gpu}",
+        "train.batch_size=8", "train.steps=7",
+    )  # fmt: skip
+    assert resplit.returncode == 0, resplit.stderr
+    assert re.search(r"batch per process 16 -> 8, device cuda -> cpu: the data is split afresh", resplit.stderr)
+    assert "not bitwise exact" not in resplit.stderr
