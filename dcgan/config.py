@@ -412,7 +412,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    text = None
+    raw, text = value, None
     if isinstance(value, Scalar):
         value, text = value
     origin = typing.get_origin(hint)
@@ -426,10 +426,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
+        return _coerce_union(raw, hint, key)
     if origin is list:
         (arg,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -466,6 +463,22 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {hint!r} for {key}")  # a bug here, not user input
 
 
+def _coerce_union(raw: Any, hint: Any, key: str) -> Any:
+    """The first member of a union that takes the value (``float | Literal["auto"]``: a
+    number, else auto), given as written (``Scalar``), so each member reads it its way."""
+    for member in typing.get_args(hint):
+        if member is type(None):
+            if raw is None:
+                return None
+            continue
+        try:
+            return _coerce(raw, member, key)
+        except ConfigError:
+            pass
+    value = raw.value if isinstance(raw, Scalar) else raw
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+
+
 # --------------------------------------------------------------------------- the keys, for --help
 
 
@@ -474,7 +487,7 @@ class KeyHelp(typing.NamedTuple):
 
     key: str  # dotted, e.g. "train.batch_size"
     section: str  # e.g. "data.augment"
-    type: str  # as written in YAML: int, float, bool, str, [float, float], list[str], auto|on|off
+    type: str  # as written in YAML: int, float, bool, str, [float, float], list[str], auto|on|off, float|auto
     default: str  # the default as YAML (flow style)
     meaning: str  # the comment beside the field ("": none, which tests/test_cli.py rejects)
 
@@ -593,7 +606,7 @@ def _type_name(hint: Any) -> str:
     if origin is tuple:
         return "[" + ", ".join(map(_type_name, args)) + "]"
     if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+        return "|".join("null" if a is type(None) else _type_name(a) for a in args)
     return hint.__name__
 
 
