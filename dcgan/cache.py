@@ -55,6 +55,8 @@ log = logging.getLogger("dcgan.data")
 
 GB = 1e9
 MIN_PIECE = 256  # samples: below this, a piece's start-up (opening the shard, skipping in) dominates
+PIECES_PER_WORKER = 4  # a rank's share is cut into about this many pieces per decoding worker
+PREFETCH_PIECES = 2  # pieces each decoding worker keeps ready (the DataLoader's prefetch_factor)
 _ORDER_STREAM = 0xCAC4E  # seeds the epoch permutations apart from every other use of train.seed
 
 
@@ -108,6 +110,20 @@ def available_ram_gb() -> float | None:
     return None
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, which Slurm and taskset restrict
+    (all of the machine's where the platform has no affinity)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def decoding_workers(data_workers: int, cpus: int, processes: int) -> int:
+    """Worker processes a rank decodes its share with: its part of the usable CPUs, at
+    least data.workers; none (decoding in the training process) with data.workers=0."""
+    return 0 if data_workers == 0 else max(data_workers, cpus // processes)
+
+
 # --------------------------------------------------------------------------- the plan
 
 
@@ -129,22 +145,28 @@ class Piece(NamedTuple):
     stop: int  # one past the last; the shard's planned count for its last piece
 
 
-def cut_into_pieces(counts: tuple[int, ...], parts: int) -> list[Piece]:
-    """The shards as pieces of at most ``total / parts`` samples (never below MIN_PIECE), in order."""
-    size = max(MIN_PIECE, math.ceil(sum(counts) / max(1, parts)))
+def cut_into_pieces(counts: tuple[int, ...], world_size: int, workers: int) -> list[Piece]:
+    """The shards as pieces, in order: about PIECES_PER_WORKER per decoding worker of each
+    rank (``decoding_workers``), never below MIN_PIECE samples."""
+    parts = PIECES_PER_WORKER * world_size * max(1, workers)
+    size = max(MIN_PIECE, math.ceil(sum(counts) / parts))
     return [Piece(i, a, min(a + size, n)) for i, n in enumerate(counts) for a in range(0, n, size)]
 
 
-def rank_pieces(pieces: list[Piece], rank: int, world_size: int) -> list[Piece]:
-    """A contiguous run of pieces holding about a 1/world share of the samples."""
+def piece_ranks(pieces: list[Piece], world_size: int) -> list[int]:
+    """The rank that decodes each piece: the one whose 1/world share of the samples holds
+    its first sample, so each rank takes a contiguous run of pieces."""
     total = sum(p.stop - p.start for p in pieces)
-    mine, before = [], 0
+    ranks, before = [], 0
     for piece in pieces:
-        # The piece goes to the rank whose share holds its first sample.
-        if before * world_size // max(total, 1) == rank:
-            mine.append(piece)
+        ranks.append(before * world_size // max(total, 1))
         before += piece.stop - piece.start
-    return mine
+    return ranks
+
+
+def rank_pieces(pieces: list[Piece], rank: int, world_size: int) -> list[Piece]:
+    """Rank ``rank``'s run of pieces."""
+    return [piece for piece, r in zip(pieces, piece_ranks(pieces, world_size)) if r == rank]
 
 
 # --------------------------------------------------------------------------- decoding
@@ -250,25 +272,30 @@ class CachedLoader:
         self, shards: ShardSet, cfg: DataConfig, image_size: int, channels: int, worker_signals: WorkerSignals
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the set, decoded by its worker processes (uint8 rows, labels)."""
-        workers = max(cfg.workers, (os.cpu_count() or 1) // distributed.local_processes())
-        pieces = cut_into_pieces(shards.counts, 4 * self.dist.world_size * max(1, workers))
+        workers = decoding_workers(cfg.workers, usable_cpus(), distributed.local_processes())
+        pieces = cut_into_pieces(shards.counts, self.dist.world_size, workers)
         mine = rank_pieces(pieces, self.dist.rank, self.dist.world_size)
         workers = min(workers, len(mine))
         loader = DataLoader(
             PieceReader(shards, mine, channels, image_size),
             batch_size=None,
             num_workers=workers,
-            prefetch_factor=2 if workers else None,
+            prefetch_factor=PREFETCH_PIECES if workers else None,
             worker_init_fn=worker_signals,
         )
-        images, labels, logged = [], [], 0
-        pieces_done = worker_signals.start(loader)
         todo = sum(p.stop - p.start for p in mine)
+        rows = torch.empty((todo, channels, image_size, image_size), dtype=torch.uint8)
+        labels = torch.empty(todo, dtype=torch.int64)
+        filled = logged = 0
+        pieces_done = worker_signals.start(loader)
         desc = f"decoding {todo} images into the cache (rank {self.dist.rank})"
         try:
             for i, found in enumerate(progress(pieces_done, len(mine), desc, "piece", log)):
-                images.append(found.images)
-                labels.append(found.labels)
+                # Copied out at once: a piece from a worker lives in /dev/shm for as long as it is held.
+                n = len(found.labels)
+                rows[filled : filled + n] = found.images
+                labels[filled : filled + n] = found.labels
+                filled += n
                 self.corrupt_samples += len(found.corrupt)
                 for line in found.corrupt[: max(0, MAX_LOGGED_CORRUPT - logged)]:
                     log.warning("skipping corrupt %s", line)
@@ -280,8 +307,7 @@ class CachedLoader:
                     self._report_count(shards, mine[i].shard, found.found)
         finally:
             shut_down_workers(pieces_done)  # also on an exception: no worker outlives the build
-        rows = torch.cat(images) if images else stack_images([], channels, image_size)
-        return rows, torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
+        return rows[:filled], labels[:filled]
 
     def _report_count(self, shards: ShardSet, shard: int, found: int) -> None:
         planned = shards.counts[shard]

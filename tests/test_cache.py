@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 from test_resume import assert_bitwise_equal, final_state, last_logged_step, resumed_at, wait_until, worker_pids
+from torch.utils.data import DataLoader
 
 from conftest import make_shards, run_module, run_python, start_python, write_config
-from dcgan.cache import CachedLoader, choose_cache
+from dcgan import cache
+from dcgan.cache import CachedLoader, choose_cache, decoding_workers, usable_cpus
 from dcgan.checks import ConfigError
 from dcgan.config import DataConfig
 from dcgan.distributed import DistInfo
@@ -33,7 +35,7 @@ def indexed_shards(tmp_path_factory, real_images):
 
 
 def cached(shards, **data) -> CachedLoader:
-    cfg = DataConfig(shards=str(shards), workers=1, cache="on", **data)
+    cfg = DataConfig(shards=str(shards), **{"workers": 1, "cache": "on", **data})
     return CachedLoader(resolve_shards(cfg), cfg, ONE_PROCESS, batch_size=8, image_size=28, channels=1, seed=0)
 
 
@@ -87,6 +89,20 @@ def test_auto_choice_both_ways(tmp_path, digit_shards):
     result = run_module("dcgan.train", "--config", str(config), "train.steps=1", "data.cache_max_gb=0.0001")
     assert result.returncode == 0, result.stderr
     assert "data.cache=auto: off, the 512 decoded images take 0.00 GB > data.cache_max_gb=0.0001" in result.stderr
+
+
+def test_decoding_workers_come_from_the_cpus_this_process_may_use(monkeypatch, indexed_shards):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # as Slurm binds a task
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert usable_cpus() == 3
+    assert [decoding_workers(1, 3, 1), decoding_workers(1, 3, 2), decoding_workers(4, 3, 2)] == [3, 1, 4]
+    assert decoding_workers(0, 3, 1) == 0  # data.workers=0: in the training process
+    started = []
+    monkeypatch.setattr(cache, "DataLoader", lambda *a, **kw: started.append(kw["num_workers"]) or DataLoader(*a, **kw))
+    assert cached(indexed_shards).samples == cached(indexed_shards, workers=0).samples == 200
+    assert started == [3, 0]
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert usable_cpus() == 64
 
 
 STEPS = 48  # 512 samples, 2 ranks x 16: 16 steps per epoch, so the stop lands mid-epoch of epoch 1 or 2
