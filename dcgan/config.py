@@ -101,17 +101,20 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
     # Hold the whole set decoded, as uint8, on the training device (GPU memory under CUDA,
     # RAM on the CPU, one copy per process) and draw every batch from it: no decoding
-    # after the first pass, no worker processes (dcgan/cache.py). auto: when the decoded
-    # set takes at most cache_max_gb; on: always; off: read the shards every epoch.
+    # after the first pass, no worker processes (dcgan/cache.py). auto: when it fits
+    # cache_max_gb and the machine (the device, the RAM the build gathers in, /dev/shm for
+    # the decoding workers); on: always (exit 2 when it cannot fit); off: read the shards every epoch.
     cache: Literal["auto", "on", "off"] = "auto"
-    cache_max_gb: float = 4.0  # auto's limit (GB of uint8 pixels): CelebA at 64x64 is 2.5
+    # auto's limit: GB of uint8 pixels (CelebA at 64x64 is 2.5), or auto: half the free
+    # memory of the process's GPU under CUDA, what the RAM holds on the CPU.
+    cache_max_gb: float | Literal["auto"] = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         check_field(self.samples_per_shard >= 0, "samples_per_shard", "must be >= 0")
         check_field(self.workers >= 0, "workers", "must be >= 0")
         check_field(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
-        check_field(self.cache_max_gb >= 0, "cache_max_gb", "must be >= 0")
+        check_field(self.cache_max_gb == "auto" or self.cache_max_gb >= 0, "cache_max_gb", "must be >= 0 or auto")
 
 
 @dataclass
