@@ -77,6 +77,17 @@ class CacheChoice:
     why: str  # one line for the log
 
 
+def agree_on_cache(choice: CacheChoice, dist: DistInfo) -> CacheChoice:
+    """The cache only where every rank chose it: each rank chose from its own GPU's free
+    memory, and ranks reading differently would not take the same steps. Otherwise the
+    first refusing rank's reason, on every rank. Collective (host-side)."""
+    choices = distributed.gather_objects(choice, dist)
+    if choices is not None:  # rank 0
+        rank, first = next(((r, c) for r, c in enumerate(choices) if not c.on), (0, choice))
+        choice = first if rank == 0 else CacheChoice(False, f"rank {rank}: {first.why}; every rank reads the shards")
+    return distributed.broadcast_object(choice, dist)
+
+
 class Room(NamedTuple):
     """What a process's machine has for the cache, in GB (None: not known)."""
 

@@ -22,6 +22,7 @@ from dcgan.cache import (
     CacheChoice,
     CachedLoader,
     Room,
+    agree_on_cache,
     choose_cache,
     decoding_workers,
     measure_room,
@@ -166,6 +167,11 @@ def test_decoding_workers_come_from_the_cpus_this_process_may_use(monkeypatch, i
     assert started == [3, 0]
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     assert usable_cpus() == 64
+
+
+def test_one_process_agrees_with_itself():
+    choice = CacheChoice(False, "why")
+    assert agree_on_cache(choice, ONE_PROCESS) is choice
 
 
 STEPS = 48  # 512 samples, 2 ranks x 16: 16 steps per epoch, so the stop lands mid-epoch of epoch 1 or 2
