@@ -2,7 +2,7 @@
 
 (a) the trainer's step (dcgan.training.gan_step, as configured) fed by the shard pipeline;
 (a') the same step fed by the set cached on the device (data.cache; its build time is
-    printed), when the set fits data.cache_max_gb: (a')/(a) is what the cache gains;
+    printed), when data.cache=auto would cache it: (a')/(a) is what the cache gains;
 (b) the same step fed one batch already in memory: (a)/(b) is what the data costs;
 (c) the plain seed-style loop of bench/plain_loop.py (fp32, Sigmoid + BCELoss, separate
     real/fake passes, no DDP, torch's default Adam and memory layout) on the same
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dcgan.cache import CachedLoader, choose_cache
+from dcgan.cache import CachedLoader, choose_cache, measure_room
 from dcgan.config import Config, load_config
 from dcgan.data import Loader, ShardStream
 from dcgan.distributed import DistInfo
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     loader = Loader(stream, device, memory_format=memory_format(cfg))
     real = next(batches(loader))
-    cache = choose_cache(replace(cfg.data, cache="auto"), stream.shards.total, cfg.model.channels,
-                         cfg.model.image_size, on_cpu=device.type == "cpu")  # fmt: skip
+    cache = choose_cache(replace(cfg.data, cache="auto"), stream.shards.counts, cfg.model.channels,
+                         cfg.model.image_size, 1, measure_room(device))  # fmt: skip
     cached = None
     if cache.on:
         cached = CachedLoader(

@@ -101,17 +101,20 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
     # Hold the whole set decoded, as uint8, on the training device (GPU memory under CUDA,
     # RAM on the CPU, one copy per process) and draw every batch from it: no decoding
-    # after the first pass, no worker processes (dcgan/cache.py). auto: when the decoded
-    # set takes at most cache_max_gb; on: always; off: read the shards every epoch.
+    # after the first pass, no worker processes (dcgan/cache.py). auto: when it fits
+    # cache_max_gb and the machine (the device, the RAM the build gathers in, /dev/shm for
+    # the decoding workers); on: always (exit 2 when it cannot fit); off: read the shards every epoch.
     cache: Literal["auto", "on", "off"] = "auto"
-    cache_max_gb: float = 4.0  # auto's limit (GB of uint8 pixels): CelebA at 64x64 is 2.5
+    # auto's limit: GB of uint8 pixels (CelebA at 64x64 is 2.5), or auto: half the free
+    # memory of the process's GPU under CUDA, what the RAM holds on the CPU.
+    cache_max_gb: float | Literal["auto"] = "auto"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         check_field(self.samples_per_shard >= 0, "samples_per_shard", "must be >= 0")
         check_field(self.workers >= 0, "workers", "must be >= 0")
         check_field(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
-        check_field(self.cache_max_gb >= 0, "cache_max_gb", "must be >= 0")
+        check_field(self.cache_max_gb == "auto" or self.cache_max_gb >= 0, "cache_max_gb", "must be >= 0 or auto")
 
 
 @dataclass
@@ -422,7 +425,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    text = None
+    raw, text = value, None
     if isinstance(value, Scalar):
         value, text = value
     origin = typing.get_origin(hint)
@@ -436,10 +439,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
+        return _coerce_union(raw, hint, key)
     if origin is list:
         (arg,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -476,6 +476,22 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {hint!r} for {key}")  # a bug here, not user input
 
 
+def _coerce_union(raw: Any, hint: Any, key: str) -> Any:
+    """The first member of a union that takes the value (``float | Literal["auto"]``: a
+    number, else auto), given as written (``Scalar``), so each member reads it its way."""
+    for member in typing.get_args(hint):
+        if member is type(None):
+            if raw is None:
+                return None
+            continue
+        try:
+            return _coerce(raw, member, key)
+        except ConfigError:
+            pass
+    value = raw.value if isinstance(raw, Scalar) else raw
+    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+
+
 # --------------------------------------------------------------------------- the keys, for --help
 
 
@@ -484,7 +500,7 @@ class KeyHelp(typing.NamedTuple):
 
     key: str  # dotted, e.g. "train.batch_size"
     section: str  # e.g. "data.augment"
-    type: str  # as written in YAML: int, float, bool, str, [float, float], list[str], auto|on|off
+    type: str  # as written in YAML: int, float, bool, str, [float, float], list[str], auto|on|off, float|auto
     default: str  # the default as YAML (flow style)
     meaning: str  # the comment beside the field ("": none, which tests/test_cli.py rejects)
 
@@ -603,7 +619,7 @@ def _type_name(hint: Any) -> str:
     if origin is tuple:
         return "[" + ", ".join(map(_type_name, args)) + "]"
     if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+        return "|".join("null" if a is type(None) else _type_name(a) for a in args)
     return hint.__name__
 
 

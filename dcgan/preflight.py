@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dcgan import distributed
-from dcgan.cache import CacheChoice, choose_cache
+from dcgan.cache import UNMEASURED, CacheChoice, choose_cache, measure_room
 from dcgan.checkpoint import check_resume_setting, latest_valid, list_checkpoints, read_record, step_of
 from dcgan.config import Config, load_config
 from dcgan.data import steps_per_epoch
@@ -84,10 +84,10 @@ def plan_run(
     shards = resolve_shards(cfg.data)
     steps_per_epoch(shards.total, world_size, cfg.train.batch_size)  # the data fills a batch per process
     extractor = choose_extractor(cfg.eval, cfg.data.shards, cfg.model) if cfg.eval.every else None
-    if on_this_machine:  # the GPU this process would take (DeviceError: none fits)
-        distributed.choose_device(cfg.train.device, distributed.read_env().local_rank)
-    on_cpu = on_this_machine and (cfg.train.device == "cpu" or not torch.cuda.is_available())
-    cache = choose_cache(cfg.data, shards.total, cfg.model.channels, cfg.model.image_size, on_cpu)
+    room = UNMEASURED
+    if on_this_machine:  # the device this process would take (DeviceError: no GPU fits), and its memory
+        room = measure_room(distributed.choose_device(cfg.train.device, distributed.read_env().local_rank))
+    cache = choose_cache(cfg.data, shards.counts, cfg.model.channels, cfg.model.image_size, world_size, room)
     warn_if_resized(shards, cfg.model.image_size)
     cfg, note = settle_restart(cfg, restart)
     check_resume_setting(cfg, shards)

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from dcgan import checkpoint, distributed, failure, training
-from dcgan.cache import CachedLoader
+from dcgan.cache import CachedLoader, agree_on_cache
 from dcgan.checkpointer import Checkpointer, restore
 from dcgan.config import Config, ConfigError, config_yaml, keys_help, load_config, save_config
 from dcgan.data import BatchSource, Loader, ShardStream, derive_seed
@@ -235,9 +235,10 @@ def build_loader(plan: RunPlan, dist: DistInfo, where: Where) -> BatchSource:
     """The rank's data: the set cached on the device (``data.cache``), or the shards read each epoch."""
     cfg, t = plan.cfg, plan.cfg.train
     worker_signals = WorkerSignals(tuple(t.stop_signals))
+    cache = agree_on_cache(plan.cache, dist)
     if dist.is_main:
-        log.info("%s", plan.cache.why)
-    if plan.cache.on:
+        log.info("%s", cache.why)
+    if cache.on:
         where.at("caching the data")
         return CachedLoader(
             plan.shards, cfg.data, dist, batch_size=t.batch_size, image_size=cfg.model.image_size,

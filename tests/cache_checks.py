@@ -5,7 +5,8 @@ whose label is each sample's index.
 Each rank builds the cache from its share of the decoding, reads epochs 0 to 2 and one
 epoch resumed mid-way; rank 0 checks, over both ranks: the same cache everywhere, equal
 steps, disjoint shares that cover the set, a new order each epoch, and the resumed
-batches equal to the rest of the uninterrupted epoch.
+batches equal to the rest of the uninterrupted epoch. Each rank also checks that the ranks
+agree on one rank's refusal of the cache (``agree_on_cache``).
 Prints "cache checks passed" on rank 0; any failure raises (non-zero exit).
 """
 
@@ -14,7 +15,7 @@ import sys
 import torch
 
 from dcgan import distributed
-from dcgan.cache import CachedLoader
+from dcgan.cache import CacheChoice, CachedLoader, agree_on_cache
 from dcgan.config import DataConfig
 from dcgan.shardset import resolve_shards
 
@@ -35,6 +36,9 @@ def main(shards: str) -> None:
         "resumed_ok": all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, epochs[1][5:]))
         and len(resumed) == len(epochs[1]) - 5,
     }
+    # Rank 0 would cache and rank 1 would not (less free GPU memory): neither does.
+    agreed = agree_on_cache(CacheChoice(info.rank == 0, f"choice of rank {info.rank}"), info)
+    assert agreed == CacheChoice(False, "rank 1: choice of rank 1; every rank reads the shards"), agreed
     ranks = distributed.gather_objects(mine, info)
     if info.is_main:
         check(ranks, loader.samples)

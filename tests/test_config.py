@@ -38,6 +38,8 @@ def test_overrides_are_typed(tmp_path):
         (["train.stop_signals=[SIGKILL]"], "train.stop_signals: 'SIGKILL' is not a signal name a process can catch"),
         (["train.stop_signals=SIGTERM"], "train.stop_signals: expected a list"),
         (["model.ema_decay=1"], "model.ema_decay: must lie in [0, 1)"),
+        (["data.cache_max_gb=lots"], "data.cache_max_gb: expected float|auto, got 'lots'"),
+        (["data.cache_max_gb=-1"], "data.cache_max_gb: must be >= 0 or auto"),
     ],
 )
 def test_bad_values_name_key_and_file(overrides, key):
@@ -45,6 +47,12 @@ def test_bad_values_name_key_and_file(overrides, key):
         load_config(REPO / "configs/fashion-mnist.yaml", overrides)
     assert key in str(err.value)
     assert str(err.value).startswith(str(REPO / "configs/fashion-mnist.yaml"))
+
+
+@pytest.mark.parametrize("value, read", [("auto", "auto"), ("3.5", 3.5), ("2", 2.0)])
+def test_cache_max_gb_is_a_number_or_auto(value, read):
+    got = load_config(REPO / "configs/fashion-mnist.yaml", [f"data.cache_max_gb={value}"]).data.cache_max_gb
+    assert got == read and type(got) is type(read)
 
 
 def test_yaml_is_loaded_safely(tmp_path):
