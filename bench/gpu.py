@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("env", "packages", "e2e", "tests", "throughput")
 # Seconds per stage on one GPU: at most 8 minutes together (typically about 5).
-LIMIT_S = {"env": 30, "packages": 30, "e2e": 100, "tests": 150, "throughput": 170}
+LIMIT_S = {"env": 20, "packages": 20, "e2e": 80, "tests": 130, "throughput": 230}
 SMOKE_LIMIT_S = {"env": 30, "packages": 30, "e2e": 120, "tests": 60, "throughput": 90}
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, the datasheet's figure: MFU is against it
 
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "dcgan-gpu"), help="run folders, data")
     parser.add_argument("--cpu-smoke", action="store_true", help="every stage at tiny sizes on the CPU")
     parser.add_argument("--only", default=",".join(STAGES), help=f"stages to run, of {','.join(STAGES)}")
+    parser.add_argument("--tests", default="", metavar="EXPR", help="the tests stage runs only these (pytest -k)")
+    parser.add_argument("--rows", default="", metavar="WORDS", help="the throughput stage measures only the rows "
+                        "whose name holds one of these comma-separated words")  # fmt: skip
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # a child: run this one stage
     parser.add_argument("--result", help=argparse.SUPPRESS)  # where the child writes its figures
     args = parser.parse_args(argv)
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     if args.stage:
-        figures = STAGE_FUNCTIONS[args.stage](work, args.cpu_smoke)
+        figures = STAGE_FUNCTIONS[args.stage](work, args)
         Path(args.result).write_text(json.dumps(figures, indent=1))
         return 0 if figures.get("ok", True) else 1
 
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in STAGES:
             if name not in chosen:
                 continue
-            result = run_stage(name, work, args.cpu_smoke, limits[name], log)
+            result = run_stage(name, work, args, limits[name], log)
             report["stages"][name] = result
             print(f"{result['status']}  {name:<10} {result['seconds']:6.1f}s  {result.get('line', '')}", flush=True)
             (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -80,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["status"] == "PASS" for r in report["stages"].values()) else 1
 
 
-def run_stage(name: str, work: Path, smoke: bool, limit_s: float, log) -> dict:
+def run_stage(name: str, work: Path, args: argparse.Namespace, limit_s: float, log) -> dict:
     """The stage ``name`` in a child process, at most ``limit_s`` seconds: PASS or FAIL, time, figures."""
+    smoke = args.cpu_smoke
     result_file = work / f"{name}.json"
     result_file.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--result", str(result_file),
-               "--work", str(work)] + (["--cpu-smoke"] if smoke else [])  # fmt: skip
+               "--work", str(work), "--tests", args.tests, "--rows", args.rows] + (["--cpu-smoke"] if smoke else [])  # fmt: skip
     t0 = time.perf_counter()
     log.write(f"\n===== stage {name} (limit {limit_s:.0f}s) =====\n")
     log.flush()
@@ -130,7 +134,8 @@ def summary(report: dict) -> str:
 # --------------------------------------------------------------------------- stages (children)
 
 
-def stage_env(work: Path, smoke: bool) -> dict:
+def stage_env(work: Path, args: argparse.Namespace) -> dict:
+    smoke = args.cpu_smoke
     import torch
 
     facts = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -162,7 +167,8 @@ def nvidia_driver() -> str:
         return "unknown"
 
 
-def stage_packages(work: Path, smoke: bool) -> dict:
+def stage_packages(work: Path, args: argparse.Namespace) -> dict:
+    smoke = args.cpu_smoke
     found, missing = {}, []
     needed = ["webdataset", "wandb", "submitit", "yaml", "torchvision", "torchmetrics", "pytest"]
     for name in needed + ([] if smoke else ["skimage"]):  # skimage: the photo patches (the smoke test uses digits)
@@ -176,7 +182,8 @@ def stage_packages(work: Path, smoke: bool) -> dict:
     return {"line": line, "ok": not missing}
 
 
-def stage_e2e(work: Path, smoke: bool) -> dict:
+def stage_e2e(work: Path, args: argparse.Namespace) -> dict:
+    smoke = args.cpu_smoke
     """Real trainer runs on photo patches; several at once (the GPU has room, the timing is not the point)."""
     runs_dir = work / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
@@ -261,7 +268,8 @@ def bench_shards(smoke: bool) -> Path:
     return bench_shards(smoke)
 
 
-def stage_tests(work: Path, smoke: bool) -> dict:
+def stage_tests(work: Path, args: argparse.Namespace) -> dict:
+    smoke = args.cpu_smoke
     command = [
         sys.executable,
         "-m",
@@ -274,7 +282,7 @@ def stage_tests(work: Path, smoke: bool) -> dict:
         "-s",
         "-p",
         "no:cacheprovider",
-    ]
+    ] + (["-k", args.tests] if args.tests else [])
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     print(done.stdout[-20000:], done.stderr[-5000:])
     lines = done.stdout.strip().splitlines()
@@ -285,11 +293,13 @@ def stage_tests(work: Path, smoke: bool) -> dict:
             "details": [v for v in verdicts if not v.startswith("PASSED")] + printed}  # fmt: skip
 
 
-def stage_throughput(work: Path, smoke: bool) -> dict:
+def stage_throughput(work: Path, args: argparse.Namespace) -> dict:
+    smoke = args.cpu_smoke
     sys.path.insert(0, str(REPO / "bench"))
     import gpu_table
 
-    return gpu_table.measure_all(work, smoke, PEAK_BF16_TFLOPS, deadline_s=SMOKE_LIMIT_S["throughput"] - 15 if smoke
+    rows = [word for word in args.rows.split(",") if word]
+    return gpu_table.measure_all(work, smoke, rows, PEAK_BF16_TFLOPS, deadline_s=SMOKE_LIMIT_S["throughput"] - 15 if smoke
                                  else LIMIT_S["throughput"] - 20)  # fmt: skip
 
 

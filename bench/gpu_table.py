@@ -82,7 +82,16 @@ def kernel_profile(step: Step, batches: Iterator[torch.Tensor], steps: int) -> d
     kernels = [
         e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
     ]
-    return {"kernels": len(kernels) / steps, "gpu_busy_us": sum(e.time_range.elapsed_us() for e in kernels) / steps}
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:10]
+    return {
+        "kernels": len(kernels) / steps,
+        "gpu_busy_us": sum(e.time_range.elapsed_us() for e in kernels) / steps,
+        # where the GPU's time goes: (kernel, calls per step, µs per step)
+        "top_kernels": [(name[:90], len(times) / steps, sum(times) / steps) for name, times in top],
+    }
 
 
 def trainer_step(cfg: Config, dist_info: DistInfo, graphed: bool) -> Step:
@@ -99,17 +108,22 @@ def config(smoke: bool, name: str, *overrides: str) -> Config:
 class Table:
     """The rows measured so far; ``row`` measures one (an error is recorded as the row's figure)."""
 
-    def __init__(self, device: torch.device, smoke: bool, peak_tflops: float, deadline_s: float):
-        self.device, self.timing, self.peak_tflops = device, Timing(smoke), peak_tflops
+    def __init__(self, device: torch.device, smoke: bool, peak_tflops: float, deadline_s: float, only: list[str]):
+        self.device, self.timing, self.peak_tflops, self.only = device, Timing(smoke), peak_tflops, only
         self.t_end = time.perf_counter() + deadline_s
         self.rows: list[dict] = []
         self.skipped: list[str] = []
         self.flops: dict[str, float] = {}  # arch -> FLOPs per image per iteration
 
+    def wants(self, name: str) -> bool:
+        return not self.only or any(word in name for word in self.only)
+
     def row(
         self, name: str, batch: int, build: Callable[[], Step], feed: Callable[[], Iterator], arch="celeba"
     ) -> None:
         """Measure ``build()``'s step fed by ``feed()`` (both called here, so rows never share a state)."""
+        if not self.wants(name):
+            return
         if time.perf_counter() > self.t_end:
             self.skipped.append(f"{name} @ {batch} (time budget)")
             return
@@ -122,6 +136,8 @@ class Table:
             figures["mfu"] = figures["img_s"] * self.flops[arch] / (self.peak_tflops * 1e12)
         self.rows.append(figures)
         print(format_row(figures, self.rows), flush=True)
+        for kernel, calls, us in figures.get("top_kernels", []):
+            print(f"      {us:8.1f} us in {calls:5.1f} calls/step  {kernel}")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -134,13 +150,14 @@ def random_batch(device: torch.device, batch: int, channels: int = 3, size: int 
     )
 
 
-def measure_all(out: Path, smoke: bool, peak_tflops: float, deadline_s: float) -> dict:
+def measure_all(out: Path, smoke: bool, only: list[str], peak_tflops: float, deadline_s: float) -> dict:
+    """Every row (``only``: the rows whose name holds one of these words), then the table."""
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True  # as dcgan.train
     one = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
-    table = Table(device, smoke, peak_tflops, deadline_s)
+    table = Table(device, smoke, peak_tflops, deadline_s, only)
     tf32 = set_tf32("default")
     celeba = partial(config, smoke, "celeba")
     demo = config(smoke, "fashion-mnist", "train.precision=bf16")
@@ -160,8 +177,9 @@ def measure_all(out: Path, smoke: bool, peak_tflops: float, deadline_s: float) -
         if not cuda:
             table.skipped.append(f"graph rows @ {batch} (no GPU)")
             continue
-        bf16 = celeba(size, "train.precision=bf16")
-        table.row("graph bf16", batch, partial(trainer_step, bf16, one, True), feed)
+        for precision in ("fp32", "bf16"):
+            cfg = celeba(size, f"train.precision={precision}")
+            table.row(f"graph {precision}", batch, partial(trainer_step, cfg, one, True), feed)
         cached = celeba(size, "train.precision=bf16", f"data.shards={shards}")
         table.row(
             "graph bf16, cache", batch, partial(trainer_step, cached, one, True), partial(cache_batches, cached, one)
@@ -170,14 +188,19 @@ def measure_all(out: Path, smoke: bool, peak_tflops: float, deadline_s: float) -
         demo_feed = partial(random_batch, device, demo.train.batch_size, 1, 28)
         for name, graphed in (("demo config, eager bf16", False), ("demo config, graph bf16", True)):
             table.row(name, demo.train.batch_size, partial(trainer_step, demo, one, graphed), demo_feed, "demo")
-    extra = process_group_rows(table, celeba, device, batch_sizes) if cuda else {}
+    extra = process_group_rows(table, celeba, device, batch_sizes) if cuda and table.wants("process group") else {}
     if smoke:  # inductor's C++ build of the nets takes minutes on a small CPU: the smoke test checks the code path
         torch.compile = partial(torch.compile, backend="eager")
     for batch in batch_sizes:  # last: compiling takes the longest, and the time budget may cut it
-        compiled = celeba(f"train.batch_size={batch}", "train.precision=bf16", "train.compile=true")
-        table.row(
-            "compile bf16", batch, partial(trainer_step, compiled, one, False), partial(random_batch, device, batch)
-        )
+        # NCHW: train.compile refuses channels_last on a GPU (pytorch#171622, dcgan/preflight.py).
+        compiled = celeba(f"train.batch_size={batch}", "train.precision=bf16", "train.compile=true",
+                          "train.channels_last=false")  # fmt: skip
+        feed = partial(random_batch, device, batch, channels_last=False)
+        table.row("compile bf16, NCHW", batch, partial(trainer_step, compiled, one, False), feed)
+        if cuda:  # the compiled step captured as a graph (train.cuda_graph=on with train.compile), and without compile
+            table.row("compile + graph bf16, NCHW", batch, partial(trainer_step, compiled, one, True), feed)
+            nchw = celeba(f"train.batch_size={batch}", "train.precision=bf16", "train.channels_last=false")
+            table.row("graph bf16, NCHW", batch, partial(trainer_step, nchw, one, True), feed)
 
     lines = format_table(table.rows, tf32, device, peak_tflops, table.skipped, extra)
     for line in lines:
@@ -220,6 +243,7 @@ def cache_batches(cfg: Config, one: DistInfo) -> Iterator[torch.Tensor]:
 
 def process_group_rows(table: Table, celeba: Callable[..., Config], device: torch.device, batch_sizes) -> dict:
     """Rows with a process group of one (NCCL), its host syncs, and the all-reduce of the nets' gradients."""
+    device = torch.device("cuda", torch.cuda.current_device())  # NCCL's device_id needs the index
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
     grouped = DistInfo(rank=0, local_rank=0, world_size=1, device=device, control_group=dist.new_group(backend="gloo"))
     extra = {}

@@ -3,8 +3,10 @@
     python bench/quality.py                                  # configs/fashion-mnist.yaml, 4000 steps
     python bench/quality.py --steps 4000 --plain-steps 8000 --eval-every 1000
     python bench/quality.py --only project model.ema_decay=0 # an ablation (a.b=value for both runs)
+    python bench/quality.py --only project --nproc 2 train.batch_size=64 train.sync_bn=false  # DDP, no SyncBN
 
-(1) the project: ``python -m dcgan.train`` on the config (one process, its batch size),
+(1) the project: ``python -m dcgan.train`` on the config (one process, its batch size;
+with --nproc N, torchrun with N processes of that batch each),
 evaluating every --eval-every steps on the EMA generator in eval mode (eval.every);
 (2) the baseline: bench/plain_loop.py (fp32, Sigmoid + BCELoss, no EMA, G sampled in
 train mode, the seeds' Adam: lr 2e-4, betas (0.5, 0.999)) on the same architecture and
@@ -38,8 +40,11 @@ SCORES = ("fid", "kid", "precision", "recall")
 
 def run_project(args, overrides: list[str], out_dir: Path) -> tuple[dict[int, dict], float]:
     name = "project"
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else []
+    )
     cmd = [
-        sys.executable, "-m", "dcgan.train", "--config", args.config, *overrides,
+        sys.executable, *launcher, "-m", "dcgan.train", "--config", args.config, *overrides,
         f"train.out_dir={out_dir}", f"train.name={name}", f"train.steps={args.steps}",
         f"eval.every={args.eval_every}", f"eval.num_samples={args.num_samples}",
         "train.resume=never", "train.overwrite=true", "wandb.mode=disabled", "log.every=500",
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=10000, help="generated images per evaluation")
     parser.add_argument("--out-dir", default="runs/bench-quality")
     parser.add_argument("--only", choices=("plain", "project"), help="run one side only")
+    parser.add_argument("--nproc", type=int, default=1, help="the project's processes (torchrun; DDP, SyncBN)")
     parser.add_argument(
         "overrides", nargs="*", help="a.b=value overrides for both runs (the plain loop keeps the seeds' Adam)"
     )

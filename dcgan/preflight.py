@@ -23,7 +23,7 @@ import torch
 from dcgan import distributed
 from dcgan.cache import UNMEASURED, CacheChoice, choose_cache, measure_room
 from dcgan.checkpoint import check_resume_setting, latest_valid, list_checkpoints, read_record, step_of
-from dcgan.config import Config, load_config
+from dcgan.config import Config, ConfigError, load_config
 from dcgan.data import steps_per_epoch
 from dcgan.eval import ExtractorChoice, choose_extractor
 from dcgan.shardset import ShardSet, first_image_size, resolve_shards
@@ -86,12 +86,27 @@ def plan_run(
     extractor = choose_extractor(cfg.eval, cfg.data.shards, cfg.model) if cfg.eval.every else None
     room = UNMEASURED
     if on_this_machine:  # the device this process would take (DeviceError: no GPU fits), and its memory
-        room = measure_room(distributed.choose_device(cfg.train.device, distributed.read_env().local_rank))
+        device = distributed.choose_device(cfg.train.device, distributed.read_env().local_rank)
+        check_compile_layout(cfg, device)
+        room = measure_room(device)
     cache = choose_cache(cfg.data, shards.counts, cfg.model.channels, cfg.model.image_size, world_size, room)
     warn_if_resized(shards, cfg.model.image_size)
     cfg, note = settle_restart(cfg, restart)
     check_resume_setting(cfg, shards)
     return RunPlan(cfg, shards, cache, extractor, world_size, note, on_this_machine)
+
+
+def check_compile_layout(cfg: Config, device: torch.device) -> None:
+    """ConfigError for train.compile with channels_last on a GPU: inductor predicts NCHW
+    strides for ConvTranspose2d's backward where cuDNN returns NHWC ones, and the first step
+    dies on a stride assertion (pytorch#171622; seen with torch 2.11 on an H200,
+    bench/README.md#gpus). NCHW compiles and runs there."""
+    if cfg.train.compile and cfg.train.channels_last and device.type == "cuda":
+        raise ConfigError(
+            "train.compile: with train.channels_last=true on a GPU the first step fails (torch.compile mispredicts "
+            "the layout of ConvTranspose2d's backward, pytorch#171622); add train.channels_last=false, or leave "
+            "train.compile off: the CUDA graph without it is faster (bench/README.md#gpus)"
+        )
 
 
 def describe_device(device: str, on_this_machine: bool) -> str:

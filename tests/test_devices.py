@@ -2,9 +2,12 @@
 decides, checked here with the device counts given (tests/test_cuda.py runs it on a GPU)."""
 
 import pytest
+import torch
 
 from conftest import run_module, write_config
+from dcgan.config import ConfigError, load_config
 from dcgan.distributed import DeviceError, cuda_index
+from dcgan.preflight import check_compile_layout
 
 
 @pytest.mark.parametrize(
@@ -37,3 +40,13 @@ def test_a_process_group_of_one(tmp_path, digit_shards):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 process(es) on cpu (DDP)" in result.stderr
     assert "train.cuda_graph=on: eager steps on the cpu (CUDA graphs need a GPU)" in result.stderr
+
+
+def test_compile_with_channels_last_is_refused_on_a_gpu_only():
+    """torch.compile fails on ConvTranspose2d's backward in NHWC on CUDA (pytorch#171622,
+    measured on an H200); on the CPU, and in NCHW, it runs."""
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"^train.compile: .*add train.channels_last=false"):
+        check_compile_layout(load_config(None, ["train.compile=true"]), gpu)
+    check_compile_layout(load_config(None, ["train.compile=true", "train.channels_last=false"]), gpu)
+    check_compile_layout(load_config(None, ["train.compile=true"]), cpu)
