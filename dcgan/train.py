@@ -191,9 +191,11 @@ def build_run(
     """Nets, optimisers, data, checkpointer and evaluator of this attempt; the checkpoint
     loaded into them; the tracker started at the step it resumes from."""
     cfg, shards, t = plan.cfg, plan.shards, plan.cfg.train
+    graph = choose_graph(cfg, dist.device)
+    settings = [graph.why]  # how the step runs, for the start-up lines
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    graph = choose_graph(cfg, dist.device)
+        settings.append(set_tf32(t.tf32))
     state, g_train, d_train = build_training(cfg, dist, graphed=graph.on)
     loader = build_loader(plan, dist, where)
     # Each rank draws its own latents; the fixed grid noise is the same everywhere.
@@ -227,7 +229,7 @@ def build_run(
         eval_mode_sampler(state.generator_ema if state.generator_ema is not None else state.generator),
         fixed_noise.to(dist.device), resume_from,
     )  # fmt: skip
-    log_start(run, plan, [graph.why, set_tf32(t.tf32)] if dist.device.type == "cuda" else [graph.why])
+    log_start(run, plan, settings)
     return run
 
 

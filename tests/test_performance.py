@@ -1,14 +1,18 @@
 """The speed settings (channels_last, fused Adam, torch.compile) change how fast a step
 runs, never what it computes or what a checkpoint holds; the bench scripts run."""
 
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_module, run_python, write_config
+from conftest import REPO, run_module, run_python, write_config
 from dcgan.config import load_config
 from dcgan.data import Loader, ShardStream
 from dcgan.distributed import DistInfo
@@ -69,10 +73,11 @@ def test_compiled_run_trains_and_checkpoints_plain_keys(tmp_path, digit_shards):
     result = run_module("dcgan.train", "--config", str(config), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fp32, channels_last, torch.compile, 4 steps" in result.stderr
+    assert re.search(r"torch.compile: [3-9] graphs so far", result.stderr)  # G, D, D frozen: counted and logged
     run_dir = tmp_path / "runs" / "compiled"
     state = torch.load(run_dir / "checkpoints" / "step_00000004.pt", weights_only=True)
     G, D = build_models(load_config(run_dir / "config.yaml"))
-    G.load_state_dict(state["generator"])  # no "_orig_mod." prefixes: the nets were compiled in place
+    G.load_state_dict(state["generator"])  # no "_orig_mod." prefixes: the bare nets are saved, not their compiled calls
     D.load_state_dict(state["discriminator"])
     assert all(math.isfinite(v) for v in state["generator"]["1.running_mean"].tolist())
     # It resumes: compiled or not, a checkpoint is the bare nets' state.
@@ -119,3 +124,21 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards, real_images):
     scale = run_python("bench/plan_at_scale.py", "--ranks", "8", "--shards", "100", "--cache-samples", "10000")
     assert scale.returncode == 0, scale.stderr[-3000:]
     assert "read amplification      1." in scale.stdout and scale.stdout.count("on every rank: True") == 2
+
+
+def test_the_gpu_script_runs_every_stage_on_the_cpu(tmp_path):
+    """bash bench/gpu.sh --cpu-smoke: every stage at tiny sizes, so the one script a GPU
+    machine runs still works the day a GPU comes."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        ["bash", "bench/gpu.sh", "--cpu-smoke", "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["stages"]) == ["env", "packages", "e2e", "tests", "throughput"]
+    assert all(stage["status"] == "PASS" for stage in report["stages"].values())
+    assert report["stages"]["e2e"]["line"] == "6/6 runs passed"
+    summary = result.stdout[result.stdout.index("== bench/gpu.sh summary") :].splitlines()
+    assert len(summary) <= 60 and any(line.startswith("plain seed loop, fp32") for line in summary)
+    assert "===== stage throughput" in (out / "gpu.log").read_text()
