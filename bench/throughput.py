@@ -45,7 +45,7 @@ from dcgan.data import Loader, ShardStream
 from dcgan.distributed import DistInfo
 from dcgan.shards import main as shards_main
 from dcgan.shardset import resolve_shards
-from dcgan.training import AMP_DTYPES, build_training, gan_step, memory_format
+from dcgan.training import AMP_DTYPES, build_training, gan_step, memory_format, set_tf32
 from plain_loop import PlainLoop, batches  # bench/ is on sys.path when run as a script
 
 BENCH_DATA = Path("data")  # where the photo-patch shards are written
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as dcgan.train does
+    tf32 = set_tf32(cfg.train.tf32) if device.type == "cuda" else ""
 
     stream = ShardStream(
         resolve_shards(cfg.data), cfg.data, rank=0, world_size=1, batch_size=args.batch,
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# {args.config}: arch {cfg.model.arch}, batch {args.batch}, {cfg.train.precision}, "
         f"channels_last {cfg.train.channels_last}, fused Adam {cfg.optim.fused}, compile {cfg.train.compile}, "
         f"{device.type}, {torch.get_num_threads()} threads, {args.workers} data worker(s); "
-        f"{args.repeats} x {args.steps} steps; {flops / 1e9:.3f} GFLOP per image per iteration",
+        f"{args.repeats} x {args.steps} steps; {flops / 1e9:.3f} GFLOP per image per iteration"
+        + (f"; {tf32}" if tf32 else ""),
         flush=True,
     )
     runs: dict[str, list[float]] = {name: [] for name in variants}
