@@ -161,9 +161,9 @@ class TrainConfig:
     # NHWC memory layout for the conv nets' weights, activations and input batches: the
     # layout oneDNN (CPU) and tensor cores (GPU) run fastest; the maths is unchanged.
     channels_last: bool = True
-    # torch.compile the forwards of G and D, each on its own (compiled on the first steps;
-    # D once more for its frozen G-step pass; the log counts the graphs). bench/README.md
-    # says where it pays.
+    # torch.compile G and D (compiled on the first steps; D once more for its frozen G-step
+    # pass; the log counts the graphs). On GPUs it needs channels_last=false and measured
+    # slower than train.cuda_graph alone (bench/README.md#gpus).
     compile: bool = False
     # Capture the whole step (both D passes and updates, G's step, the EMA update, the
     # statistics) as one CUDA graph after a few eager steps and replay it: one launch instead
