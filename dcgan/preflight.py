@@ -40,6 +40,7 @@ class RunPlan:
     world_size: int
     restart_note: str | None  # what settling the restart changed, for the log (None: nothing)
     on_this_machine: bool = True  # planned for this machine (False: the launchers plan for the job's)
+    device: torch.device | None = None  # the device this process takes (None: planned for another machine)
 
     def describe(self) -> str:
         """The plan for a person, one fact a line: what ``--dry-run`` prints."""
@@ -59,7 +60,7 @@ class RunPlan:
         rows = [
             ("run folder", f"{folder} ({state})"),
             ("processes", f"{world} (world size{', from WORLD_SIZE' if self.on_this_machine else ''})"),
-            ("device", describe_device(t.device, self.on_this_machine) + f", precision {t.precision}"),
+            ("device", describe_device(t.device, self.device) + f", precision {t.precision}"),
             ("batch", f"{t.batch_size} per process, {t.batch_size * world} global"),
             ("data", f"{shards.total} samples{size} in {len(shards.urls)} shard(s) from {cfg.data.shards}"),
             ("counts from", shards.counted_by),
@@ -84,7 +85,7 @@ def plan_run(
     shards = resolve_shards(cfg.data)
     steps_per_epoch(shards.total, world_size, cfg.train.batch_size)  # the data fills a batch per process
     extractor = choose_extractor(cfg.eval, cfg.data.shards, cfg.model) if cfg.eval.every else None
-    room = UNMEASURED
+    room, device = UNMEASURED, None
     if on_this_machine:  # the device this process would take (DeviceError: no GPU fits), and its memory
         device = distributed.choose_device(cfg.train.device, distributed.read_env().local_rank)
         check_compile_layout(cfg, device)
@@ -93,7 +94,7 @@ def plan_run(
     warn_if_resized(shards, cfg.model.image_size)
     cfg, note = settle_restart(cfg, restart)
     check_resume_setting(cfg, shards)
-    return RunPlan(cfg, shards, cache, extractor, world_size, note, on_this_machine)
+    return RunPlan(cfg, shards, cache, extractor, world_size, note, on_this_machine, device)
 
 
 def check_compile_layout(cfg: Config, device: torch.device) -> None:
@@ -109,12 +110,12 @@ def check_compile_layout(cfg: Config, device: torch.device) -> None:
         )
 
 
-def describe_device(device: str, on_this_machine: bool) -> str:
-    """train.device as a run here would resolve it (distributed.setup's rule)."""
-    if not on_this_machine:
-        return f"train.device={device} (decided on the job's machines)"
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return f"{'cuda' if cuda else 'cpu'} (train.device={device})"
+def describe_device(setting: str, device: torch.device | None) -> str:
+    """train.device as this process resolved it (``distributed.choose_device``), or None:
+    decided on the job's machines."""
+    if device is None:
+        return f"train.device={setting} (decided on the job's machines)"
+    return f"{device.type} (train.device={setting})"
 
 
 def describe_resume(cfg: Config) -> str:
