@@ -112,31 +112,34 @@ def test_the_step_makes_no_host_sync(tmp_path, digit_shards, graphed):
     assert step.graph is not None if graphed else step.graph is None
 
 
+def assert_trained_alike(label, stats, state, reference_stats, reference_state):
+    """The same statistics at every step and the same weights, EMA and BN statistics at the
+    end, within TOLERANCE; prints the largest differences (bench/gpu.sh's summary shows them)."""
+    print(f"{label}: statistics {largest_difference(stats, reference_stats):.2e}, "
+          f"weights {largest_difference(weights(state), weights(reference_state)):.2e}")  # fmt: skip
+    torch.testing.assert_close(stats, reference_stats, **TOLERANCE)
+    torch.testing.assert_close(weights(state), weights(reference_state), **TOLERANCE)
+    ema, reference_ema = (
+        torch.cat([t.flatten().cpu().float() for t in s.generator_ema.state_dict().values()])
+        for s in (state, reference_state)
+    )
+    torch.testing.assert_close(ema, reference_ema, **TOLERANCE)
+
+
 def test_eager_steps_repeat_from_a_seed(tmp_path, digit_shards, deterministic_cudnn):
     cfg = cuda_config(tmp_path, digit_shards, cuda_graph="off")
     first, state_a = train_steps(cfg, graphed=False, steps=50)
     second, state_b = train_steps(cfg, graphed=False, steps=50)
-    print(f"eager vs eager: statistics {largest_difference(second, first):.2e}, "
-          f"weights {largest_difference(weights(state_b), weights(state_a)):.2e}")  # fmt: skip
-    torch.testing.assert_close(second, first, **TOLERANCE)
-    torch.testing.assert_close(weights(state_b), weights(state_a), **TOLERANCE)
+    assert_trained_alike("eager vs eager", second, state_b, first, state_a)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_graphed_steps_train_as_eager_ones(tmp_path, digit_shards, deterministic_cudnn, precision):
-    """50 steps replayed from a CUDA graph against 50 eager steps from the same seed: the
-    same statistics at every step, the same weights, EMA and BN statistics at the end."""
+    """50 steps replayed from a CUDA graph against 50 eager steps from the same seed."""
     cfg = cuda_config(tmp_path, digit_shards, precision=precision)
     eager, state_e = train_steps(cfg, graphed=False, steps=50)
     graphed, state_g = train_steps(cfg, graphed=True, steps=50)
-    print(f"{precision} graph vs eager: statistics {largest_difference(graphed, eager):.2e}, "
-          f"weights {largest_difference(weights(state_g), weights(state_e)):.2e}")  # fmt: skip
-    torch.testing.assert_close(graphed, eager, **TOLERANCE)
-    torch.testing.assert_close(weights(state_g), weights(state_e), **TOLERANCE)
-    ema_e, ema_g = (
-        torch.cat([t.flatten().cpu() for t in s.generator_ema.state_dict().values()]) for s in (state_e, state_g)
-    )
-    torch.testing.assert_close(ema_g.float(), ema_e.float(), **TOLERANCE)
+    assert_trained_alike(f"{precision} graph vs eager", graphed, state_g, eager, state_e)
     assert int(state_g.opt_d.state[next(iter(state_g.opt_d.state))]["step"]) == 50  # Adam stepped in every replay
 
 
@@ -184,8 +187,9 @@ def test_resume_with_channels_last_flipped(tmp_path, digit_shards):
     """CUDA's fused Adam refuses moments in another layout than their parameters."""
     config = gpu_config(tmp_path / "layout.yaml", digit_shards, train={"steps": 4})
     run_trainer(config, "train.channels_last=true")
-    run_trainer(config, "train.steps=8", "train.channels_last=false")
-    run_trainer(config, "train.steps=12", "train.channels_last=true")
+    for steps, channels_last in ((8, "false"), (12, "true")):
+        resumed = run_trainer(config, f"train.steps={steps}", f"train.channels_last={channels_last}")
+        assert f"at step {steps - 4} " in resumed.stderr and "done: 4 steps" in resumed.stderr
 
 
 def test_one_gpu_per_task_and_a_process_group_of_one(tmp_path, digit_shards):
