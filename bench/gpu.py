@@ -141,6 +141,7 @@ def summary(report: dict) -> str:
 
 
 def stage_env(work: Path, args: argparse.Namespace) -> dict:
+    """The machine and the versions every figure depends on, in one line."""
     smoke = args.cpu_smoke
     import torch
 
@@ -174,6 +175,7 @@ def nvidia_driver() -> str:
 
 
 def stage_packages(work: Path, args: argparse.Namespace) -> dict:
+    """Whether what dcgan imports is there (gpu.sh installed .whl/ first)."""
     smoke = args.cpu_smoke
     found, missing = {}, []
     needed = ["webdataset", "wandb", "submitit", "yaml", "torchvision", "torchmetrics", "pytest"]
@@ -189,8 +191,10 @@ def stage_packages(work: Path, args: argparse.Namespace) -> dict:
 
 
 def stage_e2e(work: Path, args: argparse.Namespace) -> dict:
-    smoke = args.cpu_smoke
     """Real trainer runs on photo patches; several at once (the GPU has room, the timing is not the point)."""
+    from gpu_table import bench_shards  # bench/ is sys.path[0]; imported here, after the packages stage
+
+    smoke = args.cpu_smoke
     runs_dir = work / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     shards = bench_shards(smoke)
@@ -200,15 +204,8 @@ def stage_e2e(work: Path, args: argparse.Namespace) -> dict:
     common = [f"data.shards={shards}", f"train.out_dir={runs_dir}", "log.every=10" if smoke else "log.every=50",
               "log.samples_every=1000", "wandb.mode=disabled", *size]  # fmt: skip
     train = [sys.executable, "-m", "dcgan.train"]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=1",
-        "-m",
-        "dcgan.train",
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+                "dcgan.train"]  # fmt: skip
     celeba = ["--config", "configs/celeba.yaml", *common, "train.precision=bf16", "data.cache=on", "train.name=celeba",
               f"checkpoint.every={steps(100)}"]  # fmt: skip
     jobs = {
@@ -227,13 +224,9 @@ def stage_e2e(work: Path, args: argparse.Namespace) -> dict:
     # The celeba run resumed to 250 steps: it must carry on from step 200.
     resume = run_all({"celeba resumed to 250": [*train, *celeba, f"train.steps={steps(250)}"]}, work)
     results.update(resume)
-    resumed_log = (
-        (work / "e2e-celeba-resumed-to-250.log").read_text()
-        if (work / "e2e-celeba-resumed-to-250.log").exists()
-        else ""
-    )
-    if results["celeba resumed to 250"]["ok"] and f"at step {steps(200)} " not in resumed_log:
-        results["celeba resumed to 250"].update(ok=False, line="did not resume from its step-200 checkpoint")
+    resumed = results["celeba resumed to 250"]
+    if resumed["ok"] and f"at step {steps(200)} " not in Path(resumed["log"]).read_text():
+        resumed.update(ok=False, line="did not resume from its step-200 checkpoint")
     details = [f"{'PASS' if r['ok'] else 'FAIL'} {name}: {r['line']}" for name, r in results.items()]
     for line in details:
         print(line)
@@ -263,15 +256,8 @@ def run_all(jobs: dict[str, list[str]], work: Path) -> dict:
         print("\n".join(text.splitlines()[-25:]), flush=True)
         done = [line for line in text.splitlines() if "] INFO done:" in line or "] ERROR" in line]
         last = done[-1].split("] ", 1)[-1] if done else text.strip().splitlines()[-1] if text.strip() else "no output"
-        results[name] = {"ok": code == 0, "exit": code, "line": last[:160]}
+        results[name] = {"ok": code == 0, "exit": code, "line": last[:160], "log": str(log_path)}
     return results
-
-
-def bench_shards(smoke: bool) -> Path:
-    sys.path.insert(0, str(REPO / "bench"))
-    from gpu_table import bench_shards
-
-    return bench_shards(smoke)
 
 
 def stage_tests(work: Path, args: argparse.Namespace) -> dict:
@@ -297,12 +283,12 @@ def stage_tests(work: Path, args: argparse.Namespace) -> dict:
 
 
 def stage_throughput(work: Path, args: argparse.Namespace) -> dict:
-    smoke = args.cpu_smoke
-    sys.path.insert(0, str(REPO / "bench"))
+    """The table (bench/gpu_table.py), within the stage's time limit."""
     import gpu_table
 
+    smoke = args.cpu_smoke
     rows = [word for word in args.rows.split(",") if word]
-    return gpu_table.measure_all(work, smoke, rows, PEAK_BF16_TFLOPS, deadline_s=SMOKE_LIMIT_S["throughput"] - 15 if smoke
+    return gpu_table.measure_all(smoke, rows, PEAK_BF16_TFLOPS, deadline_s=SMOKE_LIMIT_S["throughput"] - 15 if smoke
                                  else LIMIT_S["throughput"] - 20)  # fmt: skip
 
 

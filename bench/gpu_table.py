@@ -150,7 +150,7 @@ def random_batch(device: torch.device, batch: int, channels: int = 3, size: int 
     )
 
 
-def measure_all(out: Path, smoke: bool, only: list[str], peak_tflops: float, deadline_s: float) -> dict:
+def measure_all(smoke: bool, only: list[str], peak_tflops: float, deadline_s: float) -> dict:
     """Every row (``only``: the rows whose name holds one of these words), then the table."""
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     cuda = device.type == "cuda"
