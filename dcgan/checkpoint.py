@@ -16,8 +16,8 @@ random generators (``capture_rng_state``). On disk it is two files in ``<run>/ch
 a given one, or none. Usable: it verifies against its record, ``weights_only=True``
 loads it, and every tensor in it is finite (a diverged run's last checkpoints must never
 be resumed from); one that is not is set aside and the one before is tried. Resuming
-from a checkpoint older than the run's newest starts a new timeline: the old timeline's
-later checkpoints, samples and metrics are moved to ``<run>/timelines/`` (never deleted).
+from any other than the folder's newest starts a new timeline (``place_on_timeline``;
+lineage and the settings that act once: ``dcgan/timelines.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcgan import timelines
 from dcgan.config import ConfigError
 from dcgan.fileio import write_atomic
 from dcgan.models import ModelConfig, build_models
@@ -50,8 +51,6 @@ log = logging.getLogger("dcgan.checkpoint")
 
 FORMAT_VERSION = 2
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
-_SAMPLE_NAME = re.compile(r"^step_(\d{8,})\.png$")
-TIMELINES_DIR = "timelines"  # <run>/timelines/<when>-after-step_<S>/: a timeline left by a branch
 # Model settings that shape the nets' tensors: a checkpoint cannot be loaded with others.
 FIXED_ON_RESUME = ("arch", "image_size", "channels", "nz", "ngf", "ndf")
 RECORD_SUFFIX = ".json"  # step_X.pt -> step_X.pt.json
@@ -205,6 +204,7 @@ def _write_with_record(state_dict: dict[str, Any], path: Path, step: int) -> int
     record = {
         "file": path.name, "step": step, "bytes": written.bytes, "sha256": written.sha256.hexdigest(),
         "data": state_dict.get("data"), "model": state_dict.get("config", {}).get("model"),
+        "lineage": state_dict.get("lineage"),
     }  # fmt: skip
     write_atomic(record_path(path), lambda f: f.write(json.dumps(record).encode()))
     return written.bytes
@@ -383,21 +383,25 @@ def check_same_data(saved: dict[str, Any] | None, shards: ShardSet, path: Path, 
 
 class Resume(NamedTuple):
     path: Path
-    state_dict: dict[str, Any]  # loaded on the CPU
-    new_timeline: Path | None  # where the later checkpoints of the run went (None: no branch)
+    state_dict: dict[str, Any] | None  # loaded on the CPU (rank 0; None once loaded, and on other ranks)
+    lineage: timelines.Lineage  # the lineage this attempt trains on
+    continues: bool  # the folder's own timeline goes on (False: a new one starts after path's step)
 
 
 def choose(cfg: Config) -> Resume | None:
-    """Rank 0 only: the checkpoint to resume from, loaded (None: start fresh). Unusable
-    ones are reported and set aside; raises ResumeError when checkpoints exist but none is
-    usable, ConfigError when the chosen one holds nets of another shape."""
+    """Rank 0 only: the checkpoint to resume from, loaded (None: start fresh), and the
+    timeline it goes on on. Unusable ones are reported and set aside; raises ResumeError
+    when checkpoints exist but none is usable, ConfigError when the chosen one holds nets
+    of another shape. Records the settings that act once (``timelines.record_start``)."""
     found = _choose_path(cfg)
     if found is None:
+        timelines.record_start(cfg, 0)
         return None
     path, sd = found
     check_model_unchanged(sd["config"]["model"], cfg, path)
-    moved = move_later_aside(cfg.run_dir, sd["step"])
-    return Resume(path, sd, moved)
+    resume = place_on_timeline(cfg.run_dir, path, sd)
+    timelines.record_start(cfg, sd["step"])
+    return resume
 
 
 def _choose_path(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
@@ -434,43 +438,31 @@ def _choose_path(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def move_later_aside(run_dir: Path, step: int) -> Path | None:
-    """Resuming at ``step`` while the run folder holds later checkpoints: a new timeline.
-    The later checkpoints (best.pt too, when it is later) and sample grids move to
-    ``<run>/timelines/<when>-after-step_<step>/``, with a copy of metrics.jsonl and
-    summary.json as they were; returns that folder (None: nothing was later)."""
-    ckpt_dir = run_dir / "checkpoints"
-    later = [p for p in list_checkpoints(ckpt_dir) if step_of(p) > step]
+def place_on_timeline(run_dir: Path, path: Path, sd: dict[str, Any]) -> Resume:
+    """Resume from ``path`` (``sd``) in ``run_dir``: the folder's own timeline goes on when
+    ``path`` is its newest checkpoint; otherwise a new timeline starts after ``path``'s
+    step, and what the folder holds past the step where its lineage and ``path``'s part
+    moves to ``timelines/`` (whatever its step number). Resumed from an old timeline of
+    this folder, that timeline's metrics up to ``path``'s step come back, so metrics.jsonl
+    holds the whole curve of the lineage trained on."""
+    ckpt_dir, step, lineage = run_dir / "checkpoints", sd["step"], sd.get("lineage")
+    held = timelines.read_lineage(run_dir)
+    if held is None:  # lineage.json lost: the newest checkpoint knows the folder's lineage
+        newest = list_checkpoints(ckpt_dir)[-1:]
+        held = read_record(newest[0]).get("lineage") if newest else None
+    after = int(min(step, timelines.parting_step(held, lineage)))
+    later = [p for p in list_checkpoints(ckpt_dir) if step_of(p) > after]
     best = ckpt_dir / BEST_NAME
-    if best.exists() and read_record(best).get("step", 0) > step:
+    if best.exists() and read_record(best).get("step", 0) > after:
         later.append(best)
-    if not later:
-        return None
-    aside = run_dir / TIMELINES_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-after-step_{step:08d}"
-    (aside / "checkpoints").mkdir(parents=True)
-    for path in later:
-        path.replace(aside / "checkpoints" / path.name)
-        if record_path(path).exists():
-            record_path(path).replace(aside / "checkpoints" / record_path(path).name)
-    samples = run_dir / "samples"
-    grids = [
-        p
-        for p in (samples.iterdir() if samples.is_dir() else ())
-        if (m := _SAMPLE_NAME.match(p.name)) and int(m.group(1)) > step
-    ]
-    if grids:
-        (aside / "samples").mkdir()
-        for path in grids:
-            path.replace(aside / "samples" / path.name)
-    for name in ("metrics.jsonl", "summary.json"):
-        if (run_dir / name).exists():
-            shutil.copy2(run_dir / name, aside / name)
-    log.warning(
-        "resuming at step %d, before the run's newest checkpoint (step %d): a new timeline starts here; the old "
-        "one's later checkpoints, sample grids and metrics are in %s",
-        step, max((step_of(p) for p in later if p.name != BEST_NAME), default=step), aside,
-    )  # fmt: skip
-    return aside
+    own = path.resolve().parent == ckpt_dir.resolve()
+    if own and not later and after == step:
+        return Resume(path, sd, lineage or timelines.fresh(), continues=True)
+    timelines.move_aside(run_dir, after, later, step)
+    old_timeline = path.resolve().parent.parent
+    if old_timeline.parent == (run_dir / timelines.TIMELINES_DIR).resolve():
+        timelines.bring_back_metrics(run_dir, old_timeline / "metrics.jsonl", lineage or [["", 0]], after, step)
+    return Resume(path, sd, timelines.branch(lineage, step), continues=False)
 
 
 def load_generator(sd: dict, model: ModelConfig, weights: str, path: Path) -> nn.Module:

@@ -19,7 +19,7 @@ from dcgan import checkpoint, distributed
 from dcgan.config import Config, ConfigError
 from dcgan.data import BatchSource, derive_seed, steps_per_epoch
 from dcgan.distributed import DistInfo
-from dcgan.exits import EXIT_PREEMPTED, Ending
+from dcgan.exits import EXIT_PREEMPTED, SAME_COMMAND_CARRIES_ON, Ending
 from dcgan.failure import Where
 from dcgan.shardset import ShardSet
 from dcgan.training import TrainState
@@ -49,9 +49,8 @@ class Checkpointer:
         if stopping:
             if self.dist.is_main:
                 log.warning(
-                    "stopped on request after step %d/%d; checkpoint on disk %.2fs after the signal; "
-                    "the same command carries on from here (exit code %d)",
-                    step, last, time.time() - signal_time, EXIT_PREEMPTED,
+                    "stopped on request after step %d/%d; checkpoint on disk %.2fs after the signal; %s (exit code %d)",
+                    step, last, time.time() - signal_time, SAME_COMMAND_CARRIES_ON, EXIT_PREEMPTED,
                 )  # fmt: skip
             return Ending("stopped")
         return Ending("done") if step == last else None

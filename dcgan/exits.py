@@ -9,6 +9,11 @@ EXIT_CONFIG = 2  # bad input caught before anything started: fix it
 # EX_TEMPFAIL from sysexits.h ("temporary failure, try again"): stopped on a signal with the
 # state saved; run the same command again (the launchers requeue on it).
 EXIT_PREEMPTED = 75
+# What the stop lines promise (dcgan/preflight.py's settle_start keeps it).
+SAME_COMMAND_CARRIES_ON = (
+    "the same command carries on from the run folder's newest checkpoint, whatever train.resume and "
+    "train.overwrite it gives: those act at the run folder's first attempt only"
+)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 ``plan_run()`` reads the config and its overrides, resolves the shards and their counts,
 checks that the data fills a batch on every rank, decides whether the set is held
 decoded on the device (``data.cache``), picks the evaluation's feature
-extractor, settles what a restarted attempt resumes from and checks that choice
+extractor, settles what a later attempt resumes from and checks that choice
 against the run folder. It returns a ``RunPlan`` and changes nothing on disk or in its
 arguments. ``dcgan.train`` runs it on every rank; ``launch.submit`` and ``launch.sweep``
 run it on the login node before anything is submitted. Every mistake a user can make
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dcgan import distributed
+from dcgan import distributed, timelines
 from dcgan.cache import UNMEASURED, CacheChoice, choose_cache, measure_room
 from dcgan.checkpoint import check_resume_setting, latest_valid, list_checkpoints, read_record, step_of
 from dcgan.config import Config, ConfigError, load_config
@@ -33,12 +33,12 @@ log = logging.getLogger("dcgan.train")
 
 @dataclass(frozen=True)
 class RunPlan:
-    cfg: Config  # as this attempt runs it (restart settled)
+    cfg: Config  # as this attempt runs it (the settings that act once settled: settle_start)
     shards: ShardSet  # the shards with their per-shard counts
     cache: CacheChoice  # whether the set is held decoded on the device, and why
     extractor: ExtractorChoice | None  # the evaluation's feature extractor (None: eval.every is 0)
     world_size: int
-    restart_note: str | None  # what settling the restart changed, for the log (None: nothing)
+    start_note: str | None  # what settle_start changed, for the log (None: nothing)
     on_this_machine: bool = True  # planned for this machine (False: the launchers plan for the job's)
     device: torch.device | None = None  # the device this process takes (None: planned for another machine)
 
@@ -69,8 +69,8 @@ class RunPlan:
             ("resumes from", describe_resume(cfg)),
             ("evaluation", evaluation),
         ]
-        if self.restart_note:
-            rows.append(("restart", self.restart_note))
+        if self.start_note:
+            rows.append(("carries on", self.start_note))
         width = max(len(name) for name, _ in rows)
         return "\n".join([f"plan of run {t.name}:"] + [f"  {name:<{width}} : {value}" for name, value in rows])
 
@@ -92,7 +92,7 @@ def plan_run(
         room = measure_room(device)
     cache = choose_cache(cfg.data, shards.counts, cfg.model.channels, cfg.model.image_size, world_size, room)
     warn_if_resized(shards, cfg.model.image_size)
-    cfg, note = settle_restart(cfg, restart)
+    cfg, note = settle_start(cfg, restart)
     check_resume_setting(cfg, shards)
     return RunPlan(cfg, shards, cache, extractor, world_size, note, on_this_machine, device)
 
@@ -166,17 +166,26 @@ def warn_if_resized(shards: ShardSet, image_size: int) -> None:
         )  # fmt: skip
 
 
-def settle_restart(cfg: Config, restart: int) -> tuple[Config, str | None]:
-    """A restarted attempt of the same job (torchrun --max-restarts, a Slurm requeue)
-    must carry on from the run folder, whatever train.resume says: the first attempt
-    already started fresh (never), wiped the folder (overwrite) or loaded a file (PATH).
-    Returns the config to run (a copy when it changes) and a line saying what changed."""
+def settle_start(cfg: Config, restart: int) -> tuple[Config, str | None]:
+    """train.resume=never|PATH and train.overwrite act once per run folder: an attempt
+    after the one that applied them (the same command after a stop, a torchrun restart,
+    a Slurm requeue, a double submit) carries on from the run folder instead. The trainer
+    knows from ``<run>/started_with.json`` (``dcgan/timelines.py``), and from the job's
+    restart count should that record be missing. Returns the config to run (a copy when
+    it changes) and a line saying what changed."""
     t = cfg.train
-    if restart == 0 or t.resume == "auto":
+    if t.resume == "auto":
+        return cfg, None
+    recorded = timelines.applied_before(cfg)
+    if not (recorded or restart):
         return cfg, None
     if t.resume != "never" and not list_checkpoints(cfg.run_dir / "checkpoints"):
-        return cfg, None  # PATH, and this job has saved nothing of its own yet: load PATH again
-    was = f"train.resume={t.resume}" + (" train.overwrite=true" if t.overwrite else "")
+        return cfg, None  # PATH, and the run folder has saved nothing of its own yet: load PATH again
+    was = f"train.resume={t.resume}" + (" train.overwrite=true" if t.overwrite and t.resume == "never" else "")
+    why = f"{cfg.run_dir / timelines.STARTED_WITH} records it" if recorded else f"restart {restart} of this job"
     settled = copy.deepcopy(cfg)
     settled.train.resume, settled.train.overwrite = "auto", False
-    return settled, f"restart {restart} of this job: {was} applied to the first attempt only; now train.resume=auto"
+    return settled, (
+        f"{was} acts once per run folder and was applied by an earlier attempt ({why}): this attempt carries on "
+        "from the run folder's newest checkpoint (train.resume=auto)"
+    )

@@ -92,6 +92,7 @@ class Tracker:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb = WandbRun(None, "disabled")
         self.wandb_has_through = -1  # the W&B run already holds steps up to here (see module doc)
+        self.timeline = ""  # the id of the timeline trained on (dcgan/timelines.py), in every metrics line
         self.last: dict[str, Any] = {}  # the newest logged value of each metric
         self.best: dict[str, dict[str, float]] = {}  # BEST metric -> {"value", "step"}
         self.progress = StepProgress(0, 0, enabled=False)
@@ -101,9 +102,11 @@ class Tracker:
         self._torn = False  # the last metrics write failed, maybe after half a line
         self.failed_writes: dict[str, int] = {}  # what -> writes that failed
 
-    def start(self, step: int, total: int, wandb_run_id: str | None, config: dict) -> str | None:
+    def start(self, step: int, total: int, wandb_run_id: str | None, config: dict, timeline: str = "") -> str | None:
         """Open the outlets at ``step`` (0, or the step resumed from). ``wandb_run_id``:
-        the checkpoint's, to continue that W&B run. Returns the id to store in checkpoints."""
+        the checkpoint's, to continue that W&B run; ``timeline``: the id every metrics line
+        of this attempt carries (dcgan/timelines.py). Returns the id to store in checkpoints."""
+        self.timeline = timeline
         if not self.enabled:
             return wandb_run_id
         try:
@@ -158,7 +161,7 @@ class Tracker:
         if not self.enabled:
             return
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}
-        self._append_metrics(json.dumps({"step": step, **clean}) + "\n")
+        self._append_metrics(json.dumps({"step": step, "timeline": self.timeline, **clean}) + "\n")
         self._remember(step, clean)
         log.info("%s | eta %s", line, self.progress.eta())
         self.progress.postfix(loss_d=clean.get("loss_d"), loss_g=clean.get("loss_g"))
@@ -248,7 +251,7 @@ class Tracker:
             last_step = max(last_step, at)
             if at <= step:
                 kept.append(line)
-                self._remember(at, {k: v for k, v in record.items() if k != "step"})
+                self._remember(at, {k: v for k, v in record.items() if k not in ("step", "timeline")})
         if len(kept) != len(lines):
             try:
                 write_atomic(self.metrics_path, lambda f: f.write("".join(kept).encode()))

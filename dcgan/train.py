@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from dcgan import checkpoint, distributed, failure, training
+from dcgan import checkpoint, distributed, failure, timelines, training
 from dcgan.cache import CachedLoader, agree_on_cache
 from dcgan.checkpointer import Checkpointer, restore
 from dcgan.config import Config, ConfigError, config_yaml, keys_help, load_config, save_config
@@ -35,7 +35,7 @@ from dcgan.data import BatchSource, Loader, ShardStream, derive_seed
 from dcgan.distributed import DistInfo
 from dcgan.divergence import DivergenceGuard, finite_weights
 from dcgan.eval import Evaluator, eval_mode_sampler
-from dcgan.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, Ending
+from dcgan.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED, SAME_COMMAND_CARRIES_ON, Ending
 from dcgan.failure import Where
 from dcgan.fileio import write_atomic
 from dcgan.logs import LOG_DATE_FORMAT, RunLogHandler, log_format, setup_logging
@@ -204,17 +204,17 @@ def build_run(
         where.at("loading the checkpoint")
         restore(resume_from.path, resume_from.state_dict, state, cfg, dist, shards, loader)
         resume_from = resume_from._replace(state_dict=None)  # loaded: free it
+    state.lineage = resume_from.lineage if resume_from is not None else timelines.fresh()
     if dist.is_main:
         save_config(cfg, cfg.run_dir / "config.yaml")
-    # The W&B run goes on only for a checkpoint of this run folder's timeline (resume=PATH
-    # from another run, or a branch, starts a new one); rank 0 fills in the id that
-    # checkpoints then carry.
-    same_run = (
-        resume_from is not None
-        and resume_from.new_timeline is None
-        and resume_from.path.parent.parent.resolve() == cfg.run_dir.resolve()
+        timelines.write_lineage(cfg.run_dir, state.lineage)
+    # The W&B run goes on only when the folder's own timeline does (a resume=PATH from
+    # another run, or a branch, starts a new one); rank 0 fills in the id that checkpoints
+    # then carry.
+    same_run = resume_from is not None and resume_from.continues
+    state.wandb_run_id = tracker.start(
+        state.step, t.steps, state.wandb_run_id if same_run else None, cfg.to_dict(), state.lineage[-1][0]
     )
-    state.wandb_run_id = tracker.start(state.step, t.steps, state.wandb_run_id if same_run else None, cfg.to_dict())
     if state.batch_in_epoch >= loader.steps_per_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     fixed_noise = sample_latent(cfg.log.num_samples, cfg.model.nz, generator=torch.Generator().manual_seed(t.seed))
@@ -442,8 +442,8 @@ def run(config: str, overrides: list[str], env: distributed.EnvRanks, on_exit: C
         dist = distributed.setup(cfg.train.device, always=cfg.train.distributed == "always")
         watch = failure.PeerWatch(dist.store, dist.rank)
         claim_run_dir(cfg, dist, lock)
-        if dist.is_main and plan.restart_note:
-            log.warning("%s", plan.restart_note)
+        if dist.is_main and plan.start_note:
+            log.warning("%s", plan.start_note)
         code = train(plan, dist, stop, where)
     except (
         Exception,
@@ -476,8 +476,8 @@ def ended_by(
     if isinstance(e, StoppedDuringStartUp):
         failure.post(store, f"rank {env.rank} stopped by {e.signal_name} during start-up")
         log.warning(
-            "stopped by %s during start-up, before training began; the same command resumes from the last "
-            "checkpoint (exit code %d)", e.signal_name, EXIT_PREEMPTED,
+            "stopped by %s during start-up, before training began; %s (exit code %d)",
+            e.signal_name, SAME_COMMAND_CARRIES_ON, EXIT_PREEMPTED,
         )  # fmt: skip
         return EXIT_PREEMPTED
     if isinstance(e, ConfigError):  # other data, another net shape, a busy or unwritable run folder

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +54,7 @@ class TrainState:
     train_seconds: float = 0.0  # wall time of the training loops so far, all attempts together
     best_fid: float | None = None  # lowest FID of the in-training evaluations so far
     best_fid_step: int = 0  # the step it was measured at (checkpoints/best.pt)
+    lineage: list = field(default_factory=list)  # [[timeline id, start step], ...]: dcgan/timelines.py
 
     def state_dict(
         self, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int, data: dict[str, Any]
@@ -81,6 +82,7 @@ class TrainState:
             "train_seconds": self.train_seconds,
             "best_fid": self.best_fid,
             "best_fid_step": self.best_fid_step,
+            "lineage": self.lineage,  # also in the record: branching reads it there
             "config": config,
             "data": data,  # also in the record, where the start-up checks read it without loading this file
         }
@@ -109,6 +111,7 @@ class TrainState:
             sd.get("best_fid"),
             sd.get("best_fid_step", 0),
         )  # absent from older checkpoints
+        self.lineage = sd.get("lineage") or []  # the trainer then sets the one it goes on on
 
 
 # How an optimiser runs, not what it learnt: this attempt's settings (train.cuda_graph,

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from dcgan import checkpoint
-from dcgan.preflight import settle_restart
 
 
 def tiny_state(value: float) -> dict:
@@ -117,29 +116,3 @@ def test_the_device_a_checkpoint_was_trained_on():
     # Older checkpoints have no "device": a CUDA RNG state says a GPU wrote it.
     assert checkpoint.trained_on({"rng": [gpu, gpu]}) == "cuda"
     assert checkpoint.trained_on({"rng": [cpu]}) == "cpu"
-
-
-@pytest.mark.parametrize(
-    "resume, overwrite, has_checkpoints, after",
-    [
-        ("never", True, True, ("auto", False)),  # a requeue must not wipe what the first attempt saved
-        ("never", False, False, ("auto", False)),
-        ("/x/step_00000010.pt", False, True, ("auto", False)),  # carry on from our own, not the file
-        ("/x/step_00000010.pt", False, False, ("/x/step_00000010.pt", False)),  # nothing of our own yet
-        ("auto", False, True, ("auto", False)),
-    ],
-)
-def test_a_restarted_job_resumes_from_its_run_folder(tmp_path, resume, overwrite, has_checkpoints, after):
-    from dcgan.config import Config, TrainConfig
-
-    cfg = Config(train=TrainConfig(out_dir=str(tmp_path), name="r", resume=resume, overwrite=overwrite))
-    if has_checkpoints:
-        checkpoint.save(tiny_state(5), cfg.run_dir / "checkpoints", 5, keep=1)
-    first, note = settle_restart(cfg, restart=0)
-    assert note is None and (first.train.resume, first.train.overwrite) == (resume, overwrite)  # as configured
-    settled, note = settle_restart(cfg, restart=2)
-    assert (settled.train.resume, settled.train.overwrite) == after
-    assert (cfg.train.resume, cfg.train.overwrite) == (resume, overwrite)  # the plan's input stays as it was
-    assert (note is None) == ((resume, overwrite) == after)
-    if note:
-        assert note.startswith("restart 2 of this job") and f"train.resume={resume}" in note

@@ -162,7 +162,7 @@ def test_resuming_an_older_checkpoint_starts_a_new_timeline_and_keeps_the_old_on
     assert result.returncode == 0, result.stderr[-3000:]
     (old,) = (run_dir / "timelines").iterdir()
     assert old.name.endswith("-after-step_00000009")
-    assert "a new timeline starts here" in result.stderr and str(old) in result.stderr
+    assert "on a new timeline" in result.stderr and str(old) in result.stderr
     assert [p.name for p in checkpoint.list_checkpoints(old / "checkpoints")] == ["step_00000012.pt"]
     assert (old / "samples" / "step_00000012.png").exists() and steps_in(old / "metrics.jsonl")[-1] == 12
     assert [p.name for p in checkpoint.list_checkpoints(run_dir / "checkpoints")] == [
