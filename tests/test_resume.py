@@ -47,14 +47,14 @@ def final_state(run_dir: Path, step: int = STEPS) -> dict:
 
 
 def assert_bitwise_equal(a, b, where="state"):
-    """Every tensor equal bit for bit, every other value equal (the config, the W&B run id
-    and the wall time may differ: they describe the run, not what it trained)."""
+    """Every tensor equal bit for bit, every other value equal (the config, the W&B run id,
+    the wall time and the timeline ids may differ: they describe the run, not what it trained)."""
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), f"{where} differs"
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for k in a:
-            if where != "state" or k not in ("config", "wandb_run_id", "train_seconds"):
+            if where != "state" or k not in ("config", "wandb_run_id", "train_seconds", "lineage"):
                 assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where

@@ -111,6 +111,8 @@ def test_two_rank_run_is_read_back_from_wandb_files(tmp_path, digit_shards):
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["status"], summary["step"], summary["world_size"]) == ("done", 6, 2)
+    *_, (timeline, _) = json.loads((run_dir / "lineage.json").read_text())["lineage"]
+    assert {m.pop("timeline") for m in metrics} == {timeline}  # every line names the run's timeline
     assert summary["final"] == metrics[-1] and summary["wandb"]["id"] == segment.run_id
     assert segment.summary["status"] == "done" and segment.summary["train_time_s"] == summary["train_time_s"]
     state = torch.load(checkpoint.latest_valid(run_dir / "checkpoints")[0], weights_only=True)
