@@ -17,6 +17,8 @@ import dataclasses
 import functools
 import inspect
 import io
+import math
+import os
 import re
 import signal
 import textwrap
@@ -60,6 +62,33 @@ def read_yaml(text: str) -> Any:
 
 
 _CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
+# Signals the trainer receives while it works as it should: a child (a DataLoader worker,
+# W&B's service) ending, a terminal resized, a suspended job continued, a reader of its
+# output gone, urgent socket data. As stop signals they would stop every attempt, and a
+# requeuing launcher would requeue it forever.
+_SIGNALS_OF_NORMAL_WORK = {"SIGCHLD", "SIGCLD", "SIGWINCH", "SIGCONT", "SIGPIPE", "SIGURG"}
+# Signals of a fault in the process itself: a handler cannot make the process go on.
+_FAULT_SIGNALS = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGIOT", "SIGSYS", "SIGTRAP"}
+SEED_RANGE = (0, 2**63 - 1)  # torch.manual_seed takes any 64-bit value; the data order's derived seeds need 63 bits
+
+
+def check_finite(value: float, key: str) -> None:
+    check_field(math.isfinite(value), key, f"must be a finite number, not {value!r}")
+
+
+def check_seed(value: int, key: str) -> None:
+    check_field(SEED_RANGE[0] <= value <= SEED_RANGE[1], key, f"must lie in 0..2**63-1, not {value}")
+
+
+def check_run_name(name: str, key: str = "name") -> None:
+    """A run name is one folder inside train.out_dir: "." or ".." would make the run folder
+    out_dir itself or its parent, and train.overwrite would wipe every run there."""
+    check_field(
+        name not in (".", ".."), key, f"{name!r} is not a folder name (the run folder would be out_dir or above)"
+    )
+    bad = sorted(c for c in {"/", os.sep, os.altsep or "/", "\0"} if c in name)
+    check_field(not bad, key, f"{name!r} must be one folder name, without {' or '.join(map(repr, bad))}")
+    check_field(len(name.encode()) <= 255, key, f"must fit a file name: at most 255 bytes, not {len(name.encode())}")
 
 
 # --------------------------------------------------------------------------- sections
@@ -76,10 +105,13 @@ class AugmentConfig:
     shear: float = 0.0  # x shear in degrees drawn from [-shear, shear]
 
     def __post_init__(self) -> None:
-        check_field(self.degrees >= 0, "degrees", "must be >= 0")
+        # Beyond these every image turns black or degenerate: a shear of 90 degrees is an
+        # infinite slope, an infinite zoom or angle a NaN sampling grid.
+        check_field(0 <= self.degrees <= 180, "degrees", f"must lie in [0, 180], not {self.degrees!r}")
         check_field(all(0 <= t < 1 for t in self.translate), "translate", "fractions must lie in [0, 1)")
+        check_field(all(map(math.isfinite, self.scale)), "scale", f"must be finite numbers, not {list(self.scale)}")
         check_field(0 < self.scale[0] <= self.scale[1], "scale", "needs 0 < lo <= hi")
-        check_field(self.shear >= 0, "shear", "must be >= 0")
+        check_field(0 <= self.shear < 90, "shear", f"must lie in [0, 90), not {self.shear!r}")
 
     @property
     def affine(self) -> bool:
@@ -114,7 +146,11 @@ class DataConfig:
         check_field(self.samples_per_shard >= 0, "samples_per_shard", "must be >= 0")
         check_field(self.workers >= 0, "workers", "must be >= 0")
         check_field(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
-        check_field(self.cache_max_gb == "auto" or self.cache_max_gb >= 0, "cache_max_gb", "must be >= 0 or auto")
+        check_field(
+            self.cache_max_gb == "auto" or 0 <= self.cache_max_gb < math.inf,
+            "cache_max_gb",
+            "must be >= 0 and finite, or auto",
+        )
 
 
 @dataclass
@@ -126,9 +162,9 @@ class AdamConfig:
     weight_decay: float = 0.0  # L2 penalty added to the gradients (Adam's, not AdamW's)
 
     def __post_init__(self) -> None:
-        check_field(self.lr > 0, "lr", "must be > 0")
+        check_field(0 < self.lr < math.inf, "lr", f"must be > 0 and finite, not {self.lr!r}")
         check_field(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
-        check_field(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check_field(0 <= self.weight_decay < math.inf, "weight_decay", "must be >= 0 and finite")
 
 
 @dataclass
@@ -204,7 +240,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_field(self.steps >= 1, "steps", "must be >= 1")
         check_field(self.batch_size >= 1, "batch_size", "must be >= 1")
-        check_field("/" not in self.name, "name", "must not contain '/'")
+        if self.name:  # "" until load_config names the run after the config file
+            check_run_name(self.name)
+        check_seed(self.seed, "seed")
         check_field(self.stop_check_every >= 1, "stop_check_every", "must be >= 1")
         check_field(self.divergence_patience >= 1, "divergence_patience", "must be >= 1")
         for name in self.stop_signals:
@@ -213,6 +251,13 @@ class TrainConfig:
                 "stop_signals",
                 f"{name!r} is not a signal name a process can catch (e.g. SIGTERM, SIGUSR1, SIGUSR2)",
             )
+            check_field(
+                name not in _SIGNALS_OF_NORMAL_WORK,
+                "stop_signals",
+                f"{name} reaches the trainer while it works as it should (child processes, terminals, pipes): "
+                "every attempt would stop",
+            )
+            check_field(name not in _FAULT_SIGNALS, "stop_signals", f"{name} means the process itself failed")
 
 
 @dataclass
@@ -252,7 +297,7 @@ class WandbConfig:
         bad = sorted(_WANDB_PROJECT_FORBIDDEN & set(self.project))
         check_field(not bad, "project", f"W&B project names cannot contain {' '.join(bad)}")
         check_field(all(0 < len(t) <= 64 for t in self.tags), "tags", "each tag needs 1 to 64 characters")
-        check_field(self.init_timeout > 0, "init_timeout", "must be > 0")
+        check_field(0 < self.init_timeout < math.inf, "init_timeout", "must be > 0 and finite")
 
 
 @dataclass
@@ -286,6 +331,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_field(self.every >= 0, "every", "must be >= 0 (0: no evaluation while training)")
+        check_seed(self.seed, "seed")
         for name in ("num_samples", "num_real", "batch_size"):
             check_field(getattr(self, name) >= 2, name, "must be >= 2")
         check_field(
@@ -370,6 +416,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{where}: {e}") from None
     if not cfg.train.name:
         cfg.train.name = Path(path).stem if path is not None else "run"
+        try:
+            check_run_name(cfg.train.name, "train.name")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e} (the config file's name; set train.name)") from None
     cfg.source = ConfigSource(None if path is None else str(path), tuple(overrides))
     return cfg
 

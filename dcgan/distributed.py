@@ -54,13 +54,26 @@ class EnvRanks(NamedTuple):
 
 
 def read_env() -> EnvRanks:
-    """This process's place in the job, from torchrun's variables (rank 0 of 1 without them)."""
+    """This process's place in the job, from torchrun's variables (rank 0 of 1 without
+    them). ConfigError naming the variable when one set by hand makes no sense."""
 
     def get(name: str, default: int) -> int:
-        value = os.environ.get(name)
-        return default if value in (None, "") else int(value)
+        value = os.environ.get(name, "").strip()
+        try:
+            return default if not value else int(value)
+        except ValueError:
+            raise ConfigError(f"${name}: {value!r} is not a whole number") from None
 
-    return EnvRanks(get("RANK", 0), get("LOCAL_RANK", 0), get("WORLD_SIZE", 1))
+    env = EnvRanks(get("RANK", 0), get("LOCAL_RANK", 0), get("WORLD_SIZE", 1))
+    if env.world_size < 1:
+        raise ConfigError(f"$WORLD_SIZE: {env.world_size} processes; a job has at least 1")
+    if not 0 <= env.rank < env.world_size:
+        raise ConfigError(
+            f"$RANK: {env.rank} is not a rank of a job of $WORLD_SIZE={env.world_size} (0..{env.world_size - 1})"
+        )
+    if env.local_rank < 0:
+        raise ConfigError(f"$LOCAL_RANK: {env.local_rank} is below 0")
+    return env
 
 
 def local_processes() -> int:

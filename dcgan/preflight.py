@@ -27,6 +27,7 @@ from dcgan.config import Config, ConfigError, load_config
 from dcgan.data import steps_per_epoch
 from dcgan.eval import ExtractorChoice, choose_extractor
 from dcgan.shardset import ShardSet, first_image_size, resolve_shards
+from dcgan.wandb_run import check_environment as check_wandb_environment
 
 log = logging.getLogger("dcgan.train")
 
@@ -82,6 +83,7 @@ def plan_run(
     (``distributed.restart_count()``). ``on_this_machine``: also check what depends on where
     it runs (a CUDA device); the launchers plan for another machine."""
     cfg = load_config(config, overrides)
+    check_wandb_environment(cfg.wandb)
     shards = resolve_shards(cfg.data)
     steps_per_epoch(shards.total, world_size, cfg.train.batch_size)  # the data fills a batch per process
     extractor = choose_extractor(cfg.eval, cfg.data.shards, cfg.model) if cfg.eval.every else None

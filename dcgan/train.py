@@ -384,7 +384,11 @@ def main(argv: list[str] | None = None, on_exit: Callable[[int], object] | None 
     (default ``report_exit_code``) before any rank exits: a launcher that tears the job
     down when its first process ends (srun --kill-on-bad-exit) cannot cut that short."""
     args = build_parser().parse_args(argv)
-    env = distributed.read_env()
+    try:
+        env = distributed.read_env()
+    except ConfigError as e:  # WORLD_SIZE, RANK or LOCAL_RANK set by hand to something no job has
+        print(f"dcgan.train: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     setup_logging(env.rank)
     if args.print_config:
         return print_config(args.config, args.overrides)

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from dcgan.checks import ConfigError, FieldError
 from dcgan.config import WandbConfig
 
 log = logging.getLogger("dcgan.train")
@@ -47,7 +48,6 @@ IDENTITY_ENV = {
     "tags": "WANDB_TAGS",
     "notes": "WANDB_NOTES",
 }
-MAX_TAG = 64  # characters; wandb refuses a longer tag (and an empty one)
 
 
 def _home(env: Mapping[str, str]) -> Path:
@@ -155,11 +155,10 @@ def resolve_mode(cfg: WandbConfig, env: Mapping[str, str] = os.environ, cwd: Pat
     return "offline", "no W&B login: no $WANDB_API_KEY, $WANDB_IDENTITY_TOKEN_FILE, netrc entry or api_key setting"
 
 
-def env_tags(value: str) -> tuple[list[str], list[str]]:
-    """$WANDB_TAGS: comma-separated, blanks around a tag dropped. Returns (tags, refused):
-    empty items are skipped, tags over MAX_TAG characters refused (wandb would not start)."""
-    items = [t.strip() for t in value.split(",") if t.strip()]
-    return [t for t in items if len(t) <= MAX_TAG], [t for t in items if len(t) > MAX_TAG]
+def env_tags(value: str) -> list[str]:
+    """$WANDB_TAGS: comma-separated, blanks around a tag and empty items dropped (wandb
+    refuses an empty tag; an over-long one is refused before the start: check_environment)."""
+    return [t.strip() for t in value.split(",") if t.strip()]
 
 
 def resolve_identity(
@@ -175,7 +174,7 @@ def resolve_identity(
         configured = getattr(cfg, key)
         from_env: Any = env.get(var, "").strip()
         if key == "tags":
-            from_env = env_tags(from_env)[0]
+            from_env = env_tags(from_env)
         if configured:
             values[key], sources[key] = configured, f"wandb.{key}"
         elif from_env:
@@ -185,11 +184,30 @@ def resolve_identity(
     return values, sources
 
 
+def check_environment(cfg: WandbConfig, env: Mapping[str, str] = os.environ) -> None:
+    """ConfigError naming the variable when a W&B variable the trainer reads holds what the
+    same setting in the config could not: wandb would refuse it at the start and the run
+    would go on without W&B. Checked before the start, as the config is."""
+    if cfg.mode == "disabled":
+        return
+    mode = env.get("WANDB_MODE", "").strip()
+    if mode and mode.lower() not in MODES:
+        raise ConfigError(f"$WANDB_MODE: {mode!r} is not a W&B mode ({', '.join(MODES)})")
+    for key, var in IDENTITY_ENV.items():
+        value = env.get(var, "").strip()
+        if not value or getattr(cfg, key):  # unset, or the config's value wins
+            continue
+        try:
+            WandbConfig(**{key: env_tags(value) if key == "tags" else value})
+        except FieldError as e:
+            raise ConfigError(f"${var}: {e.problem} (as wandb.{key} in the config)") from None
+
+
 def tidy_environment(env: MutableMapping[str, str] = os.environ) -> list[str]:
     """Make the W&B variables ones wandb starts with. wandb reads them all when it starts and
     refuses to start on an empty $WANDB_MODE, $WANDB_BASE_URL or $WANDB_TAGS, or on an empty
-    or over-long tag: empty ``WANDB_*`` variables are removed (empty means unset) and
-    $WANDB_TAGS is rewritten to the tags ``env_tags`` keeps. Logs and returns what changed."""
+    tag: empty ``WANDB_*`` variables are removed (empty means unset) and $WANDB_TAGS is
+    rewritten to the tags ``env_tags`` keeps. Logs and returns what changed."""
     changed = []
     for var in sorted(k for k in env if k.startswith("WANDB_")):
         if not env[var].strip():
@@ -197,10 +215,7 @@ def tidy_environment(env: MutableMapping[str, str] = os.environ) -> list[str]:
             changed.append(f"${var} is empty: taken as unset")
             log.info("W&B: %s", changed[-1])
     if "WANDB_TAGS" in env:
-        tags, refused = env_tags(env["WANDB_TAGS"])
-        if refused:
-            changed.append(f"$WANDB_TAGS: tags over {MAX_TAG} characters left out: {', '.join(refused)}")
-            log.warning("W&B: %s", changed[-1])
+        tags = env_tags(env["WANDB_TAGS"])
         if ",".join(tags) != env["WANDB_TAGS"]:
             env["WANDB_TAGS"] = ",".join(tags)
             if not tags:

@@ -39,7 +39,32 @@ def test_overrides_are_typed(tmp_path):
         (["train.stop_signals=SIGTERM"], "train.stop_signals: expected a list"),
         (["model.ema_decay=1"], "model.ema_decay: must lie in [0, 1)"),
         (["data.cache_max_gb=lots"], "data.cache_max_gb: expected float|auto, got 'lots'"),
-        (["data.cache_max_gb=-1"], "data.cache_max_gb: must be >= 0 or auto"),
+        (["data.cache_max_gb=-1"], "data.cache_max_gb: must be >= 0 and finite, or auto"),
+        # numbers that would only fail later (issue 27): finite and in range before the start
+        (["data.augment.degrees=.inf"], "data.augment.degrees: must lie in [0, 180], not inf"),
+        (["data.augment.shear=.inf"], "data.augment.shear: must lie in [0, 90), not inf"),
+        (["data.augment.shear=90"], "data.augment.shear: must lie in [0, 90)"),
+        (["data.augment.scale=[1.0, .inf]"], "data.augment.scale: must be finite numbers"),
+        (["data.augment.degrees=.nan"], "data.augment.degrees: must lie in [0, 180], not nan"),
+        (["optim.g.lr=.inf"], "optim.g.lr: must be > 0 and finite, not inf"),
+        (["optim.d.lr=.nan"], "optim.d.lr: must be > 0 and finite, not nan"),
+        (["optim.d.betas=[.nan, 0.9]"], "optim.d.betas: must lie in [0, 1)"),
+        (["optim.g.weight_decay=.inf"], "optim.g.weight_decay: must be >= 0 and finite"),
+        (["train.seed=-1"], "train.seed: must lie in 0..2**63-1, not -1"),
+        (["train.seed=9223372036854775808"], "train.seed: must lie in 0..2**63-1"),
+        (["eval.seed=-1"], "eval.seed: must lie in 0..2**63-1"),
+        (["wandb.init_timeout=.inf"], "wandb.init_timeout: must be > 0 and finite"),
+        (["data.cache_max_gb=.inf"], "data.cache_max_gb: must be >= 0 and finite, or auto"),
+        # stop signals the trainer itself receives would stop every attempt
+        (["train.stop_signals=[SIGCHLD]"], "train.stop_signals: SIGCHLD reaches the trainer while it works"),
+        (["train.stop_signals=[SIGTERM, SIGWINCH]"], "train.stop_signals: SIGWINCH reaches the trainer"),
+        (["train.stop_signals=[SIGPIPE]"], "train.stop_signals: SIGPIPE reaches the trainer"),
+        (["train.stop_signals=[SIGSEGV]"], "train.stop_signals: SIGSEGV means the process itself failed"),
+        # a run name is one folder inside out_dir
+        (["train.name=."], "train.name: '.' is not a folder name"),
+        (["train.name=.."], "train.name: '..' is not a folder name"),
+        (["train.name=a/b"], "train.name: 'a/b' must be one folder name"),
+        ([f"train.name={'x' * 256}"], "train.name: must fit a file name: at most 255 bytes"),
     ],
 )
 def test_bad_values_name_key_and_file(overrides, key):
@@ -47,6 +72,20 @@ def test_bad_values_name_key_and_file(overrides, key):
         load_config(REPO / "configs/fashion-mnist.yaml", overrides)
     assert key in str(err.value)
     assert str(err.value).startswith(str(REPO / "configs/fashion-mnist.yaml"))
+
+
+def test_a_config_file_named_dot_needs_a_run_name(tmp_path):
+    config = tmp_path / "..yaml"  # its stem, the default run name, is "."
+    config.write_text("train: {steps: 2}\n")
+    with pytest.raises(ConfigError, match=r"train.name: '.' is not a folder name .*set train.name"):
+        load_config(config)
+    assert load_config(config, ["train.name=ok"]).run_dir == Path("runs/ok")
+
+
+def test_the_largest_seed_trains(tmp_path, digit_shards):
+    config = write_config(tmp_path / "seed.yaml", digit_shards, train={"steps": 1, "seed": 2**63 - 1})
+    result = run_module("dcgan.train", "--config", str(config), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("value, read", [("auto", "auto"), ("3.5", 3.5), ("2", 2.0)])

@@ -303,6 +303,38 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     assert one_line(result.stderr).endswith("not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8")
 
 
+def test_a_run_named_dot_cannot_wipe_the_other_runs(tmp_path, digit_shards):
+    config = write_config(tmp_path / "kept.yaml", digit_shards)
+    assert train(config).returncode == 0
+    kept = {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    for name in (".", ".."):
+        wipe = train(config, f"train.name={name}", "train.resume=never", "train.overwrite=true")
+        assert wipe.returncode == 2 and "is not a folder name" in one_line(wipe.stderr)
+    assert {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()} == kept
+
+
+@pytest.mark.parametrize(
+    "variables, message",
+    [
+        ({"WORLD_SIZE": "0"}, "$WORLD_SIZE: 0 processes; a job has at least 1"),
+        ({"WORLD_SIZE": "abc"}, "$WORLD_SIZE: 'abc' is not a whole number"),
+        ({"WORLD_SIZE": "-2"}, "$WORLD_SIZE: -2 processes"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "$RANK: 2 is not a rank of a job of $WORLD_SIZE=2"),
+        ({"LOCAL_RANK": "-1"}, "$LOCAL_RANK: -1 is below 0"),
+        ({"WANDB_MODE": "bogus"}, "$WANDB_MODE: 'bogus' is not a W&B mode"),
+        ({"WANDB_PROJECT": "my/proj"}, "$WANDB_PROJECT: W&B project names cannot contain /"),
+        ({"WANDB_TAGS": "ok," + "x" * 65}, "$WANDB_TAGS: each tag needs 1 to 64 characters"),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_bad_job_and_wandb_variables_are_one_line_before_the_start(tmp_path, digit_shards, variables, message, dry_run):
+    config = write_config(tmp_path / "env.yaml", digit_shards)
+    result = run_module("dcgan.train", "--config", str(config), *(["--dry-run"] if dry_run else []),
+                        env={"WANDB_MODE": "offline", **variables}, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and message in one_line(result.stderr)
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     folder = tmp_path / "read-only"
