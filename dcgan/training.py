@@ -33,8 +33,13 @@ NO_FORWARD_BUFFER_SYNC = (
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # What gan_step measures each step (averaged over log.every steps): losses, D's mean
 # output on real data and on fakes before (d_fake) and after (d_fake_after) the D update,
-# and the gradient norms (unscaled under fp16).
-STAT_NAMES = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "d_fake_after", "grad_norm_d", "grad_norm_g")
+# the gradient norms (unscaled under fp16), and whether the step's update was skipped
+# because a gradient was not finite (fp16's grad scaler does that by design; averaged:
+# the fraction of steps skipped).
+STAT_NAMES = (
+    "loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "d_fake_after", "grad_norm_d", "grad_norm_g",
+    "skipped_d", "skipped_g",
+)  # fmt: skip
 
 
 @dataclass
@@ -272,6 +277,7 @@ def gan_step(
             loss_d_real, loss_d_fake, loss_g,
             out_real.sigmoid().mean(), out_fake.sigmoid().mean(), out_g.sigmoid().mean(),
             grad_norm_d, grad_norm_g,
+            (~torch.isfinite(grad_norm_d)).float(), (~torch.isfinite(grad_norm_g)).float(),
         ])  # fmt: skip
 
 

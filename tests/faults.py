@@ -7,6 +7,8 @@ DCGAN_FAULT says which, and where (comma-separated; empty: none):
                           waits in a collective its peers never enter (NCCL waits on)
   checkpoint-write        every checkpoint write fails part-way with ENOSPC (a full disk)
   nan:STEP                D's weights turn NaN in gan_step's call STEP (a run that diverges)
+  nan-input:STEP          from gan_step's call STEP on, every real batch is NaN (under fp16 the
+                          grad scaler skips every step; batch norm's statistics turn NaN)
   slow-checkpoint         every checkpoint write takes 60 s (time to press Ctrl-C twice)
   slow-start              start-up blocks for 60 s where the checkpoint is chosen
   run-folder-full:N       the first N appends to metrics.jsonl, and every sample grid, loss
@@ -73,6 +75,17 @@ def inject(fault: str, rank: int) -> None:
             return stats
 
         training.gan_step = diverging_step
+    elif kind == "nan-input":
+        (first_step,) = (int(a) for a in args)
+        real_step, calls = training.gan_step, [0]
+
+        def nan_input_step(state, g_train, d_train, real, *a, **kw):
+            calls[0] += 1
+            if calls[0] >= first_step:
+                real = torch.full_like(real, float("nan"))
+            return real_step(state, g_train, d_train, real, *a, **kw)
+
+        training.gan_step = nan_input_step
     elif kind in ("slow-checkpoint", "slow-start"):
         module, name = (checkpoint, "_save_hashed") if kind == "slow-checkpoint" else (checkpoint, "choose")
         real = getattr(module, name)

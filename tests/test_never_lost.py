@@ -17,9 +17,9 @@ import yaml
 from test_failures import assert_nothing_left
 
 from conftest import REPO, run_module, run_python, start_python, write_config
-from dcgan import checkpoint
+from dcgan import checkpoint, training
 from dcgan.distributed import DistInfo
-from dcgan.divergence import DivergenceGuard
+from dcgan.divergence import FP16_SKIPS_IN_A_ROW, DivergenceGuard
 
 FAULTS = ("tests/faults.py", "--config")
 
@@ -84,23 +84,52 @@ def test_a_nan_loss_on_two_ranks_stops_both_at_the_log_step(tmp_path, digit_shar
     )
     result = train(config, "optim.d.lr=1e30", nproc=2)
     assert result.returncode != 0
-    assert "diverged at step 4: the weights hold NaN or infinite values after steps 1-4" in result.stderr
+    assert "diverged at step 4: the weights or batch-norm statistics hold NaN or infinite values after steps 1-4" in (
+        result.stderr
+    )
     assert not (tmp_path / "runs" / "lr" / "checkpoints").exists()
     assert json.loads((tmp_path / "runs" / "lr" / "summary.json").read_text())["status"] == "diverged"
 
 
 def test_skipped_fp16_steps_are_not_divergence_and_patience_counts_intervals():
-    stats = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, float("inf"), 1.0])  # an overflowing step's grad norm
+    names = training.STAT_NAMES
+    #        loss_d_real, loss_d_fake, loss_g, d_real, d_fake, d_fake_after, grad_norm_d, grad_norm_g, skipped_d, skipped_g
+    stats = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, float("inf"), 1.0, 1.0, 0.0])  # one of 2 steps skipped by D
     nets = [torch.nn.Linear(2, 2)]
     one = DistInfo(0, 0, 1, torch.device("cpu"))
-    names = ("loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "d_fake_after", "grad_norm_d", "grad_norm_g")
     assert DivergenceGuard(names, patience=1, fp16=True).check(stats, nets, one, (1, 2)) is None
     guard = DivergenceGuard(names, patience=2, fp16=False)
     assert guard.check(stats, nets, one, (1, 2)) is None
     assert "non-finite grad_norm_d in 2 log interval(s) in a row" in guard.check(stats, nets, one, (3, 4))
     with torch.no_grad():
         nets[0].weight[0, 0] = float("nan")
-    assert "the weights hold NaN" in DivergenceGuard(names, patience=5, fp16=True).check(stats, nets, one, (1, 2))
+    assert "the weights or batch-norm" in DivergenceGuard(names, patience=5, fp16=True).check(stats, nets, one, (1, 2))
+
+
+def test_fp16_skipping_every_step_stops_only_once_the_scaler_had_its_chance():
+    names, nets, one = training.STAT_NAMES, [torch.nn.Linear(2, 2)], DistInfo(0, 0, 1, torch.device("cpu"))
+    all_skipped = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, float("inf"), 1.0, 4.0, 0.0])  # 4 of 4 steps skipped
+    guard = DivergenceGuard(names, patience=1, fp16=True)
+    for first in range(1, FP16_SKIPS_IN_A_ROW - 3, 4):  # a scaler finding its scale at the start: not divergence
+        assert guard.check(all_skipped, nets, one, (first, first + 3)) is None
+    last = FP16_SKIPS_IN_A_ROW - 3
+    assert "skipped the last 16 steps in a row" in guard.check(all_skipped, nets, one, (last, last + 3))
+    one_applied = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, float("inf"), 1.0, 3.0, 0.0])
+    guard = DivergenceGuard(names, patience=1, fp16=True)
+    assert all(guard.check(one_applied, nets, one, (s, s + 3)) is None for s in range(1, 100, 4))
+
+
+def test_fp16_nan_at_every_step_stops_at_the_log_step(tmp_path, digit_shards):
+    config = write_config(
+        tmp_path / "fp16.yaml", digit_shards, train={"steps": 200, "precision": "fp16"}, log={"every": 20},
+        checkpoint={"every": 14, "keep": 5},
+    )  # fmt: skip
+    result = faulty(config, "nan-input:15")  # the next checkpoint, at step 28, would have found the NaN 8 steps late
+    ckpt_dir = tmp_path / "runs" / "fp16" / "checkpoints"
+    assert result.returncode == 1, result.stderr[-3000:]
+    # the running statistics turned NaN at step 15 while the scaler kept the weights: stopped at the log step
+    assert "diverged at step 20: the weights or batch-norm statistics hold NaN" in result.stderr, result.stderr[-3000:]
+    assert [p.name for p in checkpoint.list_checkpoints(ckpt_dir)] == ["step_00000014.pt"]
 
 
 def test_unusable_checkpoints_are_set_aside_and_the_one_before_is_used(tmp_path, digit_shards):
