@@ -70,6 +70,7 @@ from dcgan.shardset import (
     open_image,
     raw_count,
     tar_files,
+    tar_groups,
 )
 
 log = logging.getLogger("dcgan.shards")
@@ -433,8 +434,7 @@ def count_shard(path: str) -> ShardCount:
     found = ShardCount(Path(path).name)
     try:
         with contextlib.closing(wds.gopen(path)) as stream:
-            files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}])
-            for group in wds.tariterators.group_by_keys(files):
+            for group in tar_groups(stream, path):
                 member = image_member(group)
                 if member is None:
                     found.not_samples += 1
@@ -527,11 +527,30 @@ def index_folder(folder: Path, workers: int) -> dict[str, Any]:
             "dcgan/shardset.py)"
         )
     old_path = folder / MANIFEST
-    old = json.loads(old_path.read_text()) if old_path.exists() else {}
+    old = read_old_manifest(old_path)
     manifest = index_manifest(folder, found, old)
     write_atomic(old_path, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     _report_index(found, old)
     return manifest
+
+
+def read_old_manifest(path: Path) -> dict[str, Any]:
+    """The manifest ``index`` replaces ({} when there is none). One that is not a JSON
+    object (cut short, written by hand) is what index is run to repair: it is renamed to
+    ``manifest.json.unreadable`` (kept for its other fields) with a warning."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+        why = None if isinstance(old, dict) else f"a JSON {type(old).__name__}, not an object"
+    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        why = f"not readable as JSON ({str(e).splitlines()[0][:120]})"
+    if why is None:
+        return old
+    aside = path.with_name(path.name + ".unreadable")
+    path.replace(aside)
+    log.warning("%s: %s; moved to %s, and a new manifest is written from the counts", path, why, aside.name)
+    return {}
 
 
 def _report_index(found: list[ShardCount], old: dict[str, Any]) -> None:

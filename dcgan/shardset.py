@@ -280,7 +280,7 @@ def tar_samples(url: str) -> Iterator[dict[str, Any]]:
     image, and a raw member's images one by one (the one place raw members are expanded,
     so everything downstream counts images)."""
     with contextlib.closing(wds.gopen(url)) as stream:
-        for sample in wds.tariterators.group_by_keys(tar_members(stream, url)):
+        for sample in tar_groups(stream, url):
             member = image_member(sample)
             if member == RAW_MEMBER:
                 yield from raw_samples(sample, url)
@@ -288,18 +288,51 @@ def tar_samples(url: str) -> Iterator[dict[str, Any]]:
                 yield sample
 
 
-def tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+def tar_groups(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """webdataset's groups of the members with one key, of one tar stream (the reader,
+    the cache and ``dcgan.shards index`` all read shards through here). A shard cut short
+    (a copy or a download that stopped) gives every whole group, then the group whose
+    member the data stopped in, with what there is of that member (it fails to decode, so
+    its images count as corrupt, and no others), then raises the read error."""
+    failure: list[Exception] = []
+    yield from wds.tariterators.group_by_keys(tar_members(stream, url, failure))
+    if failure:
+        raise failure[0]
+
+
+def tar_members(stream: Any, url: str, failure: list[Exception]) -> Iterator[dict[str, Any]]:
     """The regular files of a tar stream as webdataset's ``{"fname", "data", "__url__"}``
     (its ``tar_file_expander``, reading 1 MiB at a time: tarfile's 10 KiB default made
-    reading a 3 MB raw member a third of the cost of its images, bench/data.py)."""
+    reading a 3 MB raw member a third of the cost of its images, bench/data.py). A read
+    error ends it, after the member it hit (what of it can be read), into ``failure``."""
     # A local file is read member by member where it lies (one read each); a pipe or a
     # URL is streamed.
-    mode = "r:*" if getattr(stream, "seekable", lambda: False)() else "r|*"
-    with tarfile.open(fileobj=stream, mode=mode, bufsize=_READ_SIZE) as tar:
-        for info in tar:
-            if info.isreg() and not info.name.startswith("__"):
-                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-            tar.members = []  # a stream's members would otherwise pile up over the whole shard
+    seekable = getattr(stream, "seekable", lambda: False)()
+    try:
+        with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*", bufsize=_READ_SIZE) as tar:
+            for info in tar:
+                if info.isreg() and not info.name.startswith("__"):
+                    try:
+                        data = tar.extractfile(info).read()
+                    except (tarfile.TarError, EOFError, OSError):
+                        yield {"fname": info.name, "data": _what_arrived(stream, info, seekable), "__url__": url}
+                        raise
+                    yield {"fname": info.name, "data": data, "__url__": url}
+                tar.members = []  # a stream's members would otherwise pile up over the whole shard
+    except Exception as e:  # truncated, not a tar, unreadable
+        failure.append(e)
+
+
+def _what_arrived(stream: Any, info: tarfile.TarInfo, seekable: bool) -> bytes:
+    """The bytes of a member cut short that are in the file (none from a stream): enough
+    for a raw member's header, which says how many images were lost."""
+    if not seekable:
+        return b""
+    try:
+        stream.seek(info.offset_data)
+        return stream.read(info.size)
+    except OSError:
+        return b""
 
 
 _READ_SIZE = 1 << 20

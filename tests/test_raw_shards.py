@@ -3,6 +3,7 @@
 PNG shards, each image counts as one sample for the split, resume and the index, and a
 damaged or pickled member costs only its own images."""
 
+import contextlib
 import io
 import json
 import shutil
@@ -19,7 +20,7 @@ from dcgan.config import AugmentConfig, DataConfig
 from dcgan.data import read_images
 from dcgan.shards import count_shard
 from dcgan.shards import main as shards_main
-from dcgan.shardset import first_image_size, resolve_shards
+from dcgan.shardset import ERROR, first_image_size, resolve_shards, tar_samples
 
 RAW = ("--format", "raw", "--per-member", "20", "--per-shard", "40")  # 96 images: 40, 40, 16 in members of 20
 
@@ -147,6 +148,64 @@ def test_a_damaged_raw_member_costs_only_its_own_images(raw_indexed, tmp_path, c
         assert loader.miscounted == {"shard-000000.tar": {"planned": 40, "found": 21}}
     images, read_labels = read_images(resolve_shards(DataConfig(shards=str(damaged))), None, 1, 28)
     assert sorted(read_labels.tolist()) == sorted(set(range(96)) - lost) and len(images) == 76
+
+
+@pytest.fixture(scope="module")
+def three_members(tmp_path_factory, real_images):
+    """48 real images whose label is their index, in one raw shard of 3 members of 16."""
+    images, _ = real_images
+    args = ("--format", "raw", "--per-member", "16", "--per-shard", "48")
+    return make_shards(tmp_path_factory.mktemp("cut") / "s", images[:48], np.arange(48), *args)
+
+
+# Where a copy of the shard stops, in its third member (the planned count, 48, is in the manifest):
+# (name, member, offset into it, images counted as corrupt, the shard's count by the index)
+CUTS = [
+    ("inside the tar header", "000000032.images.npy", -400, 0, 32),  # the member never starts: nothing to count
+    ("inside the npy header", "000000032.images.npy", 50, 1, 33),  # it starts, its image count is lost: one
+    ("inside the images", "000000032.images.npy", 2000, 16, 48),
+    ("inside the labels", "000000032.labels.npy", 40, 16, 48),
+]
+
+
+@pytest.mark.parametrize("where, member, offset, corrupt, indexed", CUTS, ids=[c[0] for c in CUTS])
+def test_a_raw_shard_cut_short_costs_only_the_cut_member(
+    three_members, tmp_path, where, member, offset, corrupt, indexed
+):
+    with tarfile.open(three_members / "shard-000000.tar") as tar:
+        info = tar.getmember(member)
+        lost = set(np.load(io.BytesIO(tar.extractfile("000000032.labels.npy").read())).tolist())
+    cut = tmp_path / "cut"
+    shutil.copytree(three_members, cut)
+    with open(cut / "shard-000000.tar", "r+b") as f:
+        f.truncate(info.offset_data + offset)
+    kept = set(range(48)) - lost  # the two whole members
+
+    read, errors = [], 0  # the samples every reader decodes or counts as corrupt (shardset.tar_samples)
+    with pytest.raises(tarfile.ReadError) if offset > 0 else contextlib.nullcontext():
+        for sample in tar_samples(str(cut / "shard-000000.tar")):
+            errors += ERROR in sample
+            read += [sample["cls"]] if ERROR not in sample else []
+    assert set(read) == kept and errors == corrupt
+    loader = make_loader(cut, world_size=1, workers=1)
+    labels = sum(epoch_labels(loader, 0), [])  # the training reader (it replaces corrupt samples from the next lap)
+    assert set(labels) == kept and (loader.corrupt_samples > 0) == (corrupt > 0)
+    images, read_labels = read_images(resolve_shards(DataConfig(shards=str(cut))), None, 1, 28)
+    assert sorted(read_labels.tolist()) == sorted(kept) and len(images) == 32  # the cache's reader
+    found = count_shard(str(cut / "shard-000000.tar"))  # the index
+    assert (found.samples, found.unopenable) == (indexed, corrupt)
+    assert shards_main(["index", str(cut), "--workers", "1"]) == 0
+    assert json.loads((cut / "manifest.json").read_text())["shard_samples"] == [indexed]
+
+
+@pytest.mark.parametrize("content", [b'{"shards": ["shard-0', b"[1, 2]", b"\xff\xfe"])
+def test_index_repairs_a_damaged_manifest_and_keeps_it_aside(three_members, tmp_path, content, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(three_members, folder)
+    (folder / "manifest.json").write_bytes(content)
+    assert shards_main(["index", str(folder), "--workers", "1"]) == 0
+    assert json.loads((folder / "manifest.json").read_text())["shard_samples"] == [48]
+    assert (folder / "manifest.json.unreadable").read_bytes() == content
 
 
 # --------------------------------------------------------------------------- index
