@@ -384,17 +384,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     where = "<defaults>"
     if path is not None:
         where = str(path)
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read config: {e.strerror}") from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[: e.start].count(b"\n") + 1
-            raise ConfigError(
-                f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8"
-            ) from None
+        text = read_utf8(Path(path), "config")
         try:
             raw = read_yaml(text) or {}
         except yaml.YAMLError as e:
@@ -422,6 +412,22 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{where}: {e} (the config file's name; set train.name)") from None
     cfg.source = ConfigSource(None if path is None else str(path), tuple(overrides))
     return cfg
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """A settings file's text; ConfigError naming the file when it cannot be read or is not
+    UTF-8 (with the first bad byte and its line)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
 
 
 def build_section(cls: type, raw: Any, where: str, prefix: str = "") -> Any:

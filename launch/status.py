@@ -42,7 +42,7 @@ from dcgan.config import ConfigError, load_config
 from dcgan.exits import EXIT_CONFIG, EXIT_PREEMPTED
 from dcgan.fileio import write_atomic
 from dcgan.runlock import LOCK_NAME, held_on_this_host
-from launch.sweep import placed_runs, read_sweep_file, run_error, sweep_name
+from launch.sweep import check_owner, placed_runs, read_sweep_file, run_error, sweep_name
 
 STATES = ("running", "pending", "preempted", "failed", "done")
 SLURM_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
@@ -289,6 +289,7 @@ def sweep_status(path: Path, use_slurm: bool = True) -> SweepStatus:
             raise run_error(path, index, own, e) from None
         planned.append((index, own, cfg))
     folder = planned[0][2].run_dir.parent
+    check_owner(path, folder)
     jobs = job_ids(folder)
     live = slurm_states(list(jobs.values())) if use_slurm else {}
     runs = []
@@ -383,9 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"launch.sweep: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    print(table(status))
     csv_path, png_path = status.folder / "status.csv", status.folder / "fid.png"
-    write_csv(status, csv_path)
+    write_csv(status, csv_path)  # before printing: a reader that stops early (`| head`) still gets them
     plot_fid(status, png_path)
+    print(table(status))
     print(f"wrote {csv_path} and {png_path}")
     return 0

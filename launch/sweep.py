@@ -49,7 +49,7 @@ from typing import Any
 import yaml
 
 from dcgan import checkpoint
-from dcgan.config import Config, ConfigError, load_config
+from dcgan.config import Config, ConfigError, load_config, read_utf8
 from dcgan.exits import EXIT_CONFIG
 from dcgan.fileio import write_atomic
 from dcgan.preflight import plan_run
@@ -94,10 +94,9 @@ def load_sweep(path: Path, world_size: int | None = None) -> Sweep:
 def read_sweep_file(path: Path) -> dict[str, Any]:
     """The sweep file's top-level mapping, its keys checked."""
     where = str(path)
+    text = read_utf8(path, "sweep file")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read sweep file: {e.strerror}") from None
+        spec = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {e}") from None
     if not isinstance(spec, dict):
@@ -141,14 +140,41 @@ def placed_runs(path: Path, spec: dict[str, Any]) -> list[tuple[int, list[str], 
     runs = []
     for index, (point, draw) in enumerate(itertools.product(points, draws)):
         own = [_override(k, v) for k, v in {**fixed, **point, **draw}.items()]
-        digest = hashlib.sha256("\n".join(sorted(own)).encode()).hexdigest()[:8]
         try:
-            out_dir = Path(load_config(str(spec["base"]), own).train.out_dir) / name
+            cfg = load_config(str(spec["base"]), own)
         except ConfigError as e:
             raise run_error(path, index, own, e) from None
-        placed = [*own, f"train.name=r{index:03d}-{digest}", f"train.out_dir={out_dir}", f"wandb.group={name}"]
+        out_dir = Path(cfg.train.out_dir) / name
+        placed = [*own, f"train.name=r{index:03d}-{config_digest(cfg)}", f"train.out_dir={out_dir}",
+                  f"wandb.group={name}"]  # fmt: skip
         runs.append((index, own, placed))
     return runs
+
+
+def config_digest(cfg: Config) -> str:
+    """8 hex digits of the settings a run trains with (the base config's as parsed, so a
+    comment does not count, with the run's overrides), less where it is placed: a sweep
+    resubmitted unchanged finds its runs again, and a run of another base or other
+    settings never lands in one's folder. (Sweeps submitted before the base counted
+    named runs by their overrides alone: resubmitted, they start in new folders and the
+    old ones stay as they are.)"""
+    settings = cfg.to_dict()
+    del settings["train"]["name"], settings["train"]["out_dir"], settings["wandb"]["group"]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def check_owner(path: Path, folder: Path) -> None:
+    """ConfigError when the sweep folder ``folder`` holds the runs of another sweep file
+    (its sweep.json says which): two sweeps with one name and out_dir would share it."""
+    try:
+        owner = json.loads((folder / "sweep.json").read_text()).get("sweep_file")
+    except (OSError, ValueError, AttributeError):
+        return  # no sweep submitted there yet (or one from before sweep.json named its file)
+    if owner and owner != str(path.resolve()):
+        raise ConfigError(
+            f"{path}: its sweep folder {folder} holds the runs of another sweep, {owner}; give this one another "
+            "name (name: in the sweep file) or another train.out_dir"
+        )
 
 
 def run_error(path: Path, index: int, own: list[str], e: ConfigError) -> ConfigError:
@@ -244,6 +270,7 @@ def write_summary(sweep: Sweep) -> Path:
         "sweep": sweep.name,
         "base": sweep.base,
         "file": str(sweep.path),
+        "sweep_file": str(sweep.path.resolve()),  # the folder's owner (check_owner)
         "submitted_at": time.time(),
         "runs": runs,
     }
@@ -290,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         # The slurm: section first: its world size is needed to check each run's data split.
         opts = from_arguments(args, base=_mapping(spec.get("slurm"), str(args.sweep), "slurm"), where=str(args.sweep))
         sweep = expand(args.sweep, spec, opts.world_size)
+        check_owner(args.sweep, sweep.folder)
     except ConfigError as e:
         print(f"launch.sweep: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -309,11 +337,16 @@ def main(argv: list[str] | None = None) -> int:
 def cli(argv: list[str] | None = None) -> int:
     """``status SWEEP.yaml`` (launch/status.py), else submission (``main``)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["status"]:
-        from launch.status import main as status_main  # matplotlib only when asked
+    try:
+        if argv[:1] == ["status"]:
+            from launch.status import main as status_main  # matplotlib only when asked
 
-        return status_main(argv[1:])
-    return main(argv)
+            return status_main(argv[1:])
+        return main(argv)
+    except BrokenPipeError:  # `... | head`: the reader has gone; end as quietly as Unix tools do
+        # Python would report the pipe again when it flushes stdout at exit (docs.python.org, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

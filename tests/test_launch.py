@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_module, write_config
+from conftest import REPO, run_module, write_config
 from dcgan.config import ConfigError
 from launch.options import SlurmOptions, add_arguments, from_arguments, time_minutes
-from launch.sweep import load_sweep
+from launch.sweep import cli, load_sweep, write_summary
 
 
 @pytest.mark.parametrize(
@@ -118,3 +120,54 @@ def test_submit_on_the_local_executor_trains_two_ranks(tmp_path, digit_shards):
     assert "'step': 6" in out.stdout and f"run folder : {run_dir}" in out.stdout
     assert "2 process(es)" in (run_dir / "train.log").read_text()
     assert len(list((run_dir / "slurm").glob("*_result.pkl"))) == 2  # one result per task
+
+
+# --------------------------------------------------------------------------- sweeps own their runs
+
+
+def sweep_on(tmp_path, digit_shards, folder: str, base_settings: dict, grid: str = "[1.0e-4, 2.0e-4]"):
+    """A sweep file ``<folder>/lr.yaml`` on its own base config, its runs under tmp_path/runs."""
+    (tmp_path / folder).mkdir()
+    base = write_config(tmp_path / folder / "base.yaml", digit_shards, train={"out_dir": str(tmp_path / "runs")},
+                        **base_settings)  # fmt: skip
+    path = tmp_path / folder / "lr.yaml"
+    path.write_text(f"base: {base}\ngrid:\n  optim.g.lr: {grid}\n")
+    return path
+
+
+def test_two_sweeps_with_one_name_never_share_a_run_folder(tmp_path, digit_shards, capsys):
+    a = sweep_on(tmp_path, digit_shards, "a", {"model": {"ngf": 8}})
+    b = sweep_on(tmp_path, digit_shards, "b", {"model": {"ngf": 16}})  # another base, the same file stem
+    runs_a, runs_b = load_sweep(a), load_sweep(b)
+    assert runs_a.folder == runs_b.folder  # one sweep folder: runs/lr
+    assert not {r.name for r in runs_a.runs} & {r.name for r in runs_b.runs}  # but no run folder in common
+
+    # a comment in the base config is not another base: the same run folders
+    (tmp_path / "a" / "base.yaml").write_text("# tuned\n" + (tmp_path / "a" / "base.yaml").read_text())
+    assert [r.name for r in load_sweep(a).runs] == [r.name for r in runs_a.runs]
+
+    write_summary(runs_a)  # sweep a was submitted: the folder is a's
+    for argv in (["status", str(b), "--no-slurm"], [str(b), "--dry-run"]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"holds the runs of another sweep, {a.resolve()}" in err
+    assert cli(["status", str(a), "--no-slurm"]) == 0 and cli([str(a), "--dry-run"]) == 0
+
+
+def test_a_sweep_file_that_is_not_utf8_is_one_line(tmp_path, digit_shards, capsys):
+    path = sweep_on(tmp_path, digit_shards, "s", {})
+    path.write_bytes(path.read_bytes() + "# r\u00e9glage\n".encode("latin-1"))
+    for argv in (["status", str(path)], [str(path), "--dry-run"]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"launch.sweep: {path}: not UTF-8 text (byte 0xe9 on line 4); save it as UTF-8"
+
+
+def test_status_into_a_closed_pipe_ends_quietly(tmp_path, digit_shards):
+    path = sweep_on(tmp_path, digit_shards, "s", {}, grid="[" + ", ".join(f"{i}.0e-4" for i in range(1, 30)) + "]")
+    command = [sys.executable, "-m", "launch.sweep", "status", str(path), "--no-slurm"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the table comes, as `| head -1` once it has its line
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and stderr == ""
+    assert (tmp_path / "runs" / "lr" / "status.csv").exists()  # written before the table
