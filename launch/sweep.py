@@ -20,10 +20,11 @@ A sweep file::
         optim.d.lr: {log_uniform: [1.0e-5, 1.0e-3]}     # also: uniform, int_uniform
     slurm: {nodes: 1, gpus_per_node: 8, time: "4:00:00", array_parallelism: 4}   # launch/options.py
 
-A run is named ``r<index>-<hash of its overrides>``, so the same overrides map to the same
-folder when the sweep is submitted again: runs that already reached ``train.steps``
-are skipped, the others resume from their checkpoints. Every run's config is checked
-before anything is submitted. ``sweep.json`` in the sweep folder maps runs to job ids.
+A run is named ``r<index>-<hash of its settings>`` (the base config and its overrides), so
+a run maps to the same folder when the sweep is submitted again: runs that already
+reached ``train.steps`` are skipped, the others resume from their checkpoints. Every
+run's config is checked before anything is submitted. ``sweep.json`` in the sweep folder
+maps runs to job ids and names the sweep file that owns the folder.
 
 ``python -m launch.sweep status SWEEP.yaml`` prints where every run stands (state, step,
 best FID, last losses, img/s), best FID first, and writes ``status.csv`` and ``fid.png``

@@ -78,7 +78,7 @@ def test_sweep_is_a_grid_times_seeded_random_draws(tmp_path, digit_shards):
     lrs = [r.cfg.optim.d.lr for r in sweep.runs]
     assert all(1e-5 <= lr <= 1e-3 for lr in lrs) and len(set(lrs[:3])) == 3
     assert {r.cfg.train.batch_size for r in sweep.runs} <= {8, 16}
-    # run names: index + hash of the overrides, the same on every load (resubmission finds them)
+    # run names: index + hash of the settings, the same on every load (resubmission finds them)
     assert [r.name for r in load_sweep(path).runs] == [r.name for r in sweep.runs]
     assert len({r.cfg.run_dir for r in sweep.runs}) == 6
     assert all(r.cfg.run_dir.parent == tmp_path / "runs" / "s" for r in sweep.runs)
