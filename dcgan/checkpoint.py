@@ -467,12 +467,21 @@ def place_on_timeline(run_dir: Path, path: Path, sd: dict[str, Any]) -> Resume:
 
 def load_generator(sd: dict, model: ModelConfig, weights: str, path: Path) -> nn.Module:
     """The checkpoint's EMA generator (``weights='ema'``, falling back to G when the run
-    had none) or G, on the CPU in eval mode."""
+    had none) or G, on the CPU in eval mode. CheckpointError when its tensors do not fit
+    the net its own model section describes (a checkpoint edited or written by other code)."""
     generator, _ = build_models(model)
     state = sd["generator_ema"] if weights == "ema" and sd.get("generator_ema") is not None else sd["generator"]
     if weights == "ema" and sd.get("generator_ema") is None:
         log.warning("%s has no EMA generator (model.ema_decay was 0): using G", path)
-    generator.load_state_dict(state)
+    try:
+        generator.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = lines[1] if len(lines) > 1 else (lines or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{path}: its generator does not fit its own model settings (arch {model.arch}, ngf {model.ngf}, "
+            f"nz {model.nz}, channels {model.channels}): {first}"
+        ) from None
     return generator.eval()
 
 
@@ -509,14 +518,20 @@ class ResumeError(RuntimeError):
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint's state dict; nothing arbitrary is unpickled (CheckpointError when
-    ``weights_only=True`` refuses the file: it was not written by dcgan.train)."""
+    ``weights_only=True`` refuses the file or it is no torch file: it was not written by
+    dcgan.train)."""
+    if path.name.endswith(".pt" + RECORD_SUFFIX):
+        raise CheckpointError(
+            f"{path}: a checkpoint's size/SHA-256 record, not a checkpoint; load {path.with_suffix('')}"
+        )
     try:
         sd = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's text starts with how to load it unsafely; its own reason is on one line
-        found = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", str(e))
-        reason = found.group(1) if found else type(e).__name__
+        # torch's text starts with how to load it unsafely; its own reason follows "WeightsUnpickler error:"
+        after = str(e).partition("WeightsUnpickler error:")[2]
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), type(e).__name__)
         raise CheckpointError(f"{path}: refused by torch.load(weights_only=True) ({reason}), not loaded") from None
-    except (RuntimeError, EOFError, OSError) as e:  # truncated, not a torch file, unreadable
-        raise CheckpointError(f"{path}: cannot be read ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # truncated, not a torch file (torch raises KeyError, RuntimeError...), unreadable
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {detail})") from None
     return sd

@@ -105,6 +105,34 @@ def test_bad_paths_and_weights_are_named(tiny_run, tmp_path):
         load_generator(tiny_run, weights="g")
 
 
+def test_files_that_are_not_checkpoints_say_what_they_are(tiny_run, tmp_path):
+    record = tiny_run / "checkpoints" / "step_00000002.pt.json"
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"a checkpoint's size/SHA-256 record, not a checkpoint; load "
+    ):
+        load_generator(record)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello, not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match=r"notes.pt: cannot be read as a checkpoint \(\w+: .+\)"):
+        load_generator(text)
+    pickled = tmp_path / "object.pt"
+    torch.save({"generator": Generator}, pickled)  # a class: weights_only refuses it
+    with pytest.raises(checkpoint.CheckpointError, match=r"refused by torch.load\(weights_only=True\) \(\S.*\)"):
+        load_generator(pickled)
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line(tiny_run, tmp_path):
+    sd = torch.load(tiny_run / "checkpoints" / "step_00000002.pt", map_location="cpu", weights_only=True)
+    sd["config"]["model"]["ngf"] = 16  # edited: its tensors are ngf 8's
+    saved = checkpoint.save(sd, tmp_path / "checkpoints", 2, keep=1).path
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit its own model settings"):
+        load_generator(saved)
+    result = run_module("dcgan.generate", "--checkpoint", str(saved), "--out", str(tmp_path / "out"), timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"dcgan.generate: {saved}: its generator does not fit its own model settings")
+
+
 def test_no_ema_falls_back_to_g(tiny_run, tmp_path, caplog):
     """A run with model.ema_decay=0 saves no EMA generator: "ema" loads G, and says so."""
     sd = torch.load(tiny_run / "checkpoints" / "step_00000002.pt", map_location="cpu", weights_only=True)
