@@ -138,10 +138,7 @@ def move_aside(run_dir: Path, after: int, later: list[Path], resumed_step: int) 
     grids and metrics lines past ``after``, and copies of metrics.jsonl and summary.json as
     they were. Returns that folder (None: nothing was past ``after``)."""
     samples, metrics = run_dir / "samples", run_dir / "metrics.jsonl"
-    grids = [
-        p for p in (samples.iterdir() if samples.is_dir() else ()) if (m := _SAMPLE_NAME.match(p.name))
-        and int(m.group(1)) > after
-    ]  # fmt: skip
+    grids = [p for p in (samples.iterdir() if samples.is_dir() else ()) if _grid_step(p) > after]
     lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
     kept = [line for line in lines if _step_of_line(line) is not None and _step_of_line(line) <= after]
     if not (later or grids or len(kept) < len(lines)):
@@ -206,6 +203,12 @@ def _unused(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
+
+
+def _grid_step(path: Path) -> int:
+    """The step of a sample grid ``step_<step>.png`` (-1: not a step's grid, e.g. real.png)."""
+    m = _SAMPLE_NAME.match(path.name)
+    return int(m.group(1)) if m else -1
 
 
 def _step_of_line(line: str) -> int | None:
