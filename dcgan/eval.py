@@ -239,7 +239,11 @@ def score_main(argv: list[str]) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", default="", help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
-    setup_logging(distributed.read_env().rank)
+    try:
+        setup_logging(distributed.read_env().rank)
+    except ConfigError as e:  # WORLD_SIZE, RANK or LOCAL_RANK set to something no job has
+        print(f"dcgan.eval: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         path = checkpoint.resolve(Path(args.checkpoint))
         sd = checkpoint.load(path)
@@ -300,7 +304,11 @@ def train_features_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
-    setup_logging(distributed.read_env().rank)
+    try:
+        setup_logging(distributed.read_env().rank)
+    except ConfigError as e:  # WORLD_SIZE, RANK or LOCAL_RANK set to something no job has
+        print(f"dcgan.eval: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         shard_set = resolve_shards(DataConfig(shards=args.shards))
     except ConfigError as e:
