@@ -41,6 +41,7 @@ from dcgan.features import (
     save_classifier,
     train_classifier,
 )
+from dcgan.generator import load_trained_state
 from dcgan.images import to_uint8
 from dcgan.logs import setup_logging
 from dcgan.models import sample_latent
@@ -246,8 +247,10 @@ def score_main(argv: list[str]) -> int:
         return EXIT_CONFIG
     try:
         path = checkpoint.resolve(Path(args.checkpoint))
-        sd = checkpoint.load(path)
+        sd = load_trained_state(path)
         model = build_section(ModelConfig, sd["config"]["model"], str(path), "model.")
+        # Here, before any process group: a generator that does not fit is one line, not a traceback per rank.
+        generator = checkpoint.load_generator(sd, model, args.weights, path)
         shards = args.shards or sd["config"]["data"]["shards"]
         ecfg = build_section(
             EvalConfig,
@@ -261,7 +264,7 @@ def score_main(argv: list[str]) -> int:
         return EXIT_CONFIG
     dist = distributed.setup(args.device)
     try:
-        generator = checkpoint.load_generator(sd, model, args.weights, path).to(dist.device)
+        generator = generator.to(dist.device)
         evaluator = Evaluator.build(choice, ecfg, DataConfig(shards=shards), model, dist)
         scores = evaluator.evaluate(eval_mode_sampler(generator), model.nz)
         if dist.is_main:

@@ -112,15 +112,22 @@ def load_generator(
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     file = checkpoint.resolve(Path(path), prefer_best=best)
-    sd = checkpoint.load(file, map_location="cpu")
-    if not isinstance(sd, dict) or "generator" not in sd or "config" not in sd:
-        raise checkpoint.CheckpointError(f"{file}: not a dcgan.train checkpoint (no generator state)")
+    sd = load_trained_state(file)
     config = _config_of(sd["config"], file)
     model = config if isinstance(config, ModelConfig) else config.model
     used = "ema" if weights == "ema" and sd.get("generator_ema") is not None else "raw"
     net = checkpoint.load_generator(sd, model, weights, file)
     generator = Generator(net, config, int(sd.get("step", 0)), file, used)
     return generator.to(device).eval()
+
+
+def load_trained_state(file: Path) -> dict:
+    """The state dict a dcgan.train checkpoint holds, on the CPU; CheckpointError naming
+    ``file`` when it holds anything else (a torch file of other tensors, say)."""
+    sd = checkpoint.load(file, map_location="cpu")
+    if not isinstance(sd, dict) or "generator" not in sd or "config" not in sd:
+        raise checkpoint.CheckpointError(f"{file}: not a dcgan.train checkpoint (no generator state)")
+    return sd
 
 
 def _config_of(saved: dict, path: Path) -> Config | ModelConfig:

@@ -133,6 +133,22 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line(tiny_run, 
     assert lines[0].startswith(f"dcgan.generate: {saved}: its generator does not fit its own model settings")
 
 
+def test_dcgan_eval_says_in_one_line_what_does_not_fit(tiny_run, tmp_path):
+    """dcgan.eval reads the checkpoint itself: a generator that does not fit its own model
+    settings, or a torch file of something else, is one line naming it, exit 2."""
+    sd = torch.load(tiny_run / "checkpoints" / "step_00000002.pt", map_location="cpu", weights_only=True)
+    sd["config"]["model"]["ngf"] = 16  # edited: its tensors are ngf 8's
+    edited = checkpoint.save(sd, tmp_path / "checkpoints", 2, keep=1).path
+    other = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, other)  # loads with weights_only=True, but holds no run
+    for path, why in ((edited, "its generator does not fit its own model settings"),
+                      (other, "not a dcgan.train checkpoint (no generator state)")):  # fmt: skip
+        result = run_module("dcgan.eval", "--checkpoint", str(path), "--device", "cpu", timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+        assert lines[0].startswith(f"dcgan.eval: {path}: {why}")
+
+
 def test_no_ema_falls_back_to_g(tiny_run, tmp_path, caplog):
     """A run with model.ema_decay=0 saves no EMA generator: "ema" loads G, and says so."""
     sd = torch.load(tiny_run / "checkpoints" / "step_00000002.pt", map_location="cpu", weights_only=True)
