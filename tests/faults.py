@@ -9,6 +9,9 @@ DCGAN_FAULT says which, and where (comma-separated; empty: none):
   nan:STEP                D's weights turn NaN in gan_step's call STEP (a run that diverges)
   nan-input:STEP          from gan_step's call STEP on, every real batch is NaN (under fp16 the
                           grad scaler skips every step; batch norm's statistics turn NaN)
+  inf-grad:STEP           from gan_step's call STEP on, every gradient is infinite while the
+                          forward pass stays finite (under fp16 the grad scaler skips every
+                          step, and weights and batch norm's statistics stay finite)
   slow-checkpoint         every checkpoint write takes 60 s (time to press Ctrl-C twice)
   slow-start              start-up blocks for 60 s where the checkpoint is chosen
   run-folder-full:N       the first N appends to metrics.jsonl, and every sample grid, loss
@@ -86,6 +89,19 @@ def inject(fault: str, rank: int) -> None:
             return real_step(state, g_train, d_train, real, *a, **kw)
 
         training.gan_step = nan_input_step
+    elif kind == "inf-grad":
+        (first_step,) = (int(a) for a in args)
+        real_step, calls = training.gan_step, [0]
+
+        def overflowing_step(state, *a, **kw):
+            calls[0] += 1
+            if calls[0] == first_step:  # hooks stay: every backward from here on overflows
+                for net in (state.generator, state.discriminator):
+                    for p in net.parameters():
+                        p.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+            return real_step(state, *a, **kw)
+
+        training.gan_step = overflowing_step
     elif kind in ("slow-checkpoint", "slow-start"):
         module, name = (checkpoint, "_save_hashed") if kind == "slow-checkpoint" else (checkpoint, "choose")
         real = getattr(module, name)

@@ -125,6 +125,22 @@ def test_full_disk_under_the_final_checkpoint(tmp_path, digit_shards, nproc):
     assert not list(ckpt_dir.iterdir())  # no temp file, no half checkpoint
 
 
+def test_fp16_skipping_every_step_of_an_interval_ends_the_run_at_that_log_step(tmp_path, digit_shards):
+    """Gradients overflow at every step from step 15 on, while the forward pass, the weights
+    and batch norm's statistics stay finite: nothing but the scaler's skips shows that the
+    run no longer trains. Steps 21-40 are the first interval the scaler skipped whole."""
+    result, seconds = run_with_fault(
+        tmp_path, digit_shards, "inf-grad:15", 0, train={"steps": 200, "precision": "fp16"}, log={"every": 20},
+        checkpoint={"every": 100},
+    )  # fmt: skip
+    assert seconds < DEADLINE_S
+    assert "diverged at step 40: the fp16 grad scaler skipped the last 20 steps in a row" in result.stderr, (
+        result.stderr[-3000:]
+    )
+    summary = json.loads((tmp_path / "runs" / "inf-grad-15-0" / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+
+
 def test_killed_dataloader_worker_ends_the_run(tmp_path, digit_shards):
     config = write_config(tmp_path / "long.yaml", digit_shards, data={"workers": 2}, train={"steps": 100000})
     marker = uuid.uuid4().hex
