@@ -526,12 +526,34 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         )
     try:
         sd = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's text starts with how to load it unsafely; its own reason follows "WeightsUnpickler error:"
-        after = str(e).partition("WeightsUnpickler error:")[2]
-        reason = next((line.strip() for line in after.splitlines() if line.strip()), type(e).__name__)
-        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True) ({reason}), not loaded") from None
-    except Exception as e:  # truncated, not a torch file (torch raises KeyError, RuntimeError...), unreadable
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {detail})") from None
+    except Exception as e:  # refused, truncated, no torch file (torch raises KeyError, RuntimeError...), unreadable
+        raise CheckpointError(f"{path}: {_why_not_loaded(path, e)}") from None
     return sd
+
+
+def _why_not_loaded(path: Path, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed on ``path``, in words. torch's own text
+    is empty for an empty file, and for a file torch.save did not write it names the first
+    byte as an unpickling opcode ("Unsupported operand 123" for JSON)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)  # a whole record: a few hundred bytes
+    except OSError as e:
+        return f"unreadable: {e}"
+    if not head:
+        return "cannot be read as a checkpoint: the file is empty"
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip archive (a pickle before torch 1.6)
+        try:
+            record = json.loads(head)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "sha256" in record:  # under another name than step_X.pt.json: set aside
+            return f"the size/SHA-256 record of {record.get('file')}, not a checkpoint"
+        return f"cannot be read as a checkpoint: not a file torch.save wrote (it starts with {head[:16]!r})"
+    if isinstance(error, pickle.UnpicklingError):
+        # torch's text starts with how to load it unsafely; its own reason follows "WeightsUnpickler error:"
+        after = str(error).partition("WeightsUnpickler error:")[2]
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), type(error).__name__)
+        return f"refused by torch.load(weights_only=True) ({reason}), not loaded"
+    detail = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"cannot be read as a checkpoint ({type(error).__name__}{': ' + detail if detail else ''})"

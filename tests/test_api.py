@@ -113,12 +113,34 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tiny_run, tmp_path):
         load_generator(record)
     text = tmp_path / "notes.pt"
     text.write_text("hello, not a checkpoint")
-    with pytest.raises(checkpoint.CheckpointError, match=r"notes.pt: cannot be read as a checkpoint \(\w+: .+\)"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"notes.pt: cannot be read as a checkpoint: not a file torch.save wrote \(it starts with b'hello",
+    ):
         load_generator(text)
     pickled = tmp_path / "object.pt"
     torch.save({"generator": Generator}, pickled)  # a class: weights_only refuses it
     with pytest.raises(checkpoint.CheckpointError, match=r"refused by torch.load\(weights_only=True\) \(\S.*\)"):
         load_generator(pickled)
+
+
+def test_an_empty_file_and_a_set_aside_record_say_what_they_are(tiny_run, tmp_path):
+    """No reason left empty: torch says nothing about an empty file, and "Unsupported operand
+    123" about JSON (the record of a checkpoint set aside has no .pt.json name to go by)."""
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"empty.pt: cannot be read as a checkpoint: the file is empty$"
+    ):
+        load_generator(empty)
+    shutil.copytree(tiny_run / "checkpoints", tmp_path / "checkpoints")
+    aside = checkpoint.set_aside(tmp_path / "checkpoints" / "step_00000002.pt")
+    record = checkpoint.record_path(aside)
+    with pytest.raises(checkpoint.CheckpointError) as raised:
+        load_generator(record)
+    assert str(raised.value) == f"{record}: the size/SHA-256 record of step_00000002.pt, not a checkpoint"
+    result = run_module("dcgan.generate", "--checkpoint", str(record), "--out", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2 and result.stderr == f"dcgan.generate: {raised.value}\n", result.stderr
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_one_line(tiny_run, tmp_path):
