@@ -339,11 +339,21 @@ def cli(argv: list[str] | None = None) -> int:
     """``status SWEEP.yaml`` (launch/status.py), else submission (``main``)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv[:1] == ["status"]:
-            from launch.status import main as status_main  # matplotlib only when asked
+        try:
+            if argv[:1] == ["status"]:
+                from launch.status import main as status_main  # matplotlib only when asked
 
-            return status_main(argv[1:])
-        return main(argv)
+                code = status_main(argv[1:])
+            else:
+                code = main(argv)
+        except SystemExit:  # --help or a usage error: argparse's text waits in the same buffer
+            sys.stdout.flush()
+            raise
+        # A short table is still in stdout's buffer (a pipe is block-buffered): flushed here, a
+        # reader that has gone is caught below, not in Python's own flush at exit, which
+        # prints "Exception ignored ... BrokenPipeError" and exits 120.
+        sys.stdout.flush()
+        return code
     except BrokenPipeError:  # `... | head`: the reader has gone; end as quietly as Unix tools do
         # Python would report the pipe again when it flushes stdout at exit (docs.python.org, "Note on SIGPIPE").
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -5,6 +5,7 @@ submitted, sweep expansion, and launch.submit end to end on submitit's local exe
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -163,11 +164,19 @@ def test_a_sweep_file_that_is_not_utf8_is_one_line(tmp_path, digit_shards, capsy
         assert err == f"launch.sweep: {path}: not UTF-8 text (byte 0xe9 on line 4); save it as UTF-8"
 
 
-def test_status_into_a_closed_pipe_ends_quietly(tmp_path, digit_shards):
-    path = sweep_on(tmp_path, digit_shards, "s", {}, grid="[" + ", ".join(f"{i}.0e-4" for i in range(1, 30)) + "]")
-    command = [sys.executable, "-m", "launch.sweep", "status", str(path), "--no-slurm"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+@pytest.mark.parametrize(
+    "command", [["status", "{sweep}", "--no-slurm"], ["{sweep}", "--dry-run"], ["status", "--help"]]
+)
+def test_a_table_into_a_closed_pipe_ends_quietly(tmp_path, digit_shards, command):
+    """`launch.sweep status SWEEP | head -1`: no traceback, exit 1, like Unix tools. A user's
+    shell has no PYTHONUNBUFFERED, so a short table sits in stdout's buffer until Python
+    flushes it on the way out, after any handler of the print would have run."""
+    path = sweep_on(tmp_path, digit_shards, "s", {})
+    argv = [sys.executable, "-m", "launch.sweep", *(a.format(sweep=path) for a in command)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the table comes, as `| head -1` once it has its line
     stderr = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 1 and stderr == ""
-    assert (tmp_path / "runs" / "lr" / "status.csv").exists()  # written before the table
+    assert (proc.wait(timeout=120), stderr) == (1, "")
+    if "--no-slurm" in command:
+        assert (tmp_path / "runs" / "lr" / "status.csv").exists()  # written before the table
