@@ -289,7 +289,7 @@ def sweep_status(path: Path, use_slurm: bool = True) -> SweepStatus:
             raise run_error(path, index, own, e) from None
         planned.append((index, own, cfg))
     folder = planned[0][2].run_dir.parent
-    check_owner(path, folder)
+    check_owner(path, folder, [cfg.train.name for _, _, cfg in planned])
     jobs = job_ids(folder)
     live = slurm_states(list(jobs.values())) if use_slurm else {}
     runs = []

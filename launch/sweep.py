@@ -20,11 +20,13 @@ A sweep file::
         optim.d.lr: {log_uniform: [1.0e-5, 1.0e-3]}     # also: uniform, int_uniform
     slurm: {nodes: 1, gpus_per_node: 8, time: "4:00:00", array_parallelism: 4}   # launch/options.py
 
-A run is named ``r<index>-<hash of its settings>`` (the base config and its overrides), so
-a run maps to the same folder when the sweep is submitted again: runs that already
-reached ``train.steps`` are skipped, the others resume from their checkpoints. Every
-run's config is checked before anything is submitted. ``sweep.json`` in the sweep folder
-maps runs to job ids and names the sweep file that owns the folder.
+A run is named ``r<index>-<hash of its settings>`` (what its base config and overrides
+set), so a run maps to the same folder when the sweep is submitted again, also after a
+code update: runs that already reached ``train.steps`` are skipped, the others resume
+from their checkpoints. A run folder named by an earlier version of launch.sweep is taken
+up when its config.yaml holds the run's settings. Every run's config is checked before
+anything is submitted. ``sweep.json`` in the sweep folder maps runs to job ids and names
+the sweep file that owns the folder.
 
 ``python -m launch.sweep status SWEEP.yaml`` prints where every run stands (state, step,
 best FID, last losses, img/s), best FID first, and writes ``status.csv`` and ``fid.png``
@@ -50,7 +52,7 @@ from typing import Any
 import yaml
 
 from dcgan import checkpoint
-from dcgan.config import Config, ConfigError, load_config, read_utf8
+from dcgan.config import Config, ConfigError, load_config, read_utf8, read_yaml
 from dcgan.exits import EXIT_CONFIG
 from dcgan.fileio import write_atomic
 from dcgan.preflight import plan_run
@@ -146,32 +148,93 @@ def placed_runs(path: Path, spec: dict[str, Any]) -> list[tuple[int, list[str], 
         except ConfigError as e:
             raise run_error(path, index, own, e) from None
         out_dir = Path(cfg.train.out_dir) / name
-        placed = [*own, f"train.name=r{index:03d}-{config_digest(cfg)}", f"train.out_dir={out_dir}",
-                  f"wandb.group={name}"]  # fmt: skip
+        run_name = f"r{index:03d}-{config_digest(str(spec['base']), own, cfg)}"
+        if not (out_dir / run_name).exists():
+            run_name = earlier_run_folder(out_dir, index, cfg) or run_name
+        placed = [*own, f"train.name={run_name}", f"train.out_dir={out_dir}", f"wandb.group={name}"]
         runs.append((index, own, placed))
     return runs
 
 
-def config_digest(cfg: Config) -> str:
-    """8 hex digits of the settings a run trains with (the base config's as parsed, so a
-    comment does not count, with the run's overrides), less where it is placed: a sweep
-    resubmitted unchanged finds its runs again, and a run of another base or other
-    settings never lands in one's folder. (Sweeps submitted before the base counted
-    named runs by their overrides alone: resubmitted, they start in new folders and the
-    old ones stay as they are.)"""
-    settings = cfg.to_dict()
-    del settings["train"]["name"], settings["train"]["out_dir"], settings["wandb"]["group"]
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+PLACEMENT = (("train", "name"), ("train", "out_dir"), ("wandb", "group"))  # where a run goes, set by the sweep
 
 
-def check_owner(path: Path, folder: Path) -> None:
+def config_digest(base: str, own: list[str], cfg: Config) -> str:
+    """8 hex digits of the settings a run is given: the keys its base config file and its
+    overrides set, with the values the run trains with (as parsed and typed: a comment in
+    the base, its key order or ``1.0e-4`` for ``0.0001`` change nothing), less its placement.
+
+    A sweep resubmitted unchanged finds its runs again, and a run of another base or other
+    settings never lands in one's folder. What the code fills in is left out: a code update
+    that adds a setting or changes a default keeps the names, as it keeps a plain
+    ``dcgan.train`` run's folder (the trainer logs what changed on resume)."""
+    given = read_yaml(read_utf8(Path(base), "config")) or {}  # load_config read it already: a mapping
+    for item in own:
+        node = given
+        *parents, leaf = item.partition("=")[0].strip().split(".")
+        for key in parents:
+            node[key] = node[key] if isinstance(node.get(key), dict) else {}
+            node = node[key]
+        node[leaf] = None  # only the key counts here: its value is the config's
+    settings = _pick(cfg.to_dict(), given)
+    for section, key in PLACEMENT:
+        settings.get(section, {}).pop(key, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _pick(full: Any, shape: Any) -> Any:
+    """``full`` cut to the keys of the mapping ``shape`` (a leaf of ``shape`` takes all below it)."""
+    if not isinstance(shape, dict) or not isinstance(full, dict):
+        return full
+    return {key: _pick(full[key], below) for key, below in shape.items() if key in full}
+
+
+def earlier_run_folder(out_dir: Path, index: int, cfg: Config) -> str | None:
+    """The name of a run folder ``r<index>-...`` in the sweep folder that an earlier version
+    of launch.sweep named (first by the run's overrides alone, then by its whole config
+    with the code's defaults) and whose config.yaml holds this run's settings; the newest
+    started when there are several. Without it a sweep resubmitted after the update would
+    start its runs again in new folders. A folder of another base (the old names did not
+    tell them apart) differs in some setting and is left alone; so is one never started
+    (no config.yaml yet): the run starts in its new folder."""
+    ours = _flat(cfg.to_dict())
+    found = []
+    for folder in out_dir.glob(f"r{index:03d}-*"):
+        try:
+            theirs = _flat(yaml.safe_load((folder / "config.yaml").read_text()))
+            started = (folder / "config.yaml").stat().st_mtime
+        except (OSError, ValueError, yaml.YAMLError, AttributeError):
+            continue  # not a started run folder
+        # Settings the code added since (not in theirs) or dropped (not in ours) say nothing.
+        common = (ours.keys() & theirs.keys()) - {".".join(k) for k in PLACEMENT}
+        if common and all(ours[k] == theirs[k] for k in common):
+            found.append((started, folder.name))
+    return max(found)[1] if found else None
+
+
+def _flat(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a.b": value} from {"a": {"b": value}}."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_owner(path: Path, folder: Path, names: list[str]) -> None:
     """ConfigError when the sweep folder ``folder`` holds the runs of another sweep file
-    (its sweep.json says which): two sweeps with one name and out_dir would share it."""
+    (its sweep.json says which): two sweeps with one name and out_dir would share it. The
+    same sweep file moved (another clone, another mount) is still the owner: every run
+    sweep.json records is one of its runs (``names``), whose names hash their settings."""
     try:
-        owner = json.loads((folder / "sweep.json").read_text()).get("sweep_file")
-    except (OSError, ValueError, AttributeError):
+        recorded = json.loads((folder / "sweep.json").read_text())
+        owner = recorded.get("sweep_file")
+        theirs = {str(run["name"]) for run in recorded.get("runs", [])}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return  # no sweep submitted there yet (or one from before sweep.json named its file)
-    if owner and owner != str(path.resolve()):
+    if owner and owner != str(path.resolve()) and not theirs <= set(names):
         raise ConfigError(
             f"{path}: its sweep folder {folder} holds the runs of another sweep, {owner}; give this one another "
             "name (name: in the sweep file) or another train.out_dir"
@@ -318,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         # The slurm: section first: its world size is needed to check each run's data split.
         opts = from_arguments(args, base=_mapping(spec.get("slurm"), str(args.sweep), "slurm"), where=str(args.sweep))
         sweep = expand(args.sweep, spec, opts.world_size)
-        check_owner(args.sweep, sweep.folder)
+        check_owner(args.sweep, sweep.folder, [run.name for run in sweep.runs])
     except ConfigError as e:
         print(f"launch.sweep: {e}", file=sys.stderr)
         return EXIT_CONFIG

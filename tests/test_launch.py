@@ -5,16 +5,20 @@ submitted, sweep expansion, and launch.submit end to end on submitit's local exe
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import REPO, run_module, write_config
-from dcgan.config import ConfigError
+from dcgan.config import Config, ConfigError, load_config, save_config
 from launch.options import SlurmOptions, add_arguments, from_arguments, time_minutes
+from launch.status import sweep_status
 from launch.sweep import cli, load_sweep, write_summary
 
 
@@ -153,6 +157,62 @@ def test_two_sweeps_with_one_name_never_share_a_run_folder(tmp_path, digit_shard
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and f"holds the runs of another sweep, {a.resolve()}" in err
     assert cli(["status", str(a), "--no-slurm"]) == 0 and cli([str(a), "--dry-run"]) == 0
+
+
+def test_run_names_stay_when_the_code_adds_a_setting_or_changes_a_default(tmp_path, digit_shards, monkeypatch):
+    """Resubmitting a sweep after a `git pull` carries on its runs: their folders are named
+    by what the sweep and base files set, not by what the code fills in."""
+    path = sweep_on(tmp_path, digit_shards, "a", {})
+    names = [r.name for r in load_sweep(path).runs]
+    base = tmp_path / "a" / "base.yaml"  # the same settings in another order, with a comment: the same runs
+    settings = yaml.safe_load(base.read_text())
+    base.write_text("# tuned\n" + yaml.safe_dump(dict(reversed(settings.items())), sort_keys=False))
+    assert [r.name for r in load_sweep(path).runs] == names
+    this_code = Config.to_dict
+
+    def later_code(cfg):  # a later version of dcgan.config: one setting more, another default
+        settings = this_code(cfg)
+        settings["train"]["a_new_setting"] = True
+        settings["optim"]["label_smoothing"] = 0.05  # the base does not set it
+        return settings
+
+    monkeypatch.setattr(Config, "to_dict", later_code)
+    assert [r.name for r in load_sweep(path).runs] == names
+
+
+def test_a_run_folder_of_the_earlier_naming_is_resumed_by_its_own_sweep_only(tmp_path, digit_shards):
+    """The earlier launch.sweep named a run r<index>-<hash of its overrides>: sweep b, on
+    another base, had the same name as sweep a's finished run. After the update a's runs
+    carry on in their folders, and b never takes a's run as its own."""
+    a = sweep_on(tmp_path, digit_shards, "a", {"model": {"ngf": 8}})
+    b = sweep_on(tmp_path, digit_shards, "b", {"model": {"ngf": 16}})  # another base, the same file stem
+    own = ["optim.g.lr=0.0001"]  # run 0's override in both
+    old_name = "r000-" + hashlib.sha256("\n".join(sorted(own)).encode()).hexdigest()[:8]
+    folder = tmp_path / "runs" / "lr"
+    cfg = load_config(str(tmp_path / "a" / "base.yaml"), [*own, f"train.name={old_name}",
+                                                          f"train.out_dir={folder}", "wandb.group=lr"])  # fmt: skip
+    cfg.run_dir.mkdir(parents=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")  # as a's trainer wrote it
+    (cfg.run_dir / "summary.json").write_text(json.dumps({"status": "done", "exit_code": 0, "step": 6}))
+    (cfg.run_dir / "metrics.jsonl").write_text(json.dumps({"step": 6, "loss_d": 1.25, "loss_g": 0.75}) + "\n")
+
+    assert load_sweep(a).runs[0].name == old_name  # resubmitted, a's run 0 resumes in its folder
+    assert load_sweep(b).runs[0].name != old_name
+    run_a = next(r for r in sweep_status(a, use_slurm=False).runs if r.index == 0)
+    run_b = next(r for r in sweep_status(b, use_slurm=False).runs if r.index == 0)
+    assert (run_a.name, run_a.state, run_a.step, run_a.loss_d) == (old_name, "done", 6, 1.25)
+    assert (run_b.state, run_b.step, run_b.loss_d) == ("pending", None, None)
+
+
+def test_a_moved_sweep_file_still_owns_its_folder(tmp_path, digit_shards, capsys):
+    """Another clone or mount of the same sweep file is not another sweep."""
+    path = sweep_on(tmp_path, digit_shards, "a", {})
+    write_summary(load_sweep(path))  # submitted from here
+    moved = tmp_path / "clone" / "lr.yaml"
+    moved.parent.mkdir()
+    moved.write_text(path.read_text())
+    assert cli(["status", str(moved), "--no-slurm"]) == 0 and cli([str(moved), "--dry-run"]) == 0
+    assert "another sweep" not in capsys.readouterr().err
 
 
 def test_a_sweep_file_that_is_not_utf8_is_one_line(tmp_path, digit_shards, capsys):
