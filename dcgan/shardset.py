@@ -223,12 +223,18 @@ def _from_manifest(path: Path) -> ShardSet:
     try:
         manifest = json.loads(path.read_text())
         names, counts = manifest["shards"], manifest["shard_samples"]
+        if not isinstance(names, list) or not isinstance(counts, list):
+            raise ValueError("'shards' and 'shard_samples' must be lists")
         if len(names) != len(counts):
             raise ValueError("'shards' and 'shard_samples' differ in length")
         if not all(isinstance(c, int) and c >= 0 for c in counts):
             raise ValueError("'shard_samples' must be counts (integers >= 0)")
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError("'shards' must be shard file names")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"data.shards: {path} is not a valid manifest: {e!r}") from None
+        raise ConfigError(
+            f"data.shards: {path} is not a valid manifest: {e!r}; `{index_command(path.parent)}` rewrites it"
+        ) from None
     urls = tuple(str(path.parent / name) for name in names)
     for url in urls:
         if not Path(url).exists():

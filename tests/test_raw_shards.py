@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import epoch_labels, make_loader, make_shards
 from dcgan.cache import CachedLoader
-from dcgan.config import AugmentConfig, DataConfig
+from dcgan.config import AugmentConfig, ConfigError, DataConfig
 from dcgan.data import read_images
 from dcgan.distributed import DistInfo
 from dcgan.shards import count_shard
@@ -250,6 +250,37 @@ def test_index_repairs_a_damaged_manifest_and_keeps_it_aside(three_members, tmp_
     assert shards_main(["index", str(folder), "--workers", "1"]) == 0
     assert json.loads((folder / "manifest.json").read_text())["shard_samples"] == [48]
     assert (folder / "manifest.json.unreadable").read_bytes() == content
+
+
+BAD_COUNTS = [  # JSON objects, as index leaves them, whose counts are not names and counts
+    b'{"shards": 5, "shard_samples": "x", "classes": ["a"]}',
+    b'{"shards": [["shard-000000.tar"]], "shard_samples": [48], "classes": ["a"]}',
+    b'{"shards": {"shard-000000.tar": 48}, "shard_samples": [48], "classes": ["a"]}',
+]
+
+
+@pytest.mark.parametrize("content", BAD_COUNTS)
+def test_index_repairs_a_manifest_whose_counts_are_not_counts(three_members, tmp_path, content, caplog):
+    folder = tmp_path / "m"
+    shutil.copytree(three_members, folder)
+    (folder / "manifest.json").write_bytes(content)
+    assert shards_main(["index", str(folder), "--workers", "1"]) == 0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["shards"] == ["shard-000000.tar"] and manifest["shard_samples"] == [48]
+    assert manifest["classes"] == ["a"]  # the fields index does not count are kept
+    assert "manifest.json: its old 'shards' and 'shard_samples' are not lists of names and counts" in caplog.text
+
+
+@pytest.mark.parametrize("content", BAD_COUNTS)
+def test_training_on_a_manifest_whose_counts_are_not_counts_names_the_index(three_members, tmp_path, content):
+    folder = tmp_path / "m"
+    shutil.copytree(three_members, folder)
+    (folder / "manifest.json").write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        resolve_shards(DataConfig(shards=str(folder)))
+    message = str(caught.value)
+    assert f"{folder / 'manifest.json'} is not a valid manifest" in message and "\n" not in message
+    assert message.endswith(f"`python -m dcgan.shards index {folder}` rewrites it")
 
 
 # --------------------------------------------------------------------------- index
