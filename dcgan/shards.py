@@ -553,6 +553,24 @@ def read_old_manifest(path: Path) -> dict[str, Any]:
     return {}
 
 
+def old_counts(old: dict[str, Any]) -> dict[str, int]:
+    """Shard name -> count, of the manifest ``index`` replaces, to report what changed. A
+    manifest object whose counts are not names and counts (written by hand, by another
+    tool) is what index is run to repair: its counts are replaced without a comparison
+    (its other fields are kept), with a warning rather than a traceback."""
+    names, counts = old.get("shards", []), old.get("shard_samples", [])
+    if (
+        isinstance(names, list)
+        and isinstance(counts, list)
+        and len(names) == len(counts)
+        and all(isinstance(n, str) for n in names)
+        and all(isinstance(c, int) for c in counts)
+    ):
+        return dict(zip(names, counts))
+    log.warning("%s: its old 'shards' and 'shard_samples' are not lists of names and counts; replaced", MANIFEST)
+    return {}
+
+
 def _report_index(found: list[ShardCount], old: dict[str, Any]) -> None:
     """Warnings for what training will skip, and the counts that changed."""
     for f in found:
@@ -567,7 +585,7 @@ def _report_index(found: list[ShardCount], old: dict[str, Any]) -> None:
                 "%s: %d group(s) with no image member (%s) are not samples: not counted, never read",
                 f.name, f.not_samples, ", ".join(sorted(f.suffixes)[:5]),
             )  # fmt: skip
-    before = dict(zip(old.get("shards", []), old.get("shard_samples", [])))
+    before = old_counts(old)
     changed = [f"{f.name} {before[f.name]} -> {f.samples}" for f in found if before.get(f.name, f.samples) != f.samples]
     if changed:
         log.warning("manifest.json counts corrected for %d shard(s): %s", len(changed), "; ".join(changed[:10]))

@@ -41,6 +41,7 @@ import logging
 import math
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -222,12 +223,18 @@ def _from_manifest(path: Path) -> ShardSet:
     try:
         manifest = json.loads(path.read_text())
         names, counts = manifest["shards"], manifest["shard_samples"]
+        if not isinstance(names, list) or not isinstance(counts, list):
+            raise ValueError("'shards' and 'shard_samples' must be lists")
         if len(names) != len(counts):
             raise ValueError("'shards' and 'shard_samples' differ in length")
         if not all(isinstance(c, int) and c >= 0 for c in counts):
             raise ValueError("'shard_samples' must be counts (integers >= 0)")
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError("'shards' must be shard file names")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"data.shards: {path} is not a valid manifest: {e!r}") from None
+        raise ConfigError(
+            f"data.shards: {path} is not a valid manifest: {e!r}; `{index_command(path.parent)}` rewrites it"
+        ) from None
     urls = tuple(str(path.parent / name) for name in names)
     for url in urls:
         if not Path(url).exists():
@@ -293,7 +300,8 @@ def tar_groups(stream: Any, url: str) -> Iterator[dict[str, Any]]:
     the cache and ``dcgan.shards index`` all read shards through here). A shard cut short
     (a copy or a download that stopped) gives every whole group, then the group whose
     member the data stopped in, with what there is of that member (it fails to decode, so
-    its images count as corrupt, and no others), then raises the read error."""
+    its images count as corrupt, and no others), then raises the read error. A shard cut
+    between members, or in a tar header, raises too: it lacks the end-of-archive block."""
     failure: list[Exception] = []
     yield from wds.tariterators.group_by_keys(tar_members(stream, url, failure))
     if failure:
@@ -304,34 +312,61 @@ def tar_members(stream: Any, url: str, failure: list[Exception]) -> Iterator[dic
     """The regular files of a tar stream as webdataset's ``{"fname", "data", "__url__"}``
     (its ``tar_file_expander``, reading 1 MiB at a time: tarfile's 10 KiB default made
     reading a 3 MB raw member a third of the cost of its images, bench/data.py). A read
-    error ends it, after the member it hit (what of it can be read), into ``failure``."""
+    error ends it, after the member it hit (what of it arrived), into ``failure``."""
     # A local file is read member by member where it lies (one read each); a pipe or a
     # URL is streamed.
     seekable = getattr(stream, "seekable", lambda: False)()
     try:
-        with tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*", bufsize=_READ_SIZE) as tar:
+        with tarfile.open(
+            fileobj=stream, mode="r:*" if seekable else "r|*", bufsize=_READ_SIZE, tarinfo=_NotedEnd
+        ) as tar:
             for info in tar:
                 if info.isreg() and not info.name.startswith("__"):
-                    try:
-                        data = tar.extractfile(info).read()
-                    except (tarfile.TarError, EOFError, OSError):
-                        yield {"fname": info.name, "data": _what_arrived(stream, info, seekable), "__url__": url}
-                        raise
+                    data = _member_data(tar, info)
                     yield {"fname": info.name, "data": data, "__url__": url}
+                    if len(data) < info.size:
+                        raise tarfile.ReadError(f"unexpected end of data in {info.name}")
                 tar.members = []  # a stream's members would otherwise pile up over the whole shard
+            end = getattr(tar, _END, None)
+            if not isinstance(end, tarfile.EOFHeaderError):
+                raise tarfile.ReadError(f"cut short or damaged at byte {tar.offset}: no end-of-archive block ({end})")
     except Exception as e:  # truncated, not a tar, unreadable
         failure.append(e)
 
 
-def _what_arrived(stream: Any, info: tarfile.TarInfo, seekable: bool) -> bytes:
-    """The bytes of a member cut short that are in the file (none from a stream): enough
-    for a raw member's header, which says how many images were lost."""
-    if not seekable:
-        return b""
+class _NotedEnd(tarfile.TarInfo):
+    """tarfile's TarInfo, noting on the TarFile why its last header read failed. tarfile
+    ends an archive quietly at a header that is cut short, missing or garbled just as at
+    the end-of-archive block, so a shard cut between members (or in a header) would read
+    as a whole, shorter one: the index would write the shorter count as true, and the
+    reader would blame the manifest. Only the end-of-archive block (EOFHeaderError) is
+    a whole shard's end."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except Exception as e:
+            setattr(tar, _END, e)
+            raise
+
+
+_END = "dcgan_end"  # the attribute _NotedEnd sets
+
+
+def _member_data(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    """A member's bytes, or those of them in the shard when it was cut short (fewer than
+    ``info.size``; none when even they cannot be read): enough, for a raw member, for its
+    header, which says how many images were lost. Read from the archive's own file object,
+    as extractfile does, but without its check, which raises and drops what arrived: so a
+    pipe gives the bytes a local file does. (A cut gzipped shard's reader raises and drops
+    them itself: none, so the cut member counts as one corrupt image, as with no header.)"""
+    if info.issparse():  # GNU sparse files: only tarfile knows where their pieces lie (not cut-aware)
+        return tar.extractfile(info).read()
     try:
-        stream.seek(info.offset_data)
-        return stream.read(info.size)
-    except OSError:
+        tar.fileobj.seek(info.offset_data)  # a stream is already there: a seek forward by nothing
+        return tar.fileobj.read(info.size)
+    except (EOFError, OSError, tarfile.TarError, zlib.error):  # gzip's way of saying cut short
         return b""
 
 
@@ -385,7 +420,10 @@ def npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int, bool]:
 
 def raw_count(data: bytes) -> int:
     """Images in a raw member, from its header alone (the data may be damaged): 1 when
-    even the header does not read, so an unreadable member still counts as a sample."""
+    even the header does not read, so an unreadable member still counts as a sample. Its
+    true count is then written nowhere that arrived (its tar header gives its bytes, not
+    its images' size), and 1 is what the reader, the cache and the index all count for
+    it; the planned positions after it are empty, as for any shard cut short."""
     try:
         shape = npy_header(data)[0]
     except Exception:  # not an npy header at all

@@ -3,11 +3,11 @@
 PNG shards, each image counts as one sample for the split, resume and the index, and a
 damaged or pickled member costs only its own images."""
 
-import contextlib
 import io
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +16,15 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import epoch_labels, make_loader, make_shards
-from dcgan.config import AugmentConfig, DataConfig
+from dcgan.cache import CachedLoader
+from dcgan.config import AugmentConfig, ConfigError, DataConfig
 from dcgan.data import read_images
+from dcgan.distributed import DistInfo
 from dcgan.shards import count_shard
 from dcgan.shards import main as shards_main
 from dcgan.shardset import ERROR, first_image_size, resolve_shards, tar_samples
 
+ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 RAW = ("--format", "raw", "--per-member", "20", "--per-shard", "40")  # 96 images: 40, 40, 16 in members of 20
 
 
@@ -158,44 +161,85 @@ def three_members(tmp_path_factory, real_images):
     return make_shards(tmp_path_factory.mktemp("cut") / "s", images[:48], np.arange(48), *args)
 
 
-# Where a copy of the shard stops, in its third member (the planned count, 48, is in the manifest):
-# (name, member, offset into it, images counted as corrupt, the shard's count by the index)
+# Where a copy of the shard stops, around its third member (the planned count, 48, is in the manifest):
+# (name, member, offset into its data, images decoded, images counted as corrupt, the shard's count by the index)
 CUTS = [
-    ("inside the tar header", "000000032.images.npy", -400, 0, 32),  # the member never starts: nothing to count
-    ("inside the npy header", "000000032.images.npy", 50, 1, 33),  # it starts, its image count is lost: one
-    ("inside the images", "000000032.images.npy", 2000, 16, 48),
-    ("inside the labels", "000000032.labels.npy", 40, 16, 48),
+    ("between members", "000000032.images.npy", -512, 32, 0, 32),  # where its tar header would start
+    ("inside the tar header", "000000032.images.npy", -400, 32, 0, 32),  # the member never starts: nothing to count
+    ("inside the npy header", "000000032.images.npy", 50, 32, 1, 33),  # it starts, its image count is lost: one
+    ("inside the images", "000000032.images.npy", 2000, 32, 16, 48),
+    ("inside the labels", "000000032.labels.npy", 40, 32, 16, 48),
+    ("before the end-of-archive block", "000000032.labels.npy", 512, 48, 0, 48),  # every member whole
 ]
 
 
-@pytest.mark.parametrize("where, member, offset, corrupt, indexed", CUTS, ids=[c[0] for c in CUTS])
-def test_a_raw_shard_cut_short_costs_only_the_cut_member(
-    three_members, tmp_path, where, member, offset, corrupt, indexed
-):
+def cut_copy(three_members, tmp_path, member, offset) -> tuple[Path, set[int]]:
+    """A copy of the shard folder with its shard cut ``offset`` bytes into ``member``'s
+    data; and the labels of the third member (the images a cut in it may cost)."""
     with tarfile.open(three_members / "shard-000000.tar") as tar:
         info = tar.getmember(member)
-        lost = set(np.load(io.BytesIO(tar.extractfile("000000032.labels.npy").read())).tolist())
+        third = set(np.load(io.BytesIO(tar.extractfile("000000032.labels.npy").read())).tolist())
     cut = tmp_path / "cut"
     shutil.copytree(three_members, cut)
     with open(cut / "shard-000000.tar", "r+b") as f:
         f.truncate(info.offset_data + offset)
-    kept = set(range(48)) - lost  # the two whole members
+    return cut, third
 
-    read, errors = [], 0  # the samples every reader decodes or counts as corrupt (shardset.tar_samples)
-    with pytest.raises(tarfile.ReadError) if offset > 0 else contextlib.nullcontext():
-        for sample in tar_samples(str(cut / "shard-000000.tar")):
+
+def read_cut(url: str) -> tuple[list[int], int, Exception | None]:
+    """The labels of the samples that decode, the corrupt ones, and the read error, as
+    every reader meets them (shardset.tar_samples)."""
+    read, errors = [], 0
+    try:
+        for sample in tar_samples(url):
             errors += ERROR in sample
             read += [sample["cls"]] if ERROR not in sample else []
-    assert set(read) == kept and errors == corrupt
+    except Exception as e:
+        return read, errors, e
+    return read, errors, None
+
+
+@pytest.mark.parametrize("where, member, offset, decoded, corrupt, indexed", CUTS, ids=[c[0] for c in CUTS])
+def test_a_raw_shard_cut_short_costs_only_the_cut_member(
+    three_members, tmp_path, caplog, where, member, offset, decoded, corrupt, indexed
+):
+    """Wherever a copy stops, the whole members are read, the cut one's images (as many as
+    arrived of its header says) are corrupt, and the shard is reported cut short: never
+    taken for a whole, shorter one, which the index would write as true and the reader
+    would blame on the manifest."""
+    cut, third = cut_copy(three_members, tmp_path, member, offset)
+    kept = set(range(48)) - (third if decoded == 32 else set())
+    read, errors, error = read_cut(str(cut / "shard-000000.tar"))
+    assert set(read) == kept and errors == corrupt and isinstance(error, tarfile.ReadError)
+
     loader = make_loader(cut, world_size=1, workers=1)
     labels = sum(epoch_labels(loader, 0), [])  # the training reader (it replaces corrupt samples from the next lap)
     assert set(labels) == kept and (loader.corrupt_samples > 0) == (corrupt > 0)
+    assert loader.corrupt_shards > 0 and loader.miscounted == {}
+    cfg = DataConfig(shards=str(cut), workers=1, cache="on")
+    cached = CachedLoader(resolve_shards(cfg), cfg, ONE_PROCESS, batch_size=4, image_size=28, channels=1, seed=0)
+    assert set(cached.labels.tolist()) == kept and cached.samples == decoded
+    assert cached.corrupt_samples == corrupt and cached.corrupt_shards > 0 and cached.miscounted == {}
     images, read_labels = read_images(resolve_shards(DataConfig(shards=str(cut))), None, 1, 28)
-    assert sorted(read_labels.tolist()) == sorted(kept) and len(images) == 32  # the cache's reader
+    assert sorted(read_labels.tolist()) == sorted(kept) and len(images) == decoded  # evaluation's reader
+
     found = count_shard(str(cut / "shard-000000.tar"))  # the index
-    assert (found.samples, found.unopenable) == (indexed, corrupt)
+    assert (found.samples, found.unopenable) == (indexed, corrupt) and found.error
     assert shards_main(["index", str(cut), "--workers", "1"]) == 0
     assert json.loads((cut / "manifest.json").read_text())["shard_samples"] == [indexed]
+    assert f"shard-000000.tar: unreadable after {indexed} samples" in caplog.text
+
+
+@pytest.mark.parametrize("where, member, offset, decoded, corrupt, indexed", CUTS, ids=[c[0] for c in CUTS])
+def test_a_cut_shard_read_through_a_pipe_counts_as_the_file_does(
+    three_members, tmp_path, where, member, offset, decoded, corrupt, indexed
+):
+    """``pipe:`` shards (a bucket, a download) stream the tar; a cut member's header
+    arrives there too, so the images it costs are counted alike."""
+    cut, _ = cut_copy(three_members, tmp_path, member, offset)
+    read, errors, error = read_cut(f"pipe:cat {cut / 'shard-000000.tar'}")
+    assert (len(read), errors, type(error)) == (decoded, corrupt, tarfile.ReadError)
+    assert (read, errors) == read_cut(str(cut / "shard-000000.tar"))[:2]
 
 
 @pytest.mark.parametrize("content", [b'{"shards": ["shard-0', b"[1, 2]", b"\xff\xfe"])
@@ -206,6 +250,37 @@ def test_index_repairs_a_damaged_manifest_and_keeps_it_aside(three_members, tmp_
     assert shards_main(["index", str(folder), "--workers", "1"]) == 0
     assert json.loads((folder / "manifest.json").read_text())["shard_samples"] == [48]
     assert (folder / "manifest.json.unreadable").read_bytes() == content
+
+
+BAD_COUNTS = [  # JSON objects, as index leaves them, whose counts are not names and counts
+    b'{"shards": 5, "shard_samples": "x", "classes": ["a"]}',
+    b'{"shards": [["shard-000000.tar"]], "shard_samples": [48], "classes": ["a"]}',
+    b'{"shards": {"shard-000000.tar": 48}, "shard_samples": [48], "classes": ["a"]}',
+]
+
+
+@pytest.mark.parametrize("content", BAD_COUNTS)
+def test_index_repairs_a_manifest_whose_counts_are_not_counts(three_members, tmp_path, content, caplog):
+    folder = tmp_path / "m"
+    shutil.copytree(three_members, folder)
+    (folder / "manifest.json").write_bytes(content)
+    assert shards_main(["index", str(folder), "--workers", "1"]) == 0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["shards"] == ["shard-000000.tar"] and manifest["shard_samples"] == [48]
+    assert manifest["classes"] == ["a"]  # the fields index does not count are kept
+    assert "manifest.json: its old 'shards' and 'shard_samples' are not lists of names and counts" in caplog.text
+
+
+@pytest.mark.parametrize("content", BAD_COUNTS)
+def test_training_on_a_manifest_whose_counts_are_not_counts_names_the_index(three_members, tmp_path, content):
+    folder = tmp_path / "m"
+    shutil.copytree(three_members, folder)
+    (folder / "manifest.json").write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        resolve_shards(DataConfig(shards=str(folder)))
+    message = str(caught.value)
+    assert f"{folder / 'manifest.json'} is not a valid manifest" in message and "\n" not in message
+    assert message.endswith(f"`python -m dcgan.shards index {folder}` rewrites it")
 
 
 # --------------------------------------------------------------------------- index
