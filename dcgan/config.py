@@ -61,6 +61,22 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_TextKeepingLoader)
 
 
+def yaml_problem(error: yaml.YAMLError, text: str, locate: bool = True) -> str:
+    """What YAML refused in ``text``, as one line (``locate``: with its line and column).
+    PyYAML's own message spans lines (the offending line copied, a caret under the column)."""
+    if isinstance(error, yaml.reader.ReaderError):
+        code = ord(error.character) if isinstance(error.character, str) else error.character
+        # Python keeps a command line's undecodable bytes as lone surrogates U+DC80..U+DCFF
+        undecodable = 0xDC80 <= code <= 0xDCFF
+        what = f"byte 0x{code - 0xDC00:02x} is not UTF-8" if undecodable else f"character U+{code:04X} is not allowed"
+        return f"line {text[: error.position].count(chr(10)) + 1}: {what}" if locate else what
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if locate and mark is not None else ""
+    return where + problem + (f" ({context})" if context else "")
+
+
 _CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
 # Signals the trainer receives while it works as it should: a child (a DataLoader worker,
 # W&B's service) ending, a terminal resized, a suspended job continued, a reader of its
@@ -388,7 +404,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             raw = read_yaml(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML: {e}") from None
+            raise ConfigError(f"{where}: not valid YAML: {yaml_problem(e, text)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: top level must be a mapping of sections")
     for item in overrides:
@@ -398,7 +414,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             parsed = read_yaml(value) if value.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: override {item!r}: not a valid YAML value ({e.problem})") from None
+            problem = yaml_problem(e, value, locate=False)
+            raise ConfigError(f"{where}: override {item!r}: not a valid YAML value ({problem})") from None
         _set_dotted(raw, key.strip(), parsed, where)
     try:
         cfg = _build(Config, raw, "")

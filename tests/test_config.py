@@ -103,6 +103,21 @@ def test_yaml_is_loaded_safely(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("train: {steps: 2\n", "line 2, column 1: expected ',' or '}', but got '<stream end>' (while parsing a flow mapping)"),
+        ("train:\n  name: a\x07b\n", "line 2: character U+0007 is not allowed"),
+    ],
+)  # fmt: skip
+def test_a_config_yaml_cannot_read_is_one_line_with_its_place(tmp_path, text, problem):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == f"{config}: not valid YAML: {problem}"
+
+
 def test_wrong_type_in_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  ngf: sixty-four\n")

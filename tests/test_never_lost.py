@@ -364,6 +364,17 @@ def test_bad_job_and_wandb_variables_are_one_line_before_the_start(tmp_path, dig
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
+def test_an_override_that_is_not_utf8_is_one_line(tmp_path, digit_shards):
+    config = write_config(tmp_path / "bytes.yaml", digit_shards)
+    # Python holds the command line's byte 0xff as the lone surrogate U+DCFF; YAML refuses it
+    result = train(config, "train.name=run-\udcff")
+    assert result.returncode == 2
+    assert one_line(result.stderr).endswith(
+        "override 'train.name=run-\\udcff': not a valid YAML value (byte 0xff is not UTF-8)"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     folder = tmp_path / "read-only"
