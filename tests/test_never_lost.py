@@ -353,6 +353,11 @@ def test_a_run_named_dot_cannot_wipe_the_other_runs(tmp_path, digit_shards):
         ({"WANDB_MODE": "bogus"}, "$WANDB_MODE: 'bogus' is not a W&B mode"),
         ({"WANDB_PROJECT": "my/proj"}, "$WANDB_PROJECT: W&B project names cannot contain /"),
         ({"WANDB_TAGS": "ok," + "x" * 65}, "$WANDB_TAGS: each tag needs 1 to 64 characters"),
+        # read later in start-up (the data plan, the resume point), where they were a traceback
+        ({"LOCAL_WORLD_SIZE": "abc"}, "$LOCAL_WORLD_SIZE: 'abc' is not a whole number"),
+        ({"LOCAL_WORLD_SIZE": "0"}, "$LOCAL_WORLD_SIZE: 0 processes on this machine"),
+        ({"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "$LOCAL_RANK: 2 is not a rank of this machine's"),
+        ({"TORCHELASTIC_RESTART_COUNT": "x"}, "$TORCHELASTIC_RESTART_COUNT: 'x' is not a whole number"),
     ],
 )
 @pytest.mark.parametrize("dry_run", [True, False])
