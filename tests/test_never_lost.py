@@ -358,6 +358,9 @@ def test_a_run_named_dot_cannot_wipe_the_other_runs(tmp_path, digit_shards):
         ({"LOCAL_WORLD_SIZE": "0"}, "$LOCAL_WORLD_SIZE: 0 processes on this machine"),
         ({"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "$LOCAL_RANK: 2 is not a rank of this machine's"),
         ({"TORCHELASTIC_RESTART_COUNT": "x"}, "$TORCHELASTIC_RESTART_COUNT: 'x' is not a whole number"),
+        # wandb refuses these at its start (the run then went on without W&B)
+        ({"WANDB_PROJECT": "p" * 129}, "$WANDB_PROJECT: W&B project names have at most 128 characters"),
+        ({"WANDB_BASE_URL": "bogus"}, "$WANDB_BASE_URL: 'bogus' is not the http:// or https:// address"),
     ],
 )
 @pytest.mark.parametrize("dry_run", [True, False])
