@@ -61,14 +61,35 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_TextKeepingLoader)
 
 
+def yaml_problem(error: yaml.YAMLError, text: str, locate: bool = True) -> str:
+    """What YAML refused in ``text``, as one line (``locate``: with its line and column).
+    PyYAML's own message spans lines (the offending line copied, a caret under the column)."""
+    if isinstance(error, yaml.reader.ReaderError):
+        code = ord(error.character) if isinstance(error.character, str) else error.character
+        # Python keeps a command line's undecodable bytes as lone surrogates U+DC80..U+DCFF
+        undecodable = 0xDC80 <= code <= 0xDCFF
+        what = f"byte 0x{code - 0xDC00:02x} is not UTF-8" if undecodable else f"character U+{code:04X} is not allowed"
+        return f"line {text[: error.position].count(chr(10)) + 1}: {what}" if locate else what
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if locate and mark is not None else ""
+    return where + problem + (f" ({context})" if context else "")
+
+
 _CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
 # Signals the trainer receives while it works as it should: a child (a DataLoader worker,
 # W&B's service) ending, a terminal resized, a suspended job continued, a reader of its
-# output gone, urgent socket data. As stop signals they would stop every attempt, and a
-# requeuing launcher would requeue it forever.
-_SIGNALS_OF_NORMAL_WORK = {"SIGCHLD", "SIGCLD", "SIGWINCH", "SIGCONT", "SIGPIPE", "SIGURG"}
+# output gone, urgent socket data, a job in a terminal's background writing its log there
+# (stty tostop) or touching the terminal. As stop signals they would stop every attempt,
+# and a requeuing launcher would requeue it forever.
+_SIGNALS_OF_NORMAL_WORK = {"SIGCHLD", "SIGCLD", "SIGWINCH", "SIGCONT", "SIGPIPE", "SIGURG", "SIGTTIN", "SIGTTOU"}
 # Signals of a fault in the process itself: a handler cannot make the process go on.
 _FAULT_SIGNALS = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGIOT", "SIGSYS", "SIGTRAP"}
+# A zoom outside this turns every image blank or into one flat pixel: below 0.01 a 64-pixel
+# image shrinks under one pixel, above 100 one pixel fills it (and past float32's range
+# the factor becomes 0 or inf, a NaN sampling grid).
+SCALE_RANGE = (0.01, 100.0)
 SEED_RANGE = (0, 2**63 - 1)  # torch.manual_seed takes any 64-bit value; the data order's derived seeds need 63 bits
 
 
@@ -80,6 +101,11 @@ def check_seed(value: int, key: str) -> None:
     check_field(SEED_RANGE[0] <= value <= SEED_RANGE[1], key, f"must lie in 0..2**63-1, not {value}")
 
 
+def check_path(value: str, key: str) -> None:
+    """A setting that names a file or folder: the OS takes no path with a NUL in it."""
+    check_field("\0" not in value, key, f"{value!r} is not a path: it holds a NUL character")
+
+
 def check_run_name(name: str, key: str = "name") -> None:
     """A run name is one folder inside train.out_dir: "." or ".." would make the run folder
     out_dir itself or its parent, and train.overwrite would wipe every run there."""
@@ -88,7 +114,8 @@ def check_run_name(name: str, key: str = "name") -> None:
     )
     bad = sorted(c for c in {"/", os.sep, os.altsep or "/", "\0"} if c in name)
     check_field(not bad, key, f"{name!r} must be one folder name, without {' or '.join(map(repr, bad))}")
-    check_field(len(name.encode()) <= 255, key, f"must fit a file name: at most 255 bytes, not {len(name.encode())}")
+    size = len(os.fsencode(name))  # as the OS gets it: a command line's undecodable bytes count as themselves
+    check_field(size <= 255, key, f"must fit a file name: at most 255 bytes, not {size}")
 
 
 # --------------------------------------------------------------------------- sections
@@ -101,7 +128,7 @@ class AugmentConfig:
     hflip: bool = False  # random horizontal flip with probability 0.5
     degrees: float = 0.0  # affine rotation drawn from [-degrees, degrees]
     translate: tuple[float, float] = (0.0, 0.0)  # max shift as a fraction of width, height
-    scale: tuple[float, float] = (1.0, 1.0)  # zoom factor drawn from [lo, hi]
+    scale: tuple[float, float] = (1.0, 1.0)  # zoom factor drawn from [lo, hi], both within [0.01, 100]
     shear: float = 0.0  # x shear in degrees drawn from [-shear, shear]
 
     def __post_init__(self) -> None:
@@ -111,6 +138,12 @@ class AugmentConfig:
         check_field(all(0 <= t < 1 for t in self.translate), "translate", "fractions must lie in [0, 1)")
         check_field(all(map(math.isfinite, self.scale)), "scale", f"must be finite numbers, not {list(self.scale)}")
         check_field(0 < self.scale[0] <= self.scale[1], "scale", "needs 0 < lo <= hi")
+        lo, hi = SCALE_RANGE
+        check_field(
+            all(lo <= s <= hi for s in self.scale),
+            "scale",
+            f"each bound must lie in [{lo}, {hi:g}], not {list(self.scale)}",
+        )
         check_field(0 <= self.shear < 90, "shear", f"must lie in [0, 90), not {self.shear!r}")
 
     @property
@@ -143,6 +176,7 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        check_path(self.shards, "shards")
         check_field(self.samples_per_shard >= 0, "samples_per_shard", "must be >= 0")
         check_field(self.workers >= 0, "workers", "must be >= 0")
         check_field(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
@@ -242,6 +276,8 @@ class TrainConfig:
         check_field(self.batch_size >= 1, "batch_size", "must be >= 1")
         if self.name:  # "" until load_config names the run after the config file
             check_run_name(self.name)
+        check_path(self.out_dir, "out_dir")
+        check_path(self.resume, "resume")
         check_seed(self.seed, "seed")
         check_field(self.stop_check_every >= 1, "stop_check_every", "must be >= 1")
         check_field(self.divergence_patience >= 1, "divergence_patience", "must be >= 1")
@@ -271,8 +307,9 @@ class LogConfig:
             check_field(getattr(self, name) >= 1, name, "must be >= 1")
 
 
-# Characters W&B refuses in project names.
+# Characters W&B refuses in project names, and its longest project name.
 _WANDB_PROJECT_FORBIDDEN = set("/\\#?%:")
+_WANDB_PROJECT_MAX = 128
 
 
 @dataclass
@@ -285,7 +322,7 @@ class WandbConfig:
     # $WANDB_IDENTITY_TOKEN_FILE, a netrc entry for the W&B host, an api_key setting),
     # else offline. An online run that cannot reach the server within init_timeout goes on offline.
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str = ""  # W&B project (none of / \ # ? % :); "": $WANDB_PROJECT, else "dcgan"
+    project: str = ""  # W&B project (at most 128 characters, none of / \ # ? % :); "": $WANDB_PROJECT, else "dcgan"
     entity: str = ""  # team or user; "": $WANDB_ENTITY, else the login's default entity
     group: str = ""  # groups related runs in the UI (launch.sweep sets the sweep's name); "": $WANDB_RUN_GROUP
     name: str = ""  # display name; "": $WANDB_NAME, else train.name
@@ -296,6 +333,11 @@ class WandbConfig:
     def __post_init__(self) -> None:
         bad = sorted(_WANDB_PROJECT_FORBIDDEN & set(self.project))
         check_field(not bad, "project", f"W&B project names cannot contain {' '.join(bad)}")
+        check_field(
+            len(self.project) <= _WANDB_PROJECT_MAX,
+            "project",
+            f"W&B project names have at most {_WANDB_PROJECT_MAX} characters, not {len(self.project)}",
+        )
         check_field(all(0 < len(t) <= 64 for t in self.tags), "tags", "each tag needs 1 to 64 characters")
         check_field(0 < self.init_timeout < math.inf, "init_timeout", "must be > 0 and finite")
 
@@ -332,6 +374,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_field(self.every >= 0, "every", "must be >= 0 (0: no evaluation while training)")
         check_seed(self.seed, "seed")
+        check_path(self.features, "features")
+        check_path(self.inception, "inception")
         for name in ("num_samples", "num_real", "batch_size"):
             check_field(getattr(self, name) >= 2, name, "must be >= 2")
         check_field(
@@ -388,7 +432,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             raw = read_yaml(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: not valid YAML: {e}") from None
+            raise ConfigError(f"{where}: not valid YAML: {yaml_problem(e, text)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: top level must be a mapping of sections")
     for item in overrides:
@@ -398,7 +442,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             parsed = read_yaml(value) if value.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: override {item!r}: not a valid YAML value ({e.problem})") from None
+            problem = yaml_problem(e, value, locate=False)
+            raise ConfigError(f"{where}: override {item!r}: not a valid YAML value ({problem})") from None
         _set_dotted(raw, key.strip(), parsed, where)
     try:
         cfg = _build(Config, raw, "")

@@ -53,18 +53,22 @@ class EnvRanks(NamedTuple):
     world_size: int
 
 
+def _env_count(name: str, default: int) -> int:
+    """A whole number from the launcher's variable ``name`` (``default`` when unset or
+    empty); ConfigError naming the variable when it holds anything else."""
+    value = os.environ.get(name, "").strip()
+    try:
+        return default if not value else int(value)
+    except ValueError:
+        raise ConfigError(f"${name}: {value!r} is not a whole number") from None
+
+
 def read_env() -> EnvRanks:
     """This process's place in the job, from torchrun's variables (rank 0 of 1 without
-    them). ConfigError naming the variable when one set by hand makes no sense."""
-
-    def get(name: str, default: int) -> int:
-        value = os.environ.get(name, "").strip()
-        try:
-            return default if not value else int(value)
-        except ValueError:
-            raise ConfigError(f"${name}: {value!r} is not a whole number") from None
-
-    env = EnvRanks(get("RANK", 0), get("LOCAL_RANK", 0), get("WORLD_SIZE", 1))
+    them). ConfigError naming the variable when one set by hand makes no sense; the others
+    the trainer reads later (LOCAL_WORLD_SIZE, the restart counts) are checked here too, so
+    they fail before the start and not in the middle of it."""
+    env = EnvRanks(_env_count("RANK", 0), _env_count("LOCAL_RANK", 0), _env_count("WORLD_SIZE", 1))
     if env.world_size < 1:
         raise ConfigError(f"$WORLD_SIZE: {env.world_size} processes; a job has at least 1")
     if not 0 <= env.rank < env.world_size:
@@ -73,18 +77,35 @@ def read_env() -> EnvRanks:
         )
     if env.local_rank < 0:
         raise ConfigError(f"$LOCAL_RANK: {env.local_rank} is below 0")
+    local = local_processes()
+    if local < 1:
+        raise ConfigError(f"$LOCAL_WORLD_SIZE: {local} processes on this machine; a machine runs at least 1")
+    # Only when set: a process started by hand (one task of a submitit job) may give its
+    # LOCAL_RANK alone
+    if os.environ.get("LOCAL_WORLD_SIZE", "").strip() and env.local_rank >= local:
+        raise ConfigError(
+            f"$LOCAL_RANK: {env.local_rank} is not a rank of this machine's $LOCAL_WORLD_SIZE={local} processes "
+            f"(0..{local - 1})"
+        )
+    for name in RESTART_COUNTS:
+        if _env_count(name, 0) < 0:
+            raise ConfigError(f"${name}: {os.environ[name].strip()} restarts; a count is at least 0")
     return env
 
 
 def local_processes() -> int:
     """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 alone)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return _env_count("LOCAL_WORLD_SIZE", 1)
+
+
+# torchrun's --max-restarts attempts, and Slurm's requeues (preemption, time limit,
+# ``scontrol requeue``, node failure)
+RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
 
 
 def restart_count() -> int:
-    """How many times this job was restarted: torchrun's --max-restarts attempts plus Slurm
-    requeues (preemption, time limit, ``scontrol requeue``, node failure)."""
-    return sum(int(os.environ.get(name) or 0) for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    """How many times this job was restarted (``RESTART_COUNTS``)."""
+    return sum(_env_count(name, 0) for name in RESTART_COUNTS)
 
 
 class DeviceError(ConfigError):

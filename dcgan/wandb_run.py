@@ -19,6 +19,7 @@ import configparser
 import logging
 import netrc
 import os
+import re
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -187,33 +188,59 @@ def resolve_identity(
 def check_environment(cfg: WandbConfig, env: Mapping[str, str] = os.environ) -> None:
     """ConfigError naming the variable when a W&B variable the trainer reads holds what the
     same setting in the config could not: wandb would refuse it at the start and the run
-    would go on without W&B. Checked before the start, as the config is."""
-    if cfg.mode == "disabled":
+    would go on without W&B. Checked before the start, as the config is. wandb validates
+    every variable when it starts, also one whose setting the config gives."""
+    if cfg.mode == "disabled":  # wandb is not started at all
         return
     mode = env.get("WANDB_MODE", "").strip()
     if mode and mode.lower() not in MODES:
         raise ConfigError(f"$WANDB_MODE: {mode!r} is not a W&B mode ({', '.join(MODES)})")
     for key, var in IDENTITY_ENV.items():
         value = env.get(var, "").strip()
-        if not value or getattr(cfg, key):  # unset, or the config's value wins
+        if not value:  # unset
             continue
         try:
             WandbConfig(**{key: env_tags(value) if key == "tags" else value})
         except FieldError as e:
             raise ConfigError(f"${var}: {e.problem} (as wandb.{key} in the config)") from None
+    base_url = env.get("WANDB_BASE_URL", "").strip()
+    problem = base_url_problem(base_url) if base_url else None
+    if problem:
+        raise ConfigError(f"$WANDB_BASE_URL: {base_url!r} {problem}")
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why wandb 0.31 refuses ``url`` as its server's address (wandb_settings.py
+    ``validate_base_url``), or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError as e:
+        return f"is not a URL ({e})"
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        return "is not the http:// or https:// address of a W&B server"
+    if re.match(r".*wandb\.ai[^.]*$", url):  # wandb's own checks of its cloud's address
+        if "api." not in url:
+            return "is W&B's web site, not its server: https://api.wandb.ai"
+        if parts.scheme != "https":
+            return "must use https: https://api.wandb.ai"
+    return None
 
 
 def tidy_environment(env: MutableMapping[str, str] = os.environ) -> list[str]:
     """Make the W&B variables ones wandb starts with. wandb reads them all when it starts and
     refuses to start on an empty $WANDB_MODE, $WANDB_BASE_URL or $WANDB_TAGS, or on an empty
-    tag: empty ``WANDB_*`` variables are removed (empty means unset) and $WANDB_TAGS is
-    rewritten to the tags ``env_tags`` keeps. Logs and returns what changed."""
+    tag, and on a $WANDB_MODE in capitals: empty ``WANDB_*`` variables are removed (empty
+    means unset), $WANDB_MODE is lower-cased (``resolve_mode`` reads it in any case) and
+    $WANDB_TAGS is rewritten to the tags ``env_tags`` keeps. Logs and returns what changed."""
     changed = []
     for var in sorted(k for k in env if k.startswith("WANDB_")):
         if not env[var].strip():
             del env[var]
             changed.append(f"${var} is empty: taken as unset")
             log.info("W&B: %s", changed[-1])
+    if "WANDB_MODE" in env and env["WANDB_MODE"] != env["WANDB_MODE"].strip().lower():
+        env["WANDB_MODE"] = env["WANDB_MODE"].strip().lower()
     if "WANDB_TAGS" in env:
         tags = env_tags(env["WANDB_TAGS"])
         if ",".join(tags) != env["WANDB_TAGS"]:

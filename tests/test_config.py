@@ -65,6 +65,18 @@ def test_overrides_are_typed(tmp_path):
         (["train.name=.."], "train.name: '..' is not a folder name"),
         (["train.name=a/b"], "train.name: 'a/b' must be one folder name"),
         ([f"train.name={'x' * 256}"], "train.name: must fit a file name: at most 255 bytes"),
+        # finite, yet every image blank: a zoom float32 holds as 0 or inf, or one under a pixel
+        (["data.augment.scale=[1e-50, 1e-50]"], "data.augment.scale: each bound must lie in [0.01, 100]"),
+        (["data.augment.scale=[1.0, 1e39]"], "data.augment.scale: each bound must lie in [0.01, 100]"),
+        # wandb refuses these at its start, and the run would go on without W&B
+        ([f"wandb.project={'p' * 129}"], "wandb.project: W&B project names have at most 128 characters, not 129"),
+        (["train.stop_signals=[SIGTTOU]"], "train.stop_signals: SIGTTOU reaches the trainer"),
+        # a path with a NUL in it was a traceback in start-up
+        ([r'train.out_dir="runs\0x"'], "train.out_dir: 'runs\\x00x' is not a path: it holds a NUL character"),
+        ([r'train.resume="a\0b"'], "train.resume: 'a\\x00b' is not a path"),
+        ([r'data.shards="a\0b"'], "data.shards: 'a\\x00b' is not a path"),
+        ([r'eval.features="a\0b"'], "eval.features: 'a\\x00b' is not a path"),
+        ([r'eval.inception="a\0b"'], "eval.inception: 'a\\x00b' is not a path"),
     ],
 )
 def test_bad_values_name_key_and_file(overrides, key):
@@ -101,6 +113,21 @@ def test_yaml_is_loaded_safely(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("train: {steps: 2\n", "line 2, column 1: expected ',' or '}', but got '<stream end>' (while parsing a flow mapping)"),
+        ("train:\n  name: a\x07b\n", "line 2: character U+0007 is not allowed"),
+    ],
+)  # fmt: skip
+def test_a_config_yaml_cannot_read_is_one_line_with_its_place(tmp_path, text, problem):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == f"{config}: not valid YAML: {problem}"
 
 
 def test_wrong_type_in_file(tmp_path):

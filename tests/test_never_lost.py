@@ -353,6 +353,14 @@ def test_a_run_named_dot_cannot_wipe_the_other_runs(tmp_path, digit_shards):
         ({"WANDB_MODE": "bogus"}, "$WANDB_MODE: 'bogus' is not a W&B mode"),
         ({"WANDB_PROJECT": "my/proj"}, "$WANDB_PROJECT: W&B project names cannot contain /"),
         ({"WANDB_TAGS": "ok," + "x" * 65}, "$WANDB_TAGS: each tag needs 1 to 64 characters"),
+        # read later in start-up (the data plan, the resume point), where they were a traceback
+        ({"LOCAL_WORLD_SIZE": "abc"}, "$LOCAL_WORLD_SIZE: 'abc' is not a whole number"),
+        ({"LOCAL_WORLD_SIZE": "0"}, "$LOCAL_WORLD_SIZE: 0 processes on this machine"),
+        ({"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "$LOCAL_RANK: 2 is not a rank of this machine's"),
+        ({"TORCHELASTIC_RESTART_COUNT": "x"}, "$TORCHELASTIC_RESTART_COUNT: 'x' is not a whole number"),
+        # wandb refuses these at its start (the run then went on without W&B)
+        ({"WANDB_PROJECT": "p" * 129}, "$WANDB_PROJECT: W&B project names have at most 128 characters"),
+        ({"WANDB_BASE_URL": "bogus"}, "$WANDB_BASE_URL: 'bogus' is not the http:// or https:// address"),
     ],
 )
 @pytest.mark.parametrize("dry_run", [True, False])
@@ -362,6 +370,17 @@ def test_bad_job_and_wandb_variables_are_one_line_before_the_start(tmp_path, dig
                         env={"WANDB_MODE": "offline", **variables}, timeout=120)  # fmt: skip
     assert result.returncode == 2 and message in one_line(result.stderr)
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_an_override_that_is_not_utf8_is_one_line(tmp_path, digit_shards):
+    config = write_config(tmp_path / "bytes.yaml", digit_shards)
+    # Python holds the command line's byte 0xff as the lone surrogate U+DCFF; YAML refuses it
+    result = train(config, "train.name=run-\udcff")
+    assert result.returncode == 2
+    assert one_line(result.stderr).endswith(
+        "override 'train.name=run-\\udcff': not a valid YAML value (byte 0xff is not UTF-8)"
+    )
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.fixture

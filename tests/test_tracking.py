@@ -24,7 +24,7 @@ from dcgan import checkpoint, provenance
 from dcgan.config import ConfigError, WandbConfig, load_config
 from dcgan.images import to_uint8_grid
 from dcgan.tracking import Tracker
-from dcgan.wandb_run import find_login, resolve_identity, resolve_mode, tidy_environment
+from dcgan.wandb_run import check_environment, find_login, resolve_identity, resolve_mode, tidy_environment
 from wandb_files import read_run
 
 # 16 grid images, 8 per row, of 28 px with 2 px padding: 242 x 62
@@ -358,6 +358,55 @@ def test_empty_wandb_variables_count_as_unset():
     changed = tidy_environment(env)
     assert env == {"WANDB_TAGS": "a,b", "WANDB_NOTES": "n", "HOME": "/h"}  # as wandb can start with
     assert changed == ["$WANDB_BASE_URL is empty: taken as unset", "$WANDB_MODE is empty: taken as unset"]
+
+
+WANDB_ENVIRONMENTS = [
+    {"WANDB_MODE": "bogus"}, {"WANDB_MODE": "OFFLINE"}, {"WANDB_MODE": "dryrun"}, {"WANDB_MODE": "shared"},
+    {"WANDB_PROJECT": "my/proj"}, {"WANDB_PROJECT": "p" * 128}, {"WANDB_PROJECT": "p" * 129},
+    {"WANDB_TAGS": "a,, b"}, {"WANDB_TAGS": "a," + "x" * 65},
+    {"WANDB_BASE_URL": "bogus"}, {"WANDB_BASE_URL": "localhost:8080"}, {"WANDB_BASE_URL": "ftp://x"},
+    {"WANDB_BASE_URL": "http://x:99999"}, {"WANDB_BASE_URL": "http://exa mple.com"},
+    {"WANDB_BASE_URL": "https://wandb.ai/"}, {"WANDB_BASE_URL": "http://api.wandb.ai"},
+    {"WANDB_BASE_URL": "https://api.wandb.ai"}, {"WANDB_BASE_URL": "http://127.0.0.1:9"},
+    {"WANDB_BASE_URL": "http://[::1]:80/path"}, {"WANDB_BASE_URL": "https://api.forge.coreweave.com"},
+]  # fmt: skip
+
+
+def test_wandb_variables_pass_the_check_before_the_start_exactly_when_wandb_starts_with_them():
+    """A variable the check lets through must not stop wandb at its start (the run would go
+    on without W&B), and one it refuses must be one wandb refuses, as tidy_environment leaves
+    it; but for $WANDB_MODE=shared, a wandb mode the trainer does not run (nor takes as wandb.mode)."""
+    wandb = pytest.importorskip("wandb")
+    for env in WANDB_ENVIRONMENTS:
+        try:
+            check_environment(WandbConfig(), env)
+            passes = True
+        except ConfigError:
+            passes = False
+        tidied = dict(env)
+        tidy_environment(tidied)
+        try:
+            wandb.Settings().update_from_env_vars(tidied)
+            starts = True
+        except Exception:  # noqa: BLE001 - pydantic's ValidationError, wandb's UsageError
+            starts = False
+        assert passes == (starts and env != {"WANDB_MODE": "shared"}), (env, passes, starts)
+
+
+def test_wandb_variables_are_checked_also_where_the_config_sets_their_value():
+    """wandb validates $WANDB_PROJECT at its start even when wandb.project overrides it."""
+    with pytest.raises(ConfigError, match=r"^\$WANDB_PROJECT: W&B project names cannot contain /"):
+        check_environment(WandbConfig(project="mine"), {"WANDB_PROJECT": "my/proj"})
+    check_environment(WandbConfig(mode="disabled"), {"WANDB_PROJECT": "my/proj"})  # wandb does not start
+
+
+def test_wandb_mode_in_capitals_still_opens_a_wandb_run(tmp_path, digit_shards):
+    config = write_config(tmp_path / "caps.yaml", digit_shards, wandb={"mode": "auto"}, train={"steps": 2})
+    result = run_module("dcgan.train", "--config", str(config), env={"WANDB_MODE": "OFFLINE"})
+    assert result.returncode == 0, result.stderr
+    assert "W&B offline ($WANDB_MODE)" in result.stderr and "could not start" not in result.stderr
+    (segment,) = read_run(tmp_path / "runs" / "caps")
+    assert sorted(segment.metric("loss_g")) == [2] and segment.exit_code == 0
 
 
 ENV_IDENTITY = {
