@@ -42,6 +42,7 @@ class RunPlan:
     start_note: str | None  # what settle_start changed, for the log (None: nothing)
     on_this_machine: bool = True  # planned for this machine (False: the launchers plan for the job's)
     device: torch.device | None = None  # the device this process takes (None: planned for another machine)
+    finished: str | None = None  # why there is nothing to train (the run reached train.steps), else None
 
     def describe(self) -> str:
         """The plan for a person, one fact a line: what ``--dry-run`` prints."""
@@ -96,7 +97,36 @@ def plan_run(
     warn_if_resized(shards, cfg.model.image_size)
     cfg, note = settle_start(cfg, restart)
     check_resume_setting(cfg, shards)
-    return RunPlan(cfg, shards, cache, extractor, world_size, note, on_this_machine, device)
+    finished = nothing_to_train(cfg)
+    return RunPlan(cfg, shards, cache, extractor, world_size, note, on_this_machine, device, finished)
+
+
+def nothing_to_train(cfg: Config) -> str | None:
+    """Why this attempt would train nothing (what it resumes from is at train.steps or
+    past it), and how to train further; None when there are steps left. The trainer then
+    exits 0 before building anything, and the run folder stays as the run left it."""
+    t = cfg.train
+    if t.resume == "never":
+        return None
+    if t.resume == "auto":
+        newest, _ = latest_valid(cfg.run_dir / "checkpoints")
+        if newest is None:
+            return None
+        path, step = newest, step_of(newest)
+    else:
+        path = Path(t.resume)
+        try:
+            step = step_of(path)
+        except ValueError:
+            step = read_record(path).get("step")
+        if not isinstance(step, int):
+            return None
+    if step < t.steps:
+        return None
+    return (
+        f"run {t.name} has nothing to train: {path} is at step {step} and train.steps={t.steps}; {cfg.run_dir} "
+        f"is left as it is. To train further, give the same command with train.steps=N (N > {step})"
+    )
 
 
 def check_compile_layout(cfg: Config, device: torch.device) -> None:

@@ -438,6 +438,11 @@ def run(config: str, overrides: list[str], env: distributed.EnvRanks, on_exit: C
         if env.rank == 0:
             on_exit(EXIT_CONFIG)
         return EXIT_CONFIG
+    if plan.finished:  # before the run folder, its lock, W&B or a process group: nothing there changes
+        if env.rank == 0:
+            log.info("%s", plan.finished)
+            on_exit(EXIT_OK)
+        return EXIT_OK
 
     cfg = plan.cfg
     stop = StopRequest(cfg.train.stop_signals)  # before anything slow: from here on a signal means "stop"

@@ -18,6 +18,15 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def folder_contents(folder):
+    """Every file under ``folder``: its bytes and modification time, by relative path."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
 def check_run_folder(run_dir, last_step, grid_side=2 + 8 * 30):
     """A finished run's folder: config, grids, checkpoints that load with weights_only=True."""
     assert (run_dir / "config.yaml").exists() and (run_dir / "train.log").exists()
@@ -59,6 +68,14 @@ def test_single_process_run_and_resume(tmp_path, digit_shards):
     assert state["epoch"] == 1 and state["batch_in_epoch"] == 8  # 32 batches of 16 per epoch of 512
     assert [m["step"] for m in read_metrics(run_dir)][3:5] == [8, 10]
     assert len(checkpoint.list_checkpoints(run_dir / "checkpoints")) == 2  # checkpoint.keep
+
+    # The finished run's command again: exit 0 at once, saying how to go on; nothing in the folder changes.
+    before = folder_contents(run_dir)
+    finished = run_module("dcgan.train", "--config", str(config), "train.steps=40", timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert "has nothing to train" in finished.stderr and "train.steps=N (N > 40)" in finished.stderr
+    assert "resumed from" not in finished.stderr
+    assert folder_contents(run_dir) == before
 
     refused = run_module("dcgan.train", "--config", str(config), "train.resume=never", timeout=120)
     assert refused.returncode == 2 and "already holds 2 checkpoint(s)" in refused.stderr
