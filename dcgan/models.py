@@ -192,6 +192,25 @@ def build_models(cfg: ModelConfig | HasModel) -> tuple[nn.Module, nn.Module]:
     return generator, discriminator
 
 
+def checkpoint_bytes(cfg: ModelConfig | HasModel) -> tuple[int, int, int]:
+    """(G's parameters, D's parameters, about how many bytes one checkpoint takes), from the
+    nets' shapes alone (built on the meta device: nothing allocated). A checkpoint holds G,
+    the EMA generator and D (parameters and buffers), Adam's two moments and step per
+    parameter tensor, the RNG states (about 10 kB) and about 250 bytes of zip entry per tensor."""
+    m = getattr(cfg, "model", cfg)
+    with torch.device("meta"):
+        make_g, make_d, _ = ARCHS[m.arch]
+        nets = make_g(m.nz, m.ngf, m.channels), make_d(m.ndf, m.channels)
+    copies = (2 if m.ema_decay else 1, 1)  # G (and its EMA), D
+    params = [list(net.parameters()) for net in nets]
+    tensors = [[*p, *net.buffers()] for p, net in zip(params, nets)]
+    total = 10_000
+    for copies_of_net, held, trained in zip(copies, tensors, params):
+        total += copies_of_net * sum(t.numel() * t.element_size() + 250 for t in held)
+        total += sum(2 * t.numel() * 4 + 3 * 250 + 4 for t in trained)
+    return sum(p.numel() for p in params[0]), sum(p.numel() for p in params[1]), total
+
+
 def sample_latent(n: int, nz: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None):
     """Latent codes as the seeds draw them: N(0, 1) of shape (n, nz, 1, 1)."""
     return torch.randn(n, nz, 1, 1, device=device, generator=generator)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from dcgan.checkpoint import check_resume_setting, latest_valid, list_checkpoint
 from dcgan.config import Config, ConfigError, load_config
 from dcgan.data import steps_per_epoch
 from dcgan.eval import ExtractorChoice, choose_extractor
+from dcgan.models import checkpoint_bytes
 from dcgan.shardset import ShardSet, first_image_size, resolve_shards
 from dcgan.wandb_run import check_environment as check_wandb_environment
 
@@ -61,13 +63,14 @@ class RunPlan:
             evaluation = f"every {cfg.eval.every} steps, {self.extractor.kind} features from {self.extractor.path}"
         rows = [
             ("run folder", f"{folder} ({state})"),
-            ("processes", f"{world} (world size{', from WORLD_SIZE' if self.on_this_machine else ''})"),
+            ("processes", f"{world} (world size{world_size_source() if self.on_this_machine else ''})"),
             ("device", describe_device(t.device, self.device) + f", precision {t.precision}"),
             ("batch", f"{t.batch_size} per process, {t.batch_size * world} global"),
             ("data", f"{shards.total} samples{size} in {len(shards.urls)} shard(s) from {cfg.data.shards}"),
             ("counts from", shards.counted_by),
             ("steps", f"{per_epoch} per epoch; train.steps={t.steps} takes {t.steps / per_epoch:.2f} epoch(s)"),
             ("data reader", self.cache.why),
+            ("nets", describe_sizes(cfg)),
             ("resumes from", describe_resume(cfg)),
             ("evaluation", evaluation),
         ]
@@ -140,6 +143,25 @@ def check_compile_layout(cfg: Config, device: torch.device) -> None:
             "the layout of ConvTranspose2d's backward, pytorch#171622); add train.channels_last=false, or leave "
             "train.compile off: the CUDA graph without it is faster (bench/README.md#gpus)"
         )
+
+
+def world_size_source() -> str:
+    return ", from WORLD_SIZE" if os.environ.get("WORLD_SIZE") else ": WORLD_SIZE is not set"
+
+
+def describe_sizes(cfg: Config) -> str:
+    """Parameter counts, and the disk the run's checkpoints take (checkpoint.keep, best.pt)."""
+    g_params, d_params, each = checkpoint_bytes(cfg)
+    files = cfg.checkpoint.keep + (1 if cfg.eval.every and cfg.eval.best_checkpoint else 0)
+    kept = f"checkpoint.keep={cfg.checkpoint.keep}" + (" + best.pt" if files > cfg.checkpoint.keep else "")
+    return (
+        f"G {g_params / 1e6:.2f}M and D {d_params / 1e6:.2f}M parameters; a checkpoint takes about "
+        f"{file_size(each)}, {files} of them ({kept}) about {file_size(files * each)}"
+    )
+
+
+def file_size(n: float) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
 
 
 def describe_device(setting: str, device: torch.device | None) -> str:

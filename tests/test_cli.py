@@ -11,11 +11,13 @@ import re
 from dataclasses import dataclass
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, run_module, run_python, write_config
 from dcgan import failure
 from dcgan.config import Config, describe_keys, field_comments, load_config
+from dcgan.models import build_models
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -157,6 +159,13 @@ def test_dry_run_finds_the_resume_point(tmp_path, digit_shards):
     step3 = (run_dir / "checkpoints" / "step_00000003.pt").resolve()
     assert f"resumes from : {step3} (step 3; train.resume=auto); already at train.steps=3" in result.stdout
     assert "(exists, 1 checkpoint(s))" in result.stdout
+    assert "processes    : 1 (world size: WORLD_SIZE is not set)" in result.stdout
+    # The sizes a user plans disk for: the estimate is within 5% of the checkpoint written.
+    nets = re.search(r"nets +: G ([\d.]+)M and D ([\d.]+)M parameters; a checkpoint takes about ([\d.]+) MB", result.stdout)
+    assert nets, result.stdout
+    G, D = build_models(load_config(run_dir / "config.yaml"))
+    assert (float(nets[1]), float(nets[2])) == tuple(round(sum(p.numel() for p in n.parameters()) / 1e6, 2) for n in (G, D))
+    assert abs(float(nets[3]) * 1e6 / step3.stat().st_size - 1) < 0.05
     assert sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
 
 
