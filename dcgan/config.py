@@ -422,6 +422,9 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
+OVERRIDE = "override"  # how errors in an a.b=value override begin: they name it, not the config file
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply ``a.b=value`` overrides, validate; raise ConfigError."""
     raw: dict[str, Any] = {}
@@ -435,20 +438,23 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{where}: not valid YAML: {yaml_problem(e, text)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: top level must be a mapping of sections")
+    overridden = {}  # dotted key -> the override that set it: errors on that key name the override, not the file
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"{where}: override {item!r} is not of the form a.b=value")
+            raise ConfigError(f"{OVERRIDE} {item!r} is not of the form a.b=value")
         try:
             parsed = read_yaml(value) if value.strip() else ""
         except yaml.YAMLError as e:
             problem = yaml_problem(e, value, locate=False)
-            raise ConfigError(f"{where}: override {item!r}: not a valid YAML value ({problem})") from None
-        _set_dotted(raw, key.strip(), parsed, where)
+            raise ConfigError(f"{OVERRIDE} {item!r}: not a valid YAML value ({problem})") from None
+        _set_dotted(raw, key.strip(), parsed, f"{OVERRIDE} {item!r}")
+        overridden[key.strip()] = item
     try:
         cfg = _build(Config, raw, "")
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        blamed = next((item for key, item in overridden.items() if str(e).startswith(f"{key}:")), None)
+        raise ConfigError(f"{OVERRIDE} {blamed!r}: {e}" if blamed else f"{where}: {e}") from None
     if not cfg.train.name:
         cfg.train.name = Path(path).stem if path is not None else "run"
         try:

@@ -33,9 +33,16 @@ def progress(
         if now - last >= every_s:
             last = now
             rate = n / (now - start)
-            of = f"/{total} ({100 * n / total:.0f}%)" if total else ""
+            of = f"/{total} ({100 * n / total:.0f}%, {duration((total - n) / rate)} left)" if total else ""
             log.info("%s: %d%s %s, %.1f %s/s", desc, n, of, unit, rate, unit)
     log.info("%s: done, %d %s in %.1fs", desc, n, unit, time.monotonic() - start)
+
+
+def duration(seconds: float) -> str:
+    """1h02m03s / 2m03s / 3s."""
+    h, rest = divmod(round(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 class StepProgress:
@@ -70,10 +77,7 @@ class StepProgress:
         done = self.step - self.initial
         if done <= 0:
             return "?"
-        seconds = round((self.total - self.step) * (time.monotonic() - self.start) / done)
-        h, rest = divmod(seconds, 3600)
-        m, s = divmod(rest, 60)
-        return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+        return duration((self.total - self.step) * (time.monotonic() - self.start) / done)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -30,7 +30,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from dcgan import checkpoint, distributed, failure, timelines, training
 from dcgan.cache import CachedLoader, agree_on_cache
 from dcgan.checkpointer import Checkpointer, restore
-from dcgan.config import Config, ConfigError, config_yaml, keys_help, load_config, save_config
+from dcgan.config import OVERRIDE, Config, ConfigError, config_yaml, keys_help, load_config, save_config
 from dcgan.data import BatchSource, Loader, ShardStream, derive_seed
 from dcgan.distributed import DistInfo
 from dcgan.divergence import DivergenceGuard, finite_weights
@@ -514,7 +514,7 @@ def claim_run_dir(cfg: Config, dist: DistInfo, lock: RunLock) -> None:
 
 
 def config_error(error: ConfigError, config: str) -> None:
-    where = "" if str(error).startswith(str(config)) else f"{config}: "
+    where = "" if str(error).startswith((str(config), OVERRIDE)) else f"{config}: "
     line = f"dcgan.train: config error: {where}{error}"
     print(line, file=sys.stderr)
     failure.tell_torchrun(line)

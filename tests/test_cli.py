@@ -122,7 +122,8 @@ def test_print_config_prints_what_load_config_reads_back(tmp_path, digit_shards)
     bad = run_module("dcgan.train", "--config", str(config), "--print-config", "train.stepz=3", timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
-        f"dcgan.train: config error: {config}: train.stepz: unknown key (known here: " + bad.stderr.split("(known here: ")[1].strip()
+        "dcgan.train: config error: override 'train.stepz=3': train.stepz: unknown key (known here: "
+        + bad.stderr.split("(known here: ")[1].strip()
     ]  # fmt: skip
 
 

@@ -3,9 +3,11 @@ grids, loss plot and summary, resumed runs, and the console."""
 
 import fcntl
 import json
+import logging
 import math
 import os
 import pty
+import re
 import signal
 import struct
 import subprocess
@@ -23,6 +25,7 @@ from conftest import REPO, run_module, start_python, write_config
 from dcgan import checkpoint, provenance
 from dcgan.config import ConfigError, WandbConfig, load_config
 from dcgan.images import to_uint8_grid
+from dcgan.progress import progress
 from dcgan.tracking import Tracker
 from dcgan.wandb_run import check_environment, find_login, resolve_identity, resolve_mode, tidy_environment
 from wandb_files import read_run
@@ -542,3 +545,18 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path, digit_shards
     text = out.decode(errors="replace")
     assert "train: 100%" in text and "6/6" in text  # the tqdm bar, with its count
     assert "INFO step 6/6" in text  # metric lines still print, above the bar
+
+
+def test_long_loops_in_plain_logs_say_how_long_is_left(caplog):
+    """The feature classifier's progress in a log (the demo, Slurm): a count, a rate and an ETA."""
+    caplog.set_level(logging.INFO, logger="dcgan")
+
+    def slow(n):
+        for i in range(n):
+            time.sleep(0.01)
+            yield i
+
+    assert list(progress(slow(5), 5, desc="work", unit="batch", every_s=0.0)) == list(range(5))
+    lines = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"work: 2/5 \(40%, \d+s left\) batch, [\d.]+ batch/s", lines[1]), lines
+    assert lines[-1].startswith("work: done, 5 batch in ")
