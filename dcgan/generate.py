@@ -31,7 +31,7 @@ from dcgan import checkpoint
 from dcgan.config import ConfigError
 from dcgan.exits import EXIT_CONFIG
 from dcgan.generator import load_generator
-from dcgan.images import save_png, to_uint8, to_uint8_grid
+from dcgan.images import save_grid, save_png, to_uint8, to_uint8_grid
 from dcgan.logs import setup_logging
 from dcgan.models import sample_latent
 from dcgan.progress import progress
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     images = torch.cat(images)
     if args.grid:
         nrow = args.nrow or max(1, round(math.sqrt(args.num)))
-        save_png(to_uint8_grid(images, nrow=nrow), out / "grid.png")
+        save_grid(to_uint8_grid(images, nrow=nrow), out / "grid.png")
         log.info("wrote %s (%d images, step %d of %s)", out / "grid.png", args.num, generator.step, path)
     else:
         pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         walk = slerp(ends[: args.strips], ends[args.strips :], torch.linspace(0, 1, args.interpolate))
         with torch.no_grad():
             strip = generator(walk.reshape(-1, nz, 1, 1).to(device)).cpu()
-        save_png(to_uint8_grid(strip, nrow=args.interpolate), out / "interpolation.png")
+        save_grid(to_uint8_grid(strip, nrow=args.interpolate), out / "interpolation.png")
         log.info("wrote %s (%d walks of %d steps)", out / "interpolation.png", args.strips, args.interpolate)
     return 0
 

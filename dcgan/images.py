@@ -25,6 +25,20 @@ def to_uint8_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     return grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+GRID_MIN_WIDTH = 512  # px: sample grids of small images are enlarged to at least this width
+
+
+def enlarged(grid: np.ndarray) -> np.ndarray:
+    """A grid enlarged by a whole factor (nearest: each pixel a square, nothing smoothed)
+    to at least GRID_MIN_WIDTH px across, so that a grid of 28x28 samples can be looked at."""
+    factor = max(1, -(-GRID_MIN_WIDTH // grid.shape[1]))
+    return grid.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def save_grid(grid: np.ndarray, path: Path) -> None:
+    save_png(enlarged(grid), path)
+
+
 def save_png(grid: np.ndarray, path: Path) -> None:
     image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ from dcgan import provenance
 from dcgan.config import Config
 from dcgan.distributed import DistInfo
 from dcgan.fileio import write_atomic
-from dcgan.images import save_png, to_uint8_grid
+from dcgan.images import enlarged, save_png, to_uint8_grid
 from dcgan.progress import StepProgress
 from dcgan.scores import format_scores
 from dcgan.training import STAT_NAMES, TrainState
@@ -229,7 +229,7 @@ class Tracker:
     def _grid(self, images: torch.Tensor, key: str, path: Path, step: int) -> None:
         if not self.enabled:
             return
-        grid = to_uint8_grid(images, nrow=8)
+        grid = enlarged(to_uint8_grid(images, nrow=8))
         self._in_background("sample grids", save_png, grid, path)
         if step > self.wandb_has_through:
             self.wandb.image(key, grid, step, caption=f"step {step}")

@@ -169,7 +169,7 @@ def test_generate_from_checkpoint(tmp_path, tiny_checkpoint):
         result = run_module("dcgan.generate", *args)
         assert result.returncode == 0, result.stderr
         walk = Image.open(tmp_path / name / "interpolation.png")
-        assert walk.size == (2 + 6 * 30, 2 + 3 * 30)  # 6 steps per row, 3 rows, 28 px + 2 px padding
+        assert walk.size == (3 * (2 + 6 * 30), 3 * (2 + 3 * 30))  # 6 steps a row, 3 rows, 28 + 2 px, 3x
         return np.asarray(Image.open(tmp_path / name / "grid.png"))
 
     first, again, other = grid(1, "a"), grid(1, "b"), grid(2, "c")

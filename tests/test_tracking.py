@@ -24,14 +24,14 @@ from PIL import Image
 from conftest import REPO, run_module, start_python, write_config
 from dcgan import checkpoint, provenance
 from dcgan.config import ConfigError, WandbConfig, load_config
-from dcgan.images import to_uint8_grid
+from dcgan.images import enlarged, to_uint8_grid
 from dcgan.progress import progress
 from dcgan.tracking import Tracker
 from dcgan.wandb_run import check_environment, find_login, resolve_identity, resolve_mode, tidy_environment
 from wandb_files import read_run
 
-# 16 grid images, 8 per row, of 28 px with 2 px padding: 242 x 62
-GRID_SIZE = (2 + 8 * 30, 2 + 2 * 30)
+# 16 grid images, 8 per row, of 28 px with 2 px padding: 242 x 62, enlarged 3x to be >= 512 px across
+GRID_SIZE = (3 * (2 + 8 * 30), 3 * (2 + 2 * 30))
 WANDB = {"mode": "offline", "project": "dcgan-tests", "group": "g1", "tags": ["a", "b"], "notes": "two ranks"}
 
 
@@ -514,6 +514,14 @@ def test_uint8_grid_maps_the_generator_range_to_0_255():
     grid = to_uint8_grid(images, nrow=2)
     assert grid.dtype == np.uint8 and grid.shape == (6, 10, 3)  # 2 px padding around 2x2 images
     assert grid[2:4, 2:4].max() == 0 and grid[2:4, 6:8].min() == 255
+
+
+def test_grids_are_enlarged_to_be_looked_at_pixel_for_pixel():
+    grid = np.random.default_rng(0).integers(0, 256, (32, 62, 3), dtype=np.uint8)  # two 28 px images
+    big = enlarged(grid)
+    assert big.shape == (32 * 9, 62 * 9, 3)  # the smallest whole factor to >= 512 px across
+    assert np.array_equal(big[::9, ::9], grid) and np.array_equal(big[8::9, 8::9], grid)  # nearest: squares
+    assert enlarged(np.zeros((600, 600, 3), np.uint8)).shape == (600, 600, 3)  # large enough already
 
 
 # --------------------------------------------------------------------------- console

@@ -27,11 +27,11 @@ def folder_contents(folder):
     }
 
 
-def check_run_folder(run_dir, last_step, grid_side=2 + 8 * 30):
+def check_run_folder(run_dir, last_step, grid_side=3 * (2 + 8 * 30)):
     """A finished run's folder: config, grids, checkpoints that load with weights_only=True."""
     assert (run_dir / "config.yaml").exists() and (run_dir / "train.log").exists()
     grid = Image.open(run_dir / "samples" / f"step_{last_step:08d}.png")
-    assert grid.width == grid_side  # 8 images of 28 px per row with 2 px padding
+    assert grid.width == grid_side  # 8 images of 28 px per row with 2 px padding, enlarged 3x to >= 512 px
     assert Image.open(run_dir / "samples" / "real.png").size == grid.size
     ckpts = checkpoint.list_checkpoints(run_dir / "checkpoints")
     assert ckpts[-1].name == f"step_{last_step:08d}.pt"
