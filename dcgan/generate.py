@@ -58,10 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt(n))")
     parser.add_argument("--interpolate", type=int, default=0, metavar="K", help="also a latent walk of K steps")
     parser.add_argument("--strips", type=int, default=4, help="rows of the latent walk (default 4)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the latents: the same seed gives the same images (default 0)"
+    )
     parser.add_argument("--weights", choices=("ema", "g"), default="ema", help="EMA generator (default) or G")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where G runs (default cpu)")
+    parser.add_argument(
+        "--batch-size", type=int, default=256, help="images per forward pass; lower it if memory runs out (default 256)"
+    )
     parser.add_argument("--out", default="", help="output folder (default <run>/generated/<checkpoint>)")
     args = parser.parse_args(argv)
     setup_logging(0)

@@ -222,6 +222,14 @@ def test_every_launcher_flag_has_help_and_its_default(module):
         assert "A sweep file:" in result.stdout  # the format, in the help's epilog
 
 
+@pytest.mark.parametrize("command", [["dcgan.generate"], ["dcgan.train"]])
+def test_every_command_flag_says_what_it_does(command):
+    result = run_module(*command, "--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    missing = [inv for inv, text in option_entries(result.stdout).items() if not text]
+    assert not missing, f"{' '.join(command)} --help: no text for {missing}"
+
+
 # --------------------------------------------------------------------------- torchrun's report
 
 
