@@ -127,6 +127,60 @@ def test_submit_on_the_local_executor_trains_two_ranks(tmp_path, digit_shards):
     assert len(list((run_dir / "slurm").glob("*_result.pkl"))) == 2  # one result per task
 
 
+def refusing_sbatch(tmp_path) -> dict:
+    """An environment whose ``sbatch`` fails as a Slurm client without a controller does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text(
+        "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact slurm controller "
+        "(connect failure)' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def files_under(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("launcher", ["launch.submit", "launch.sweep"])
+def test_a_refused_submission_is_one_line_exit_1_and_leaves_no_files(tmp_path, digit_shards, launcher):
+    """sbatch that cannot reach a controller: one line with its error (no submitit
+    traceback), exit 1 (dcgan/exits.py: failed; not 2, the input was fine), and none of the
+    files the attempt wrote (job pickles, sbatch script) nor the folders it made; an earlier
+    submission's files (task logs, results, sweep.json) stay as they were."""
+    env = refusing_sbatch(tmp_path)
+    config = write_config(tmp_path / "c.yaml", digit_shards)
+    if launcher == "launch.submit":
+        argv = ["--config", str(config), "--tasks-per-node", "1"]
+        job_folder = tmp_path / "runs" / "c" / "slurm"
+    else:
+        sweep = tmp_path / "lr.yaml"
+        sweep.write_text(f"base: {config}\ngrid:\n  optim.g.lr: [1.0e-4, 2.0e-4]\n")
+        argv = [str(sweep), "--tasks-per-node", "1"]
+        job_folder = tmp_path / "runs" / "lr" / "slurm"
+    what = "the job" if launcher == "launch.submit" else "the job array"
+    line = f"{launcher}: sbatch refused {what}: Batch job submission failed: Unable to contact slurm controller"
+
+    out = run_module(launcher, *argv, env=env, timeout=120)
+    assert (out.returncode, out.stderr) == (1, f"{line} (connect failure)\n"), out.stderr
+    assert not (tmp_path / "runs").exists()  # the run (or sweep) folder was made for this attempt only
+
+    # a folder an earlier submission used: its files stay, nothing is added
+    job_folder.mkdir(parents=True)
+    (job_folder / "1234_0_log.out").write_text("earlier task log\n")
+    (job_folder / "1234_submitted.pkl").write_bytes(b"earlier job")
+    (job_folder / f"{'ab' * 16}.pkl").write_bytes(b"another attempt's")
+    if launcher == "launch.sweep":
+        write_summary(load_sweep(sweep))
+    before = files_under(tmp_path / "runs")
+    out = run_module(launcher, *argv, env=env, timeout=120)
+    assert (out.returncode, out.stderr.count("\n"), "Traceback" in out.stderr) == (1, 1, False), out.stderr
+    assert out.stderr.startswith(line)
+    assert files_under(tmp_path / "runs") == before
+
+
 # --------------------------------------------------------------------------- sweeps own their runs
 
 
