@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -294,3 +295,53 @@ def test_a_table_into_a_closed_pipe_ends_quietly(tmp_path, digit_shards, command
     assert (proc.wait(timeout=120), stderr) == (1, "")
     if "--no-slurm" in command:
         assert (tmp_path / "runs" / "lr" / "status.csv").exists()  # written before the table
+
+
+# --------------------------------------------------------------------------- scripts/test.sh
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["tests/test_cli.py"], ["tests/test_cli.py::test_help", "-x"], ["tests", "-q"], ["-k", "data", "-x"], []],
+)
+def test_test_sh_hands_its_arguments_to_pytest_as_given(tmp_path, args):
+    """`bash scripts/test.sh tests/test_cli.py` runs that file only: the script adds no
+    `tests` of its own (with it, pytest ran the whole suite and the file twice). The real
+    script runs, with its set-up stubbed (a fake `python` that notes what it is asked)."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "test.sh", repo / "scripts" / "test.sh")
+    (repo / "scripts" / "setup.sh").write_text("PYTHON=python\n")  # the real one installs the .venv
+    img2dataset = repo / ".venv-img2dataset" / "bin" / "img2dataset"
+    img2dataset.parent.mkdir(parents=True)
+    img2dataset.write_text("#!/bin/sh\n")
+    img2dataset.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "python"
+    fake.write_text(f"#!/bin/sh\nprintf '%s|' \"$@\" >> {calls}\necho >> {calls}\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(repo / "scripts" / "test.sh"), *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pytest_call = calls.read_text().splitlines()[-1]
+    assert pytest_call == "|".join(["-m", "pytest", *args]) + "|"
+
+
+def test_pytest_without_a_path_runs_the_whole_suite_and_with_one_only_that():
+    """What scripts/test.sh relies on: from the repository root, pytest with no test path
+    among its arguments collects pyproject.toml's testpaths (tests/), and with one only that."""
+
+    def collected(*args: str) -> set[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *args],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
+
+    assert collected("-k", "test_slurm_time_formats or test_state_rules") == {
+        "tests/test_launch.py",
+        "tests/test_sweep_status.py",
+    }
+    assert collected("tests/test_launch.py::test_slurm_time_formats") == {"tests/test_launch.py"}
