@@ -29,8 +29,13 @@ anything is submitted. ``sweep.json`` in the sweep folder maps runs to job ids a
 the sweep file that owns the folder.
 
 ``python -m launch.sweep status SWEEP.yaml`` prints where every run stands (state, step,
-best FID, last losses, img/s), best FID first, and writes ``status.csv`` and ``fid.png``
-into the sweep folder (``launch/status.py``).
+best FID, last losses, img/s), best FID first (``launch/status.py``); it writes files only
+when asked: ``--csv PATH`` (the table as CSV), ``--plot PATH`` (FID against step, PNG).
+
+Exit codes (dcgan/exits.py): 0 submitted (or printed); 2 a bad sweep file, config or
+option, caught before anything was submitted; 1 sbatch refused the job array or could not
+be run (one line with sbatch's error; nothing submitted, sweep.json and the job folder as
+they were).
 """
 
 from __future__ import annotations
@@ -363,8 +368,12 @@ def submit_sweep(sweep: Sweep, opts: SlurmOptions) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; its epilog is this module's doc from the sweep file's format on."""
+    from launch.status import build_parser as status_parser  # here: launch.status imports this module
+
+    status_usage = status_parser().format_usage().removeprefix("usage: ").strip()
     parser = argparse.ArgumentParser(
         prog="python -m launch.sweep",
+        usage=f"python -m launch.sweep [-h] [--dry-run] [Slurm flags] sweep\n       {status_usage}",
         description=__doc__.split("\n\n")[1].replace("``", "`"),
         epilog="\n\n".join(__doc__.split("\n\n")[2:]).replace("``", "`").replace("::", ":"),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -256,7 +256,7 @@ def test_a_run_folder_of_the_earlier_naming_is_resumed_by_its_own_sweep_only(tmp
     run_a = next(r for r in sweep_status(a, use_slurm=False).runs if r.index == 0)
     run_b = next(r for r in sweep_status(b, use_slurm=False).runs if r.index == 0)
     assert (run_a.name, run_a.state, run_a.step, run_a.loss_d) == (old_name, "done", 6, 1.25)
-    assert (run_b.state, run_b.step, run_b.loss_d) == ("pending", None, None)
+    assert (run_b.state, run_b.step, run_b.loss_d) == ("not submitted", None, None)
 
 
 def test_a_moved_sweep_file_still_owns_its_folder(tmp_path, digit_shards, capsys):
@@ -280,21 +280,22 @@ def test_a_sweep_file_that_is_not_utf8_is_one_line(tmp_path, digit_shards, capsy
 
 
 @pytest.mark.parametrize(
-    "command", [["status", "{sweep}", "--no-slurm"], ["{sweep}", "--dry-run"], ["status", "--help"]]
+    "command", [["status", "{sweep}", "--no-slurm", "--csv", "{csv}"], ["{sweep}", "--dry-run"], ["status", "--help"]]
 )
 def test_a_table_into_a_closed_pipe_ends_quietly(tmp_path, digit_shards, command):
     """`launch.sweep status SWEEP | head -1`: no traceback, exit 1, like Unix tools. A user's
     shell has no PYTHONUNBUFFERED, so a short table sits in stdout's buffer until Python
     flushes it on the way out, after any handler of the print would have run."""
     path = sweep_on(tmp_path, digit_shards, "s", {})
-    argv = [sys.executable, "-m", "launch.sweep", *(a.format(sweep=path) for a in command)]
+    csv_path = tmp_path / "status.csv"
+    argv = [sys.executable, "-m", "launch.sweep", *(a.format(sweep=path, csv=csv_path) for a in command)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the table comes, as `| head -1` once it has its line
     stderr = proc.stderr.read().decode()
     assert (proc.wait(timeout=120), stderr) == (1, "")
-    if "--no-slurm" in command:
-        assert (tmp_path / "runs" / "lr" / "status.csv").exists()  # written before the table
+    if "--csv" in command:
+        assert csv_path.exists()  # written before the table
 
 
 # --------------------------------------------------------------------------- scripts/test.sh

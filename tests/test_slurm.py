@@ -173,11 +173,11 @@ def test_sweep_runs_a_job_array_and_skips_finished_runs(tmp_path, digit_shards):
     assert again.stdout.count("finished, skipped") == 2
 
     # status: the run folders and sacct agree (job ids from sweep.json)
-    status = run_module("launch.sweep", "status", str(sweep), timeout=120)
+    status = run_module("launch.sweep", "status", str(sweep), "--csv", str(tmp_path / "status.csv"), timeout=120)
     assert status.returncode == 0, status.stderr
     assert "2 done" in status.stdout.splitlines()[0]
     assert all(f"{array_id}_{i} COMPLETED" in status.stdout for i in range(2)), status.stdout
-    assert (tmp_path / "runs" / "lr" / "status.csv").exists()
+    assert (tmp_path / "status.csv").exists() and not (tmp_path / "runs" / "lr" / "status.csv").exists()
 
 
 def test_sweep_with_a_bad_key_submits_nothing(tmp_path, digit_shards):
