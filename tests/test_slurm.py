@@ -192,6 +192,27 @@ def test_sweep_with_a_bad_key_submits_nothing(tmp_path, digit_shards):
     assert subprocess.check_output(["squeue", "-h", "-o", "%i"], text=True) == before
 
 
+@pytest.mark.parametrize("launcher", ["launch.submit", "launch.sweep"])
+def test_a_job_sbatch_refuses_is_one_line_and_leaves_no_files(tmp_path, digit_shards, launcher):
+    """A real refusal by the controller (an unknown partition): sbatch's error as one line,
+    exit 1, no traceback, and none of the attempt's files or folders left."""
+    config = write_config(tmp_path / "c.yaml", digit_shards)
+    if launcher == "launch.submit":
+        argv = ["--config", str(config)]
+    else:
+        (tmp_path / "lr.yaml").write_text(f"base: {config}\ngrid:\n  optim.g.lr: [1.0e-4, 2.0e-4]\n")
+        argv = [str(tmp_path / "lr.yaml")]
+    before = subprocess.check_output(["squeue", "-h", "-o", "%i"], text=True)
+    out = run_module(launcher, *argv, "--tasks-per-node", "1", "--time", "30", "--partition", "nosuch", timeout=120)
+    what = "the job" if launcher == "launch.submit" else "the job array"
+    assert (out.returncode, out.stderr) == (
+        1,
+        f"{launcher}: sbatch refused {what}: invalid partition specified: nosuch\n",
+    )
+    assert not (tmp_path / "runs").exists()
+    assert subprocess.check_output(["squeue", "-h", "-o", "%i"], text=True) == before
+
+
 def test_sbatch_script_is_preempted_by_a_higher_partition_and_resumes(long_config, tmp_path):
     """slurm/train.sbatch as a user runs it (srun + torchrun, c10d on the first node), then
     a job in partition "high" takes both nodes: Slurm signals, the run checkpoints and
