@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import io
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -139,7 +140,14 @@ def from_arguments(args: argparse.Namespace, base: dict[str, Any] | None = None,
 
 def make_executor(opts: SlurmOptions, folder: Path, name: str) -> submitit.AutoExecutor:
     """A submitit executor for ``opts``: the job script gets one task per training process
-    and ``--signal=USR2@signal_delay_s``; the trainer handles that signal itself."""
+    and ``--signal=USR2@signal_delay_s``; the trainer handles that signal itself. Raises
+    SubmitError where Slurm's client is missing (submitit's own error is a traceback)."""
+    missing = [tool for tool in ("sbatch", "srun") if opts.cluster == "slurm" and not shutil.which(tool)]
+    if missing:
+        raise SubmitError(
+            f"no Slurm client here ({' and '.join(missing)} not on PATH): submit from a login node "
+            "of the cluster, or run the job on this machine with --cluster local"
+        )
     executor = submitit.AutoExecutor(folder=folder, cluster=opts.cluster, slurm_max_num_timeout=opts.max_requeues)
     params: dict[str, Any] = dict(
         name=name,

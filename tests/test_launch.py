@@ -182,6 +182,18 @@ def test_a_refused_submission_is_one_line_exit_1_and_leaves_no_files(tmp_path, d
     assert files_under(tmp_path / "runs") == before
 
 
+def test_submitting_without_a_slurm_client_is_one_line(tmp_path, digit_shards):
+    config = write_config(tmp_path / "c.yaml", digit_shards)
+    (tmp_path / "bin").mkdir()  # a PATH with no sbatch or srun
+    out = run_module("launch.submit", "--config", str(config), env={"PATH": str(tmp_path / "bin")}, timeout=120)
+    assert (out.returncode, out.stderr) == (
+        1,
+        "launch.submit: no Slurm client here (sbatch and srun not on PATH): submit from a login node of the "
+        "cluster, or run the job on this machine with --cluster local\n",
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 # --------------------------------------------------------------------------- sweeps own their runs
 
 
