@@ -93,8 +93,11 @@ def test_sweep_is_a_grid_times_seeded_random_draws(tmp_path, digit_shards):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("grid:\n  train.stepz: [1]\n", "run 0 (train.stepz=1): *base.yaml: train.stepz: unknown key"),
-        ("grid:\n  train.steps: [10, -1]\n", "run 1 (train.steps=-1): *base.yaml: train.steps: must be >= 1"),
+        ("grid:\n  train.stepz: [1]\n", "run 0 (train.stepz=1): override 'train.stepz=1': train.stepz: unknown key"),
+        (
+            "grid:\n  train.steps: [10, -1]\n",
+            "run 1 (train.steps=-1): override 'train.steps=-1': train.steps: must be >= 1",
+        ),
         ("grid:\n  train.steps: 10\n", "grid.train.steps: expected a non-empty list"),
         ("grids: {}\n", "grids: unknown key"),
         ("random:\n  params:\n    optim.g.lr: {normal: [0, 1]}\n", "random.params.optim.g.lr: expected one of"),
