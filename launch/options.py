@@ -10,12 +10,18 @@ defaults to ``gpus_per_node``. On CPU-only partitions set ``gpus_per_node: 0`` a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import re
+import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import submitit
+from submitit.core.utils import FailedJobError, JobPaths
 
 from dcgan.config import build_section, check_field, field_comments, read_yaml
 
@@ -134,7 +140,14 @@ def from_arguments(args: argparse.Namespace, base: dict[str, Any] | None = None,
 
 def make_executor(opts: SlurmOptions, folder: Path, name: str) -> submitit.AutoExecutor:
     """A submitit executor for ``opts``: the job script gets one task per training process
-    and ``--signal=USR2@signal_delay_s``; the trainer handles that signal itself."""
+    and ``--signal=USR2@signal_delay_s``; the trainer handles that signal itself. Raises
+    SubmitError where Slurm's client is missing (submitit's own error is a traceback)."""
+    missing = [tool for tool in ("sbatch", "srun") if opts.cluster == "slurm" and not shutil.which(tool)]
+    if missing:
+        raise SubmitError(
+            f"no Slurm client here ({' and '.join(missing)} not on PATH): submit from a login node "
+            "of the cluster, or run the job on this machine with --cluster local"
+        )
     executor = submitit.AutoExecutor(folder=folder, cluster=opts.cluster, slurm_max_num_timeout=opts.max_requeues)
     params: dict[str, Any] = dict(
         name=name,
@@ -166,3 +179,67 @@ def make_executor(opts: SlurmOptions, folder: Path, name: str) -> submitit.AutoE
             params["slurm_array_parallelism"] = opts.array_parallelism
     executor.update_parameters(**params)
     return executor
+
+
+class SubmitError(Exception):
+    """sbatch did not take the job (or could not be run): one line for the user. Nothing
+    was submitted, and what the attempt wrote into the job folder is gone."""
+
+
+# What a submitit submission writes before sbatch answers (the job's pickle(s) and its
+# sbatch script), named by a fresh uuid: only files so named, and new, are this attempt's.
+_SUBMISSION_FILES = re.compile(r"(\.submission_file_)?[0-9a-f]{32}\.(pkl|sh)")
+
+
+@contextlib.contextmanager
+def submission(folder: Path, what: str = "the job") -> Iterator[None]:
+    """Around making an executor for ``folder`` and submitting through it: when sbatch
+    refuses (no controller, a bad partition, ...) or cannot be run, raise SubmitError with
+    sbatch's first meaningful line instead of submitit's traceback, after removing the
+    files this attempt wrote into the folder and the folders it made (a job folder of
+    earlier submissions keeps their files: logs, results, and one of another attempt).
+    submitit prints sbatch's whole stderr itself before raising: that is held back and
+    shown only if the submission goes through."""
+    top = JobPaths.get_first_id_independent_folder(folder)
+    made = [p for p in (top, *top.parents) if not p.exists()]  # the folders submitting would make
+    before = set(top.iterdir()) if top.is_dir() else set()
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except (FailedJobError, OSError) as e:
+        _remove_attempt(top, before, made)
+        raise SubmitError(_reason(e, what)) from None
+    except Exception:  # not on Ctrl-C: sbatch may have taken the job, which needs its pickle
+        _remove_attempt(top, before, made)
+        raise
+    if held.getvalue():
+        sys.stderr.write(held.getvalue())
+
+
+def _remove_attempt(top: Path, before: set[Path], made: list[Path]) -> None:
+    if top.is_dir():
+        for path in set(top.iterdir()) - before:
+            if _SUBMISSION_FILES.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+    for path in made:  # deepest first; one that holds anything else stays
+        try:
+            path.rmdir()
+        except OSError:
+            break
+
+
+def _reason(error: Exception, what: str) -> str:
+    """One line: sbatch's first error line (its first line when none says error)."""
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        if Path(str(error.filename)).name == "sbatch":
+            return f"cannot run sbatch to submit {what}: {error.strerror or error}{where}"
+        return f"cannot write {what}'s files: {error.strerror or error}{where}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
+    line = re.sub(r"^sbatch: (error: )?", "", line)
+    code = getattr(error.__cause__, "returncode", None)
+    if not line:
+        line = f"it exited with status {code} and printed nothing" if code is not None else "no reason given"
+    return f"sbatch refused {what}: {line}"

@@ -1,13 +1,14 @@
 """python -m launch.sweep status SWEEP.yaml: where every run of a sweep stands, best FID first.
 
 The runs are the sweep file's, named as submission names them (``launch.sweep.placed_runs``),
-so a run that was never started shows as pending. Each run's state comes from, in order:
+so every run shows, also one never submitted. Each run's state comes from, in order:
 
 * its ``run.lock`` held by a trainer on this host (``/proc/locks``: looked up, never
   taken, so a trainer starting at that moment is never refused) -> running;
 * Slurm, when ``squeue`` / ``sacct`` are on PATH and ``sweep.json`` holds the run's job
   id (a few seconds at most; never required) -> running or pending;
-* its folder: none -> pending; ``summary.json`` of the last attempt -> done, preempted
+* its folder: none -> pending when ``sweep.json`` records a job for the run (submitted,
+  not started yet), else not submitted; ``summary.json`` of the last attempt -> done, preempted
   (status "stopped", exit 75: the state is saved and a requeue resumes it) or failed
   (failed, diverged); an attempt that started after the last summary and holds no lock
   here -> running on the host its ``run.lock`` names, or failed when that is this host
@@ -17,8 +18,9 @@ so a run that was never started shows as pending. Each run's state comes from, i
 Step, losses (``loss_d``, ``loss_g``) and img/s come from the last training row of
 ``metrics.jsonl``, the FID curve from its rows with ``fid`` (``summary.json``'s ``best``
 when there are none). Prints one table, sorted by best FID (runs without one last), and
-writes ``<sweep folder>/status.csv`` and ``<sweep folder>/fid.png`` (FID against step,
-one line per run). Works offline: no W&B, no Slurm needed.
+writes nothing unless asked: ``--csv PATH`` the same table as CSV, ``--plot PATH`` FID
+against step, one line per run (PNG; not written while no run has an FID). Works
+offline: no W&B, no Slurm needed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from dcgan.fileio import write_atomic
 from dcgan.runlock import LOCK_NAME, held_on_this_host
 from launch.sweep import check_owner, placed_runs, read_sweep_file, run_error, sweep_name
 
-STATES = ("running", "pending", "preempted", "failed", "done")
+STATES = ("running", "pending", "not submitted", "preempted", "failed", "done")
 SLURM_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
 SLURM_PENDING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "RESV_DEL_HOLD"}
 SLURM_ENDED_BADLY = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -137,8 +139,10 @@ def decide_state(
     attempt_after_summary: bool,
     holder_host: str | None,
     finished_by_checkpoint: bool,
+    submitted: bool = False,
 ) -> tuple[str, str]:
-    """(state, detail) from what was observed of one run (see the module doc for the order)."""
+    """(state, detail) from what was observed of one run (see the module doc for the order).
+    ``submitted``: sweep.json records a job for the run."""
     if locked:
         return "running", f"run.lock held on {socket.gethostname()}"
     if slurm in SLURM_RUNNING:
@@ -148,7 +152,9 @@ def decide_state(
     if not exists:
         if slurm in SLURM_ENDED_BADLY:
             return "failed", f"Slurm {slurm} before the run folder was made"
-        return "pending", "not started"
+        if not submitted:
+            return "not submitted", "no job for it in sweep.json"
+        return "pending", "submitted, no run folder yet" + (f" (Slurm {slurm})" if slurm else "")
     if summary is not None and not attempt_after_summary:
         status, code = summary.get("status"), summary.get("exit_code")
         if status == "done":
@@ -194,6 +200,7 @@ def read_run(index: int, name: str, own: list[str], run_dir: Path, steps: int, s
         attempt_after_summary,
         str(holder["host"]) if holder and holder.get("host") else None,
         newest is not None and newest >= steps,
+        submitted=bool(slurm[0]),
     )
     if run.detail.startswith("ended without writing summary.json") and (line := last_log_line(run_dir)):
         run.detail += f"; train.log: {line}"
@@ -374,19 +381,45 @@ def plot_fid(status: SweepStatus, path: Path) -> None:
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.sweep status", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.sweep status",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1].replace("where", "Where", 1)
+        + " Prints a table; writes nothing unless --csv or --plot asks.",
+    )
     parser.add_argument("sweep", type=Path, help="the sweep file, as submitted (same working directory)")
     parser.add_argument("--no-slurm", action="store_true", help="do not ask squeue / sacct")
-    args = parser.parse_args(argv)
+    parser.add_argument("--csv", type=Path, metavar="PATH", help="also write the table as CSV to PATH")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="also draw FID against step, one line per run, into PATH (PNG); not written while no run has an FID",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         status = sweep_status(args.sweep, use_slurm=not args.no_slurm)
     except ConfigError as e:
         print(f"launch.sweep: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    csv_path, png_path = status.folder / "status.csv", status.folder / "fid.png"
-    write_csv(status, csv_path)  # before printing: a reader that stops early (`| head`) still gets them
-    plot_fid(status, png_path)
+    wrote = []
+    # Before printing: a reader that stops early (`| head`) still gets them.
+    if args.csv:
+        write_csv(status, args.csv)
+        wrote.append(str(args.csv))
+    if args.plot and any(r.fid_curve for r in status.runs):
+        plot_fid(status, args.plot)
+        wrote.append(str(args.plot))
     print(table(status))
-    print(f"wrote {csv_path} and {png_path}")
+    if args.plot and str(args.plot) not in wrote:
+        print(
+            f"launch.sweep: no run has an FID yet (eval.every 0, or no evaluation has run): {args.plot} not written",
+            file=sys.stderr,
+        )
+    if wrote:
+        print(f"wrote {' and '.join(wrote)}")
     return 0

@@ -5,6 +5,11 @@ One training run as one Slurm job through submitit: a task per GPU (or
 ``--tasks-per-node`` on CPU partitions), each task one rank of ``dcgan.train``
 (launch/job.py). The config is checked here, on the login node, before anything is
 submitted. ``--cluster local`` runs the same job with submitit's local executor.
+
+Exit codes (dcgan/exits.py): 0 submitted (with ``--wait``: the job finished); 2 a bad
+config or option, caught before anything was submitted; 1 sbatch refused the job or could
+not be run (no controller, an unknown partition, ...: one line with sbatch's error;
+nothing submitted, nothing left in the job folder), or with ``--wait`` the job failed.
 """
 
 from __future__ import annotations
@@ -18,20 +23,22 @@ from pathlib import Path
 import submitit
 
 from dcgan.config import Config, ConfigError
-from dcgan.exits import EXIT_CONFIG
+from dcgan.exits import EXIT_CONFIG, EXIT_FAILED
 from dcgan.preflight import plan_run
 from launch.job import TrainingJob
-from launch.options import SlurmOptions, add_arguments, from_arguments, make_executor
+from launch.options import SlurmOptions, SubmitError, add_arguments, from_arguments, make_executor, submission
 
 
 def submit_run(
     config: str, overrides: list[str], opts: SlurmOptions, executor: submitit.Executor | None = None
 ) -> tuple[submitit.Job, Config]:
-    """Check, then submit one run; returns the job and the run's config. Raises ConfigError."""
+    """Check, then submit one run; returns the job and the run's config. Raises ConfigError
+    (the config or options), SubmitError (sbatch did not take it; its files are removed)."""
     cfg = plan_run(config, overrides, opts.world_size, on_this_machine=False).cfg
     folder = Path(opts.folder) if opts.folder else cfg.run_dir / "slurm"
-    executor = executor or make_executor(opts, folder, name=cfg.train.name)
-    job = executor.submit(TrainingJob(str(config), list(overrides), os.getcwd(), opts.max_requeues))
+    with submission(folder):
+        executor = executor or make_executor(opts, folder, name=cfg.train.name)
+        job = executor.submit(TrainingJob(str(config), list(overrides), os.getcwd(), opts.max_requeues))
     return job, cfg
 
 
@@ -48,7 +55,9 @@ def describe(job: submitit.Job, cfg: Config) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.submit", description=__doc__.split("\n\n")[1].replace("``", "`")
+        prog="python -m launch.submit",
+        description=__doc__.split("\n\n")[1].replace("``", "`"),
+        epilog=__doc__.split("\n\n")[2].replace("``", "`"),
     )
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/celeba.yaml (required)")
     parser.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 if it finished")
@@ -66,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"launch.submit: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except SubmitError as e:
+        print(f"launch.submit: {e}", file=sys.stderr)
+        return EXIT_FAILED
     print(describe(job, cfg), flush=True)
     if not args.wait:
         return 0
@@ -73,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         results = job.results()
     except Exception as e:  # the job's own error, as submitit reports it
         print(f"launch.submit: job {job.job_id} failed: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(f"job {job.job_id} finished: {results[0]}")
     return 0
 

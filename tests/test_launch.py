@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -92,8 +93,11 @@ def test_sweep_is_a_grid_times_seeded_random_draws(tmp_path, digit_shards):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("grid:\n  train.stepz: [1]\n", "run 0 (train.stepz=1): *base.yaml: train.stepz: unknown key"),
-        ("grid:\n  train.steps: [10, -1]\n", "run 1 (train.steps=-1): *base.yaml: train.steps: must be >= 1"),
+        ("grid:\n  train.stepz: [1]\n", "run 0 (train.stepz=1): override 'train.stepz=1': train.stepz: unknown key"),
+        (
+            "grid:\n  train.steps: [10, -1]\n",
+            "run 1 (train.steps=-1): override 'train.steps=-1': train.steps: must be >= 1",
+        ),
         ("grid:\n  train.steps: 10\n", "grid.train.steps: expected a non-empty list"),
         ("grids: {}\n", "grids: unknown key"),
         ("random:\n  params:\n    optim.g.lr: {normal: [0, 1]}\n", "random.params.optim.g.lr: expected one of"),
@@ -125,6 +129,72 @@ def test_submit_on_the_local_executor_trains_two_ranks(tmp_path, digit_shards):
     assert "'step': 6" in out.stdout and f"run folder : {run_dir}" in out.stdout
     assert "2 process(es)" in (run_dir / "train.log").read_text()
     assert len(list((run_dir / "slurm").glob("*_result.pkl"))) == 2  # one result per task
+
+
+def refusing_sbatch(tmp_path) -> dict:
+    """An environment whose ``sbatch`` fails as a Slurm client without a controller does."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text(
+        "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact slurm controller "
+        "(connect failure)' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def files_under(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("launcher", ["launch.submit", "launch.sweep"])
+def test_a_refused_submission_is_one_line_exit_1_and_leaves_no_files(tmp_path, digit_shards, launcher):
+    """sbatch that cannot reach a controller: one line with its error (no submitit
+    traceback), exit 1 (dcgan/exits.py: failed; not 2, the input was fine), and none of the
+    files the attempt wrote (job pickles, sbatch script) nor the folders it made; an earlier
+    submission's files (task logs, results, sweep.json) stay as they were."""
+    env = refusing_sbatch(tmp_path)
+    config = write_config(tmp_path / "c.yaml", digit_shards)
+    if launcher == "launch.submit":
+        argv = ["--config", str(config), "--tasks-per-node", "1"]
+        job_folder = tmp_path / "runs" / "c" / "slurm"
+    else:
+        sweep = tmp_path / "lr.yaml"
+        sweep.write_text(f"base: {config}\ngrid:\n  optim.g.lr: [1.0e-4, 2.0e-4]\n")
+        argv = [str(sweep), "--tasks-per-node", "1"]
+        job_folder = tmp_path / "runs" / "lr" / "slurm"
+    what = "the job" if launcher == "launch.submit" else "the job array"
+    line = f"{launcher}: sbatch refused {what}: Batch job submission failed: Unable to contact slurm controller"
+
+    out = run_module(launcher, *argv, env=env, timeout=120)
+    assert (out.returncode, out.stderr) == (1, f"{line} (connect failure)\n"), out.stderr
+    assert not (tmp_path / "runs").exists()  # the run (or sweep) folder was made for this attempt only
+
+    # a folder an earlier submission used: its files stay, nothing is added
+    job_folder.mkdir(parents=True)
+    (job_folder / "1234_0_log.out").write_text("earlier task log\n")
+    (job_folder / "1234_submitted.pkl").write_bytes(b"earlier job")
+    (job_folder / f"{'ab' * 16}.pkl").write_bytes(b"another attempt's")
+    if launcher == "launch.sweep":
+        write_summary(load_sweep(sweep))
+    before = files_under(tmp_path / "runs")
+    out = run_module(launcher, *argv, env=env, timeout=120)
+    assert (out.returncode, out.stderr.count("\n"), "Traceback" in out.stderr) == (1, 1, False), out.stderr
+    assert out.stderr.startswith(line)
+    assert files_under(tmp_path / "runs") == before
+
+
+def test_submitting_without_a_slurm_client_is_one_line(tmp_path, digit_shards):
+    config = write_config(tmp_path / "c.yaml", digit_shards)
+    (tmp_path / "bin").mkdir()  # a PATH with no sbatch or srun
+    out = run_module("launch.submit", "--config", str(config), env={"PATH": str(tmp_path / "bin")}, timeout=120)
+    assert (out.returncode, out.stderr) == (
+        1,
+        "launch.submit: no Slurm client here (sbatch and srun not on PATH): submit from a login node of the "
+        "cluster, or run the job on this machine with --cluster local\n",
+    )
+    assert not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------- sweeps own their runs
@@ -201,7 +271,7 @@ def test_a_run_folder_of_the_earlier_naming_is_resumed_by_its_own_sweep_only(tmp
     run_a = next(r for r in sweep_status(a, use_slurm=False).runs if r.index == 0)
     run_b = next(r for r in sweep_status(b, use_slurm=False).runs if r.index == 0)
     assert (run_a.name, run_a.state, run_a.step, run_a.loss_d) == (old_name, "done", 6, 1.25)
-    assert (run_b.state, run_b.step, run_b.loss_d) == ("pending", None, None)
+    assert (run_b.state, run_b.step, run_b.loss_d) == ("not submitted", None, None)
 
 
 def test_a_moved_sweep_file_still_owns_its_folder(tmp_path, digit_shards, capsys):
@@ -225,18 +295,69 @@ def test_a_sweep_file_that_is_not_utf8_is_one_line(tmp_path, digit_shards, capsy
 
 
 @pytest.mark.parametrize(
-    "command", [["status", "{sweep}", "--no-slurm"], ["{sweep}", "--dry-run"], ["status", "--help"]]
+    "command", [["status", "{sweep}", "--no-slurm", "--csv", "{csv}"], ["{sweep}", "--dry-run"], ["status", "--help"]]
 )
 def test_a_table_into_a_closed_pipe_ends_quietly(tmp_path, digit_shards, command):
     """`launch.sweep status SWEEP | head -1`: no traceback, exit 1, like Unix tools. A user's
     shell has no PYTHONUNBUFFERED, so a short table sits in stdout's buffer until Python
     flushes it on the way out, after any handler of the print would have run."""
     path = sweep_on(tmp_path, digit_shards, "s", {})
-    argv = [sys.executable, "-m", "launch.sweep", *(a.format(sweep=path) for a in command)]
+    csv_path = tmp_path / "status.csv"
+    argv = [sys.executable, "-m", "launch.sweep", *(a.format(sweep=path, csv=csv_path) for a in command)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the table comes, as `| head -1` once it has its line
     stderr = proc.stderr.read().decode()
     assert (proc.wait(timeout=120), stderr) == (1, "")
-    if "--no-slurm" in command:
-        assert (tmp_path / "runs" / "lr" / "status.csv").exists()  # written before the table
+    if "--csv" in command:
+        assert csv_path.exists()  # written before the table
+
+
+# --------------------------------------------------------------------------- scripts/test.sh
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["tests/test_cli.py"], ["tests/test_cli.py::test_help", "-x"], ["tests", "-q"], ["-k", "data", "-x"], []],
+)
+def test_test_sh_hands_its_arguments_to_pytest_as_given(tmp_path, args):
+    """`bash scripts/test.sh tests/test_cli.py` runs that file only: the script adds no
+    `tests` of its own (with it, pytest ran the whole suite and the file twice). The real
+    script runs, with its set-up stubbed (a fake `python` that notes what it is asked)."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "test.sh", repo / "scripts" / "test.sh")
+    (repo / "scripts" / "setup.sh").write_text("PYTHON=python\n")  # the real one installs the .venv
+    img2dataset = repo / ".venv-img2dataset" / "bin" / "img2dataset"
+    img2dataset.parent.mkdir(parents=True)
+    img2dataset.write_text("#!/bin/sh\n")
+    img2dataset.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "python"
+    fake.write_text(f"#!/bin/sh\nprintf '%s|' \"$@\" >> {calls}\necho >> {calls}\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(repo / "scripts" / "test.sh"), *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pytest_call = calls.read_text().splitlines()[-1]
+    assert pytest_call == "|".join(["-m", "pytest", *args]) + "|"
+
+
+def test_pytest_without_a_path_runs_the_whole_suite_and_with_one_only_that():
+    """What scripts/test.sh relies on: from the repository root, pytest with no test path
+    among its arguments collects pyproject.toml's testpaths (tests/), and with one only that."""
+
+    def collected(*args: str) -> set[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *args],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
+
+    assert collected("-k", "test_slurm_time_formats or test_state_rules") == {
+        "tests/test_launch.py",
+        "tests/test_sweep_status.py",
+    }
+    assert collected("tests/test_launch.py::test_slurm_time_formats") == {"tests/test_launch.py"}

@@ -173,11 +173,11 @@ def test_sweep_runs_a_job_array_and_skips_finished_runs(tmp_path, digit_shards):
     assert again.stdout.count("finished, skipped") == 2
 
     # status: the run folders and sacct agree (job ids from sweep.json)
-    status = run_module("launch.sweep", "status", str(sweep), timeout=120)
+    status = run_module("launch.sweep", "status", str(sweep), "--csv", str(tmp_path / "status.csv"), timeout=120)
     assert status.returncode == 0, status.stderr
     assert "2 done" in status.stdout.splitlines()[0]
     assert all(f"{array_id}_{i} COMPLETED" in status.stdout for i in range(2)), status.stdout
-    assert (tmp_path / "runs" / "lr" / "status.csv").exists()
+    assert (tmp_path / "status.csv").exists() and not (tmp_path / "runs" / "lr" / "status.csv").exists()
 
 
 def test_sweep_with_a_bad_key_submits_nothing(tmp_path, digit_shards):
@@ -188,6 +188,27 @@ def test_sweep_with_a_bad_key_submits_nothing(tmp_path, digit_shards):
     out = run_module("launch.sweep", str(sweep), timeout=120)
     assert out.returncode == 2
     assert f"{sweep}: run 0" in out.stderr and "optim.g.learning_rate: unknown key" in out.stderr
+    assert not (tmp_path / "runs").exists()
+    assert subprocess.check_output(["squeue", "-h", "-o", "%i"], text=True) == before
+
+
+@pytest.mark.parametrize("launcher", ["launch.submit", "launch.sweep"])
+def test_a_job_sbatch_refuses_is_one_line_and_leaves_no_files(tmp_path, digit_shards, launcher):
+    """A real refusal by the controller (an unknown partition): sbatch's error as one line,
+    exit 1, no traceback, and none of the attempt's files or folders left."""
+    config = write_config(tmp_path / "c.yaml", digit_shards)
+    if launcher == "launch.submit":
+        argv = ["--config", str(config)]
+    else:
+        (tmp_path / "lr.yaml").write_text(f"base: {config}\ngrid:\n  optim.g.lr: [1.0e-4, 2.0e-4]\n")
+        argv = [str(tmp_path / "lr.yaml")]
+    before = subprocess.check_output(["squeue", "-h", "-o", "%i"], text=True)
+    out = run_module(launcher, *argv, "--tasks-per-node", "1", "--time", "30", "--partition", "nosuch", timeout=120)
+    what = "the job" if launcher == "launch.submit" else "the job array"
+    assert (out.returncode, out.stderr) == (
+        1,
+        f"{launcher}: sbatch refused {what}: invalid partition specified: nosuch\n",
+    )
     assert not (tmp_path / "runs").exists()
     assert subprocess.check_output(["squeue", "-h", "-o", "%i"], text=True) == before
 

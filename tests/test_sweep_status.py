@@ -14,7 +14,7 @@ from conftest import REPO, run_module, start_python, write_config
 from dcgan.exits import EXIT_PREEMPTED
 from dcgan.runlock import RunLock
 from launch.status import decide_state, sweep_status
-from launch.sweep import cli, placed_runs, read_sweep_file
+from launch.sweep import cli, load_sweep, placed_runs, read_sweep_file, write_summary
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +47,23 @@ def sweep(tmp_path_factory, digit_shards):
     return path, [placed[-3].removeprefix("train.name=") for _, _, placed in runs]
 
 
-def test_status_table_csv_and_plot(sweep, capsys):
+def test_status_table_csv_and_plot(sweep, capsys, tmp_path):
     path, names = sweep
     folder = path.parent / "runs" / "lr"
+    csv_path, png_path = tmp_path / "out" / "status.csv", tmp_path / "fid.png"
     t0 = time.monotonic()
-    assert cli(["status", str(path)]) == 0  # what python -m launch.sweep status runs
+    assert cli(["status", str(path), "--csv", str(csv_path), "--plot", str(png_path)]) == 0
     seconds = time.monotonic() - t0
     out = capsys.readouterr()
     lines = out.out.splitlines()
     assert lines[0].startswith(f"sweep lr: 4 run(s) from {path.parent / 'base.yaml'}, folder {folder}")
-    assert "1 pending, 1 failed, 2 done" in lines[0]
+    assert "1 not submitted, 1 failed, 2 done" in lines[0]  # run 3: no job for it in sweep.json, no folder
     assert lines[1] == "every run: train.seed=0"  # shared overrides once, then only what differs
 
-    with open(folder / "status.csv") as f:
+    with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     by_name = {r["run"]: r for r in rows}
-    assert [by_name[n]["state"] for n in names] == ["done", "done", "failed", "pending"]
+    assert [by_name[n]["state"] for n in names] == ["done", "done", "failed", "not submitted"]
     # sorted by best FID, runs without one last
     fids = [float(r["best_fid"]) for r in rows if r["best_fid"]]
     assert fids == sorted(fids) and len(fids) == 3 and rows[-1]["run"] == names[3]
@@ -75,17 +76,20 @@ def test_status_table_csv_and_plot(sweep, capsys):
     assert failed["step"] == "2" and failed["best_fid_step"] == "2"  # its last checkpoint and evaluation
     assert "injected fault in gan_step at step 3" in failed["detail"]
     assert failed["overrides"] == "train.seed=0 optim.g.lr=0.0004"
-    pending = by_name[names[3]]
-    assert (pending["step"], pending["best_fid"], pending["loss_d"], pending["detail"]) == ("", "", "", "not started")
+    never = by_name[names[3]]
+    assert (never["step"], never["best_fid"], never["loss_d"]) == ("", "", "")
+    assert never["detail"] == "no job for it in sweep.json"
 
-    # the printed table: same order as the CSV, one line per run, then the failure's reason
-    table = [line.split() for line in lines[3:7]]
-    assert [cols[0] for cols in table] == [r["run"] for r in rows]
-    assert table[-1][:3] == [names[3], "pending", "-/4"] and table[-1][-1] == "optim.g.lr=0.0008"
+    # the printed table: same order and states as the CSV, one line per run, then the failure's reason
+    table = [line.split("  ") for line in lines[3:7]]
+    table = [[cell.strip() for cell in cols if cell.strip()] for cols in table]
+    assert [cols[:2] for cols in table] == [[r["run"], r["state"]] for r in rows]
+    assert table[-1][:3] == [names[3], "not submitted", "-/4"] and table[-1][-1] == "optim.g.lr=0.0008"
     assert f"{names[2]}: failed: RuntimeError: injected fault in gan_step at step 3" in out.out
-    assert out.out.rstrip().endswith(f"wrote {folder / 'status.csv'} and {folder / 'fid.png'}")
+    assert out.out.rstrip().endswith(f"wrote {csv_path} and {png_path}")
+    assert not list(folder.glob("*.csv")) and not list(folder.glob("*.png"))  # only where asked
 
-    with Image.open(folder / "fid.png") as png:
+    with Image.open(png_path) as png:
         assert png.format == "PNG" and png.size[0] > 100
         png.verify()
     assert seconds < 10
@@ -122,7 +126,8 @@ def test_a_held_run_lock_means_running(sweep):
         (dict(summary={"status": "done", "exit_code": 0}, locked=True), "running"),  # resubmitted, running again
         (dict(exists=False, slurm="RUNNING"), "running"),  # Slurm started it; no folder yet
         (dict(exists=False, slurm="CANCELLED"), "failed"),
-        (dict(exists=False), "pending"),
+        (dict(exists=False), "not submitted"),  # no job for it in sweep.json
+        (dict(exists=False, submitted=True), "pending"),  # submitted, Slurm not asked (or gone)
         (dict(summary=None, holder_host="some-other-node"), "running"),  # not checkable from this host
         (dict(summary=None, finished_by_checkpoint=True), "done"),  # summary.json could not be written
         (dict(summary=None), "pending"),  # a folder, but no trainer has taken its lock yet
@@ -146,3 +151,47 @@ def test_a_bad_sweep_file_exits_2_with_one_line(tmp_path, digit_shards, capsys):
     assert cli(["status", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read sweep file" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_status_query_writes_nothing_and_tells_submitted_from_not(tmp_path, digit_shards, capsys):
+    """`launch.sweep status` is a query: no status.csv or fid.png unless --csv / --plot
+    asks, and no empty plot when no run has an FID. A run with a job in sweep.json but no
+    folder yet is pending; one never submitted says so, in the table as in the CSV."""
+    base = write_config(tmp_path / "base.yaml", digit_shards, train={"out_dir": str(tmp_path / "runs")})
+    path = tmp_path / "lr.yaml"
+    path.write_text(f"base: {base}\ngrid:\n  optim.g.lr: [1.0e-4, 2.0e-4]\n")
+    sweep = load_sweep(path)
+    sweep.runs[0].job_id = "4242_0"  # submitted; the array task has not started yet
+    write_summary(sweep)
+    folder = sweep.folder
+    before = sorted(p.name for p in folder.rglob("*"))
+
+    assert cli(["status", str(path), "--no-slurm"]) == 0
+    out = capsys.readouterr()
+    assert sorted(p.name for p in folder.rglob("*")) == before and "wrote" not in out.out
+    rows = [[cell.strip() for cell in line.split("  ") if cell.strip()] for line in out.out.splitlines()]
+    states = {cells[0]: cells[1] for cells in rows if cells and cells[0].startswith("r00")}
+    assert states == {sweep.runs[0].name: "pending", sweep.runs[1].name: "not submitted"}
+    assert "1 pending, 1 not submitted" in out.out.splitlines()[0]
+
+    csv_path, png_path = tmp_path / "s.csv", tmp_path / "fid.png"
+    assert cli(["status", str(path), "--no-slurm", "--csv", str(csv_path), "--plot", str(png_path)]) == 0
+    out = capsys.readouterr()
+    with open(csv_path) as f:
+        rows = {r["run"]: (r["state"], r["detail"], r["job_id"]) for r in csv.DictReader(f)}
+    assert rows == {
+        sweep.runs[0].name: ("pending", "submitted, no run folder yet", "4242_0"),
+        sweep.runs[1].name: ("not submitted", "no job for it in sweep.json", ""),
+    }
+    assert not png_path.exists() and f"{png_path} not written" in out.err  # nothing to plot yet
+    assert out.out.rstrip().endswith(f"wrote {csv_path}")
+    assert sorted(p.name for p in folder.rglob("*")) == before
+
+
+def test_help_shows_the_status_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli(["--help"])
+    assert done.value.code == 0
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "python -m launch.sweep [-h] [--dry-run]" in usage
+    assert "python -m launch.sweep status [-h] [--no-slurm] [--csv PATH]" in usage and "[--plot PATH]" in usage
