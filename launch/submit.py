@@ -29,12 +29,20 @@ from launch.job import TrainingJob
 from launch.options import SlurmOptions, SubmitError, add_arguments, from_arguments, make_executor, submission
 
 
+class NothingToTrain(Exception):
+    """The run has reached train.steps: a job would end at once. The message says how to go on."""
+
+
 def submit_run(
     config: str, overrides: list[str], opts: SlurmOptions, executor: submitit.Executor | None = None
 ) -> tuple[submitit.Job, Config]:
     """Check, then submit one run; returns the job and the run's config. Raises ConfigError
-    (the config or options), SubmitError (sbatch did not take it; its files are removed)."""
-    cfg = plan_run(config, overrides, opts.world_size, on_this_machine=False).cfg
+    (the config or options), SubmitError (sbatch did not take it; its files are removed),
+    NothingToTrain (the run has finished: nothing is submitted)."""
+    plan = plan_run(config, overrides, opts.world_size, on_this_machine=False)
+    if plan.finished:
+        raise NothingToTrain(plan.finished)
+    cfg = plan.cfg
     folder = Path(opts.folder) if opts.folder else cfg.run_dir / "slurm"
     with submission(folder):
         executor = executor or make_executor(opts, folder, name=cfg.train.name)
@@ -78,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except SubmitError as e:
         print(f"launch.submit: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except NothingToTrain as e:
+        print(f"launch.submit: nothing submitted: {e}", flush=True)
+        return 0
     print(describe(job, cfg), flush=True)
     if not args.wait:
         return 0

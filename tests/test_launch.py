@@ -197,6 +197,17 @@ def test_submitting_without_a_slurm_client_is_one_line(tmp_path, digit_shards):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_finished_run_is_not_submitted_again(tmp_path, digit_shards):
+    config = write_config(tmp_path / "c.yaml", digit_shards, train={"steps": 2})
+    assert run_module("dcgan.train", "--config", str(config), timeout=240).returncode == 0
+    (tmp_path / "bin").mkdir()  # no Slurm client: a submission would fail
+    out = run_module("launch.submit", "--config", str(config), env={"PATH": str(tmp_path / "bin")}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("launch.submit: nothing submitted: run c has nothing to train")
+    assert "train.steps=N (N > 2)" in out.stdout
+    assert not (tmp_path / "runs" / "c" / "slurm").exists()
+
+
 # --------------------------------------------------------------------------- sweeps own their runs
 
 
