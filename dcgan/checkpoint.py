@@ -42,7 +42,7 @@ from dcgan.config import ConfigError
 from dcgan.fileio import write_atomic
 from dcgan.models import ModelConfig, build_models
 from dcgan.runlock import LOCK_NAME
-from dcgan.shardset import ShardSet, describe_change
+from dcgan.shardset import ShardSet, describe_change, say_once
 
 if TYPE_CHECKING:
     from dcgan.config import Config
@@ -371,7 +371,15 @@ def read_record(path: Path) -> dict[str, Any]:
 def check_same_data(saved: dict[str, Any] | None, shards: ShardSet, path: Path, policy: str) -> str | None:
     """ConfigError when ``path`` was trained on other shards than ``shards`` and ``policy``
     (train.data_changed) is "refuse"; the change, in one line, when it is "continue";
-    None when the data is the same or the checkpoint predates data identities."""
+    None when the data is the same or the checkpoint predates data identities. A
+    checkpoint whose identity predates content (bytes and member digests of each shard)
+    is compared by shard names and counts alone, and the log says so."""
+    if saved and "content" not in saved:
+        say_once(
+            f"{path} records the names and counts of the shards it was trained on, not their content (it was written "
+            "before checkpoints held it): the data is compared by names and counts only",
+            log,
+        )
     change = describe_change(saved, shards.identity()) if saved else None
     if change is not None and policy == "refuse":
         raise ConfigError(

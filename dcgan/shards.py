@@ -3,7 +3,12 @@ python -m dcgan.shards index FOLDER: a manifest.json for shards another tool wro
 
 SOURCE is one of
   * a folder of images, searched recursively, any format PIL reads; the first level of
-    sub-folders names the classes (sorted, as torchvision's ImageFolder does);
+    sub-folders names the classes (sorted, as torchvision's ImageFolder does). With class
+    folders, an image beside them (at the top level) has no class: it is refused (exit 2,
+    naming it) rather than written with no label. Each sample's key keeps where it came
+    from: ``<write index>-<its path under SOURCE, each run of other characters than
+    letters, digits, _ and - as _>`` (the last 60 characters), so a sample the reader
+    reports as corrupt names its image;
   * MNIST-family IDX files, gzipped or not: one ``*-images-idx3-ubyte[.gz]`` file, or a
     folder holding several (all are written, e.g. train + t10k = 70k for Fashion-MNIST),
     with labels from the matching ``*-labels-idx1-ubyte[.gz]`` beside each;
@@ -14,8 +19,13 @@ Each sample is ``<key>.<png|jpg|npy>`` plus ``<key>.cls`` (the label, when there
 written with webdataset's ShardWriter to ``OUT_DIR/shard-NNNNNN.tar``. The source order
 is shuffled first (``--seed``) so every shard holds a mix of classes. ``--size S``
 resizes the shorter side to S and centre-crops S x S, as the seeds' transforms do, so
-training decodes small images and never resizes. Unreadable images are named, counted
-and skipped. ``manifest.json`` is written last: a folder without one is unfinished.
+training decodes small images and never resizes. Without it, images of several sizes
+are written as they are: the manifest's ``image_size`` is then null and ``image_sizes``
+counts each size, and a line says that training resizes and crops each one. Unreadable
+images are named, counted and skipped. ``manifest.json`` is written last: a folder
+without one is unfinished. It records each shard's content (``shard_content``: bytes,
+mtime and the digest of its members' names and sizes, dcgan/shardset.py), which the
+checkpoints' data identity then takes without reading the shards again.
 
 ``--format raw`` stores ``--per-member`` images (256) per tar sample instead, for sets
 read from disk at speed: ``<key>.images.npy``, uint8 (n, H, W, C), and, when the source
@@ -27,8 +37,8 @@ new one starts where the size changes).
 
 ``index FOLDER`` reads every shard in FOLDER (img2dataset's, webdataset's ShardWriter's,
 plain tar's), in parallel, and writes ``FOLDER/manifest.json`` with the samples of each
-shard and the image size and channels found in the data (fields of an existing manifest
-that it does not count, such as ``classes``, are kept); a raw member's images are counted
+shard, the image size and channels found in the data and each shard's content (fields of
+an existing manifest that it does not count, such as ``classes``, are kept); a raw member's images are counted
 from its npy header, without loading it. Training then plans with true counts; see
 dcgan/shardset.py for what counts as a sample.
 """
@@ -69,6 +79,8 @@ from dcgan.shardset import (
     npy_header,
     open_image,
     raw_count,
+    shard_record,
+    some_of,
     tar_files,
     tar_groups,
 )
@@ -93,6 +105,7 @@ class Item:
     label: int  # -1: no label
     path: str | None = None
     pixels: np.ndarray | None = None  # uint8, (H, W) or (H, W, C)
+    source: str = ""  # a file's path under the source folder, kept in its sample's key
 
 
 @dataclass
@@ -126,13 +139,28 @@ def _folder_source(root: Path) -> Source:
     if not files:
         raise SourceError(f"{root}: no image files found (looked recursively for {len(extensions)} PIL formats)")
     classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    loose = [str(p.relative_to(root)) for p in files if len(p.relative_to(root).parts) == 1]
+    if classes and loose:
+        raise SourceError(
+            f"{root}: {len(loose)} image(s) lie beside the class folders, in none of them ({some_of(loose)}), so they "
+            f"have no class; move them into a class folder ({some_of(classes)}) or out of {root}"
+        )
     class_index = {c: i for i, c in enumerate(classes)}
     items = []
     for p in files:
         parts = p.relative_to(root).parts
         label = class_index[parts[0]] if len(parts) > 1 else -1
-        items.append(Item(name=str(p), label=label, path=str(p)))
+        items.append(Item(name=str(p), label=label, path=str(p), source="/".join(parts)))
     return Source("folder", items, classes, channels=3)
+
+
+def sample_key(index: int, source: str) -> str:
+    """A sample's tar key: its write index (unique, in write order), then where it came
+    from, as far as a key can say it (no dots: webdataset splits the key at the first; no
+    slashes; 70 characters at most, so a member's name fits a plain ustar header)."""
+    if not source:
+        return f"{index:09d}"
+    return f"{index:09d}-{re.sub(r'[^A-Za-z0-9_-]+', '_', source)[-60:]}"
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -308,7 +336,7 @@ def write_shards(
     counts: dict[str, int] = {}
     skipped: list[dict[str, str]] = []
     written = 0
-    sizes: set[tuple[int, int]] = set()
+    sizes: Counter = Counter()  # (height, width) -> images
     jobs = ((it, opts) for it in items)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     encoded = pool.imap(_encode_star, jobs, chunksize=64) if pool else map(_encode_star, jobs)
@@ -342,7 +370,7 @@ def write_shards(
                     log.warning("skipped unreadable image %s (%s)", item.name, error)
                     continue
                 if not raw:
-                    sample = {"__key__": f"{written:09d}", opts.image_format: data}
+                    sample = {"__key__": sample_key(written, item.source), opts.image_format: data}
                     if item.label >= 0:
                         sample["cls"] = str(item.label).encode()
                     put(sample, 1)
@@ -356,7 +384,7 @@ def write_shards(
                         put(raw_member(first, pending, labelled), len(pending))
                         pending = []
                 written += 1
-                sizes.add(size)
+                sizes[size] += 1
             if pending:
                 put(raw_member(first, pending, labelled), len(pending))
     finally:
@@ -373,12 +401,22 @@ def write_shards(
     # A size only when every image has it (always so with --size) and is square.
     (only,) = sizes if len(sizes) == 1 else (None,)
     image_size = only[0] if only and only[0] == only[1] else None
+    if image_size is None:
+        log.warning(
+            "the images are %s (%s): manifest.json records no image_size, and training resizes the shorter side of "
+            "each to model.image_size and centre-crops it, which slows reading about 3x; --size S writes them at "
+            "S x S once",
+            f"of {len(sizes)} sizes" if len(sizes) > 1 else "not square",
+            ", ".join(f"{w}x{h}: {n}" for (h, w), n in sizes.most_common(5)) + (", ..." if len(sizes) > 5 else ""),
+        )
+    shards = sorted(counts)
     manifest = {
         "format_version": 1,
-        "shards": sorted(counts),
-        "shard_samples": [counts[n] for n in sorted(counts)],
+        "shards": shards,
+        "shard_samples": [counts[n] for n in shards],
         "samples": written,
         "image_size": image_size,
+        "image_sizes": {f"{w}x{h}": n for (h, w), n in sizes.most_common(10)},
         "channels": opts.channels,
         "image_format": opts.image_format,
         **({"images_per_member": member_size} if raw else {}),
@@ -388,6 +426,7 @@ def write_shards(
         "shuffled_with_seed": seed if shuffle else None,
         "skipped": len(skipped),
         "skipped_items": skipped[:1000],
+        "shard_content": [shard_record(out_dir / name) for name in shards],
     }
     write_atomic(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
@@ -426,12 +465,15 @@ class ShardCount:
     not_samples: int = 0  # groups with no image member (not counted, never read)
     suffixes: set[str] = field(default_factory=set)  # the members of those groups
     error: str = ""  # why the shard could not be read to its end
+    content: dict[str, Any] = field(default_factory=dict)  # its bytes, mtime and digest (shard_record)
 
 
 def count_shard(path: str) -> ShardCount:
     """Count the samples of one shard and note each image's size and channels (from the
     image header: nothing is decoded)."""
     found = ShardCount(Path(path).name)
+    with contextlib.suppress(OSError):  # unreadable: the error below says so, and identity reads it again
+        found.content = shard_record(path)
     try:
         with contextlib.closing(wds.gopen(path)) as stream:
             for group in tar_groups(stream, path):
@@ -500,6 +542,7 @@ def index_manifest(folder: Path, found: list[ShardCount], old: dict[str, Any]) -
         "channels": 1 if opened and sum(f.grey for f in found) == opened else 3,
         "image_sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(10)},
         "indexed_by": index_command(folder),
+        "shard_content": [f.content or None for f in found],
     }
 
 

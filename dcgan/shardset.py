@@ -27,8 +27,21 @@ the pixels (``PIXELS``), which decode without PIL; a raw member that does not lo
 becomes samples that carry the error (``ERROR``), as many as its header says, so the
 shard's count stays right and each is skipped as one corrupt sample.
 
-``ShardSet.identity()`` (shard names and counts, and their short fingerprint) travels with
-every checkpoint, so a run is not resumed on other data by accident.
+``ShardSet.identity()`` travels with every checkpoint, so a run is not resumed on other
+data by accident: the shard names and counts (and their short ``fingerprint``), and for
+each local shard its content (``shard_content``): its size in bytes and a digest of its
+members' names and sizes, read from the tar headers alone (a memory map touches only the
+header blocks: the data is skipped, nothing is decoded). A ``.tar.gz`` shard cannot be
+walked without inflating it, so its digest is the gzip trailer's CRC-32 and length of the
+whole uncompressed tar instead (8 bytes read). The same images rewritten at another size,
+or in another order, change the bytes or the digest; pixels changed within members of the
+same sizes (npy and raw members of one shape) are not seen. ``pipe:`` and URL shards are
+identified by names and counts only (said once, at INFO). Reading headers costs about
+2 us per member (50 ms for a shard of 10k samples); ``manifest.json`` therefore records
+each shard's bytes, mtime and digest when ``python -m dcgan.shards`` writes or indexes it
+(``shard_content``), and the digest is taken from there while the file's size and mtime
+are still the recorded ones (an edit in place changes the mtime; a copy that does not keep
+mtimes is read again).
 """
 
 from __future__ import annotations
@@ -39,10 +52,15 @@ import io
 import json
 import logging
 import math
+import mmap
+import os
 import re
 import tarfile
+import time
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -82,6 +100,9 @@ class ShardSet:
     fix: str  # what gives true counts, as a phrase: the index command for local shards
     image_size: int | None = None  # square size of every image, when known
     channels: int | None = None  # 1 or 3, when known
+    # shard file name -> (bytes, mtime_ns, digest) as the manifest recorded them (shard_content)
+    recorded: Mapping[str, tuple[int, int, str]] | None = field(default=None, compare=False, repr=False)
+    image_sizes: Mapping[str, int] | None = field(default=None, compare=False, repr=False)  # "WxH" -> images
 
     @property
     def total(self) -> int:
@@ -92,10 +113,17 @@ class ShardSet:
         return tuple(shard_name(url) for url in self.urls)
 
     def identity(self) -> dict[str, Any]:
-        """Shard names, counts and their fingerprint: saved with every checkpoint."""
+        """Shard names, counts and their fingerprint, and each shard's content ([bytes,
+        digest], None for a remote one) and theirs: saved with every checkpoint."""
         names, counts = list(self.names), list(self.counts)
         digest = hashlib.sha256(json.dumps([names, counts]).encode()).hexdigest()[:16]
-        return {"fingerprint": digest, "samples": self.total, "shards": names, "counts": counts}
+        content = contents(self.urls, self.recorded or {})
+        local = [c for c in content if c is not None]
+        content_digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16] if local else None
+        return {
+            "fingerprint": digest, "samples": self.total, "shards": names, "counts": counts,
+            "content": content, "content_fingerprint": content_digest,
+        }  # fmt: skip
 
 
 def shard_name(url: str) -> str:
@@ -105,9 +133,42 @@ def shard_name(url: str) -> str:
 
 
 def describe_change(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """What differs between two ``ShardSet.identity()`` values, in one line (None: the same)."""
-    if saved["fingerprint"] == now["fingerprint"]:
-        return None
+    """What differs between two ``ShardSet.identity()`` values, in one line (None: the
+    same). Content is compared for the shards whose content both record: a checkpoint
+    written before identities held content (``"content"`` absent) is compared by names
+    and counts alone, and so is a shard that is remote then or now."""
+    parts = _count_changes(saved, now) if saved["fingerprint"] != now["fingerprint"] else []
+    parts += content_changes(saved, now)
+    return "; ".join(parts) if parts else None
+
+
+def content_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``NAME: content changed (bytes A -> B)`` for every shard held then and now whose
+    recorded content differs (the first few, and how many more)."""
+    if not saved.get("content") or not now.get("content"):
+        return []
+    if saved["shards"] == now["shards"]:  # by position: names may repeat across folders
+        pairs = list(zip(now["shards"], saved["content"], now["content"]))
+    else:
+        before = dict(zip(saved["shards"], saved["content"]))
+        pairs = [(n, before.get(n), c) for n, c in zip(now["shards"], now["content"]) if n in before]
+    changed = []
+    for name, then, nowc in pairs:
+        if then is None or nowc is None or list(then) == list(nowc):
+            continue
+        if then[0] != nowc[0]:
+            changed.append(f"{name}: content changed (bytes {then[0]} -> {nowc[0]})")
+        elif name.endswith((".tar.gz", ".tgz")):
+            changed.append(f"{name}: content changed (the same {nowc[0]} bytes, another CRC-32 of the tar inside)")
+        else:
+            changed.append(f"{name}: content changed (the same {nowc[0]} bytes, members of other names or sizes)")
+    if not changed:
+        return []
+    return [some_of(changed) + (f" ({len(changed)} of {len(pairs)} shards)" if len(changed) > 1 else "")]
+
+
+def _count_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs in the shard names and counts, whose fingerprints differ."""
     before, after = dict(zip(saved["shards"], saved["counts"])), dict(zip(now["shards"], now["counts"]))
     parts = [
         f"{len(before)} shards / {saved['samples']} samples then, {len(after)} / {now['samples']} now "
@@ -118,18 +179,146 @@ def describe_change(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
         ("removed", [n for n in before if n not in after]),
     ):
         if names:
-            parts.append(f"{label} {_some(names)}")
+            parts.append(f"{label} {some_of(names)}")
     changed = [f"{n} {before[n]} -> {after[n]}" for n in after if n in before and before[n] != after[n]]
     if changed:
-        parts.append(f"counts changed: {_some(changed)}")
+        parts.append(f"counts changed: {some_of(changed)}")
     if len(parts) == 1:
         parts.append("same shards and counts in another order")
-    return "; ".join(parts)
+    return parts
 
 
-def _some(items: list[str], shown: int = 3) -> str:
+def some_of(items: list[str], shown: int = 3) -> str:
     more = f" and {len(items) - shown} more" if len(items) > shown else ""
     return ", ".join(items[:shown]) + more
+
+
+# --------------------------------------------------------------------------- the shards' content
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def contents(urls: tuple[str, ...], recorded: Mapping[str, tuple[int, int, str]]) -> list[list | None]:
+    """[bytes, digest] of every local shard (None for a remote one): the digest as
+    ``recorded`` (the manifest) holds it while the file's size and mtime are the recorded
+    ones, else read from the shard (``shard_digest``, remembered per size and mtime)."""
+    remote = [url for url in urls if is_remote(url)]
+    if remote:
+        say_once(
+            f"data.shards: {len(remote)} of {len(urls)} shard(s) are pipe: or URL shards: checkpoints record their "
+            "names and counts, not their content (bytes, members), so a resume cannot tell if they were rewritten"
+        )
+    started, misses = time.perf_counter(), _file_digest.cache_info().misses
+    content: list[list | None] = []
+    for url in urls:
+        if is_remote(url):
+            content.append(None)
+            continue
+        try:
+            stat = os.stat(url)
+        except OSError as e:  # the reader says so when it gets there; identity names what it saw
+            content.append([-1, f"unreadable: {type(e).__name__}"])
+            continue
+        known = recorded.get(Path(url).name)
+        if known is not None and (known[0], known[1]) == (stat.st_size, stat.st_mtime_ns):
+            content.append([stat.st_size, known[2]])
+            continue
+        content.append([stat.st_size, _file_digest(url, stat.st_size, stat.st_mtime_ns)])
+    seconds, read = time.perf_counter() - started, _file_digest.cache_info().misses - misses
+    if seconds > 2:
+        say_once(
+            f"data identity: read the tar headers of {read} shard(s) in {seconds:.1f}s; manifest.json records them "
+            f"when `{index_command('FOLDER')}` writes it, and they are then not read again"
+        )
+    return content
+
+
+_said: set[str] = set()
+
+
+def say_once(line: str, logger: logging.Logger = log) -> None:
+    """``line`` at INFO, the first time this process says it (identity() is asked for
+    several times per start)."""
+    if line not in _said:
+        _said.add(line)
+        logger.info("%s", line)
+
+
+@lru_cache(maxsize=1 << 16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """``shard_digest(path)``, once per process for a file of this size and mtime."""
+    return shard_digest(path)
+
+
+def shard_record(path: str | Path) -> dict[str, Any]:
+    """What ``manifest.json`` records of a shard's content (``shard_content``): its bytes,
+    mtime (ns) and digest, the digest read now."""
+    stat = os.stat(path)
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "digest": shard_digest(str(path))}
+
+
+def shard_digest(path: str) -> str:
+    """16 hex digits that change when a shard's members change name or size: the SHA-256
+    of its regular members' names and sizes, read from the tar headers alone (a
+    ``.tar.gz``: of its gzip trailer, the CRC-32 and length of the tar inside)."""
+    with open(path, "rb") as f:
+        if path.endswith((".tar.gz", ".tgz")):
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 8))
+            return hashlib.sha256(b"gzip trailer\0" + f.read()).hexdigest()[:16]
+        if os.fstat(f.fileno()).st_size == 0:
+            return hashlib.sha256(b"").hexdigest()[:16]
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return hashlib.sha256(b"\n".join(tar_header_names(mm))).hexdigest()[:16]
+
+
+def tar_header_names(buf: Any) -> list[bytes]:
+    """``name\0size`` of every regular member of a tar held in ``buf`` (bytes or a memory
+    map), from its headers: ustar names with their prefix, GNU long names and PAX path and
+    size records; the data between headers is never touched. Where the headers stop making
+    sense (not a tar, cut short) the list ends with a line saying at which byte."""
+    found: list[bytes] = []
+    end, offset = len(buf), 0
+    long_name: bytes | None = None
+    pax: dict[bytes, bytes] = {}
+    while offset + 512 <= end:
+        if not buf[offset]:  # the end-of-archive block (or padding)
+            return found
+        try:
+            size = _octal(buf[offset + 124 : offset + 136])
+        except ValueError:
+            break
+        kind = buf[offset + 156]
+        data_size = int(pax.get(b"size", size))
+        if kind in (ord("L"), ord("x")):  # a GNU long name, PAX records: for the next header
+            data = bytes(buf[offset + 512 : offset + 512 + size])
+            if kind == ord("L"):
+                long_name = data.rstrip(b"\0")
+            else:
+                pax = dict(re.findall(rb"\d+ ([^=\n]+)=([^\n]*)\n", data))
+            offset += 512 + ((size + 511) & ~511)
+            continue
+        if kind in (ord("0"), 0, ord("7")):
+            name = long_name or pax.get(b"path")
+            if name is None:
+                name = bytes(buf[offset : offset + 100]).rstrip(b"\0")
+                if buf[offset + 257 : offset + 263] == b"ustar\0":  # POSIX: a prefix (GNU keeps times there)
+                    prefix = bytes(buf[offset + 345 : offset + 500]).rstrip(b"\0")
+                    name = prefix + b"/" + name if prefix else name
+            found.append(b"%s\0%d" % (name, data_size))
+        long_name, pax = None, {}
+        offset += 512 + ((data_size + 511) & ~511)
+    found.append(b"headers end at byte %d of %d" % (offset, end))
+    return found
+
+
+def _octal(field: bytes) -> int:
+    """A tar header's number: octal digits, or base-256 when the first byte's top bit is set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    digits = bytes(field).split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
 
 
 # --------------------------------------------------------------------------- resolving data.shards
@@ -161,7 +350,10 @@ def resolve_shards(cfg: DataConfig) -> ShardSet:
         by_name = dict(zip(listed.names, listed.counts))
         if all(Path(u).name in by_name for u in urls):
             counts = tuple(by_name[Path(u).name] for u in urls)
-            return ShardSet(tuple(urls), counts, str(beside), listed.fix, listed.image_size, listed.channels)
+            return ShardSet(
+                tuple(urls), counts, str(beside), listed.fix, listed.image_size, listed.channels, listed.recorded,
+                listed.image_sizes,
+            )  # fmt: skip
     return _counted(urls, cfg, spec, folder)
 
 
@@ -181,7 +373,7 @@ def _folder(folder: Path, cfg: DataConfig) -> ShardSet:
         if unlisted:
             log.warning(
                 "%s: %d shard(s) not in %s are not read (%s); `%s` lists every shard",
-                folder, len(unlisted), MANIFEST, _some(unlisted), index_command(folder),
+                folder, len(unlisted), MANIFEST, some_of(unlisted), index_command(folder),
             )  # fmt: skip
         return shard_set
     if not tars:
@@ -242,7 +434,33 @@ def _from_manifest(path: Path) -> ShardSet:
     if not urls or sum(counts) == 0:
         raise ConfigError(f"data.shards: {path} lists no samples")
     fix = fix_phrase(path.parent)
-    return ShardSet(urls, tuple(counts), str(path), fix, manifest.get("image_size"), manifest.get("channels"))
+    return ShardSet(
+        urls, tuple(counts), str(path), fix, manifest.get("image_size"), manifest.get("channels"),
+        recorded_content(manifest), recorded_sizes(manifest),
+    )  # fmt: skip
+
+
+def recorded_content(manifest: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
+    """Shard name -> (bytes, mtime_ns, digest) of the manifest's ``shard_content``; what
+    does not read as that is left out (its shards' headers are read instead)."""
+    records = manifest.get("shard_content")
+    if not isinstance(records, list) or len(records) != len(manifest["shards"]):
+        return {}
+    found = {}
+    for name, record in zip(manifest["shards"], records):
+        try:
+            found[name] = (int(record["bytes"]), int(record["mtime_ns"]), str(record["digest"]))
+        except (TypeError, KeyError, ValueError):
+            continue
+    return found
+
+
+def recorded_sizes(manifest: dict[str, Any]) -> dict[str, int] | None:
+    """The manifest's ``image_sizes`` ("WxH" -> images), when it has them."""
+    sizes = manifest.get("image_sizes")
+    if isinstance(sizes, dict) and all(isinstance(k, str) and isinstance(n, int) for k, n in sizes.items()):
+        return sizes
+    return None
 
 
 def img2dataset_counts(urls: list[str]) -> tuple[tuple[int, ...] | None, str]:
@@ -457,10 +675,19 @@ def convert_image(image: Image.Image, channels: int) -> Image.Image:
 
 
 def first_image_size(shards: ShardSet) -> tuple[int, int] | None:
-    """(width, height) of the set's images: the manifest's square size, else the first image
-    of a local set's first shard (None when unknown: remote shards, nothing readable)."""
+    """(width, height) of the set's images: the manifest's square size, or its one size
+    (``image_sizes``), else the first image of a local set's first shard. None when
+    unknown (remote shards, nothing readable) and when the manifest counts several sizes:
+    no one size is true of the set then."""
     if shards.image_size is not None:
         return shards.image_size, shards.image_size
+    if shards.image_sizes:
+        if len(shards.image_sizes) > 1:
+            return None
+        (only,) = shards.image_sizes
+        with contextlib.suppress(ValueError):
+            width, height = (int(n) for n in only.split("x"))
+            return width, height
     url = shards.urls[0]
     seen = None if url.startswith("pipe:") or "://" in url else peek_image(url)
     return None if seen is None else seen[:2]
