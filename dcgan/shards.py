@@ -643,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
         return index_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m dcgan.shards",
-        description=__doc__.split("\n")[0],
+        description="Write the images of SOURCE (a folder, with one sub-folder per class for labels; an IDX file "
+        "or folder; .npy or .npz) as webdataset tar shards with a manifest.json in OUT_DIR.",
         epilog="Shards written by another tool (img2dataset, webdataset): python -m dcgan.shards index FOLDER",
     )
     parser.add_argument("source", type=Path, help="image folder, IDX file or folder, .npy or .npz")

@@ -222,12 +222,14 @@ def test_every_launcher_flag_has_help_and_its_default(module):
         assert "A sweep file:" in result.stdout  # the format, in the help's epilog
 
 
-@pytest.mark.parametrize("command", [["dcgan.generate"], ["dcgan.train"]])
+@pytest.mark.parametrize("command", [["dcgan.generate"], ["dcgan.train"], ["dcgan.shards"], ["dcgan.shards", "index"]])
 def test_every_command_flag_says_what_it_does(command):
     result = run_module(*command, "--help", timeout=120)
     assert result.returncode == 0, result.stderr
     missing = [inv for inv, text in option_entries(result.stdout).items() if not text]
     assert not missing, f"{' '.join(command)} --help: no text for {missing}"
+    description = result.stdout.split("\n\n")[1]  # after the usage lines
+    assert description.rstrip().endswith("."), f"{' '.join(command)} --help: {description!r}"
 
 
 # --------------------------------------------------------------------------- torchrun's report

@@ -229,3 +229,6 @@ def test_mixed_sizes_are_recorded_as_mixed_and_no_one_size_is_claimed(tmp_path, 
     with caplog.at_level(logging.WARNING):
         warn_if_resized(shards, 64)
     assert "hold 50x50" not in caplog.text
+    assert "the shards hold images of 2 sizes (64x48: 2, 50x50: 1): each is resized and centre-cropped to 64x64" in (
+        caplog.text
+    )
