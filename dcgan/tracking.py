@@ -43,7 +43,7 @@ from dcgan.distributed import DistInfo
 from dcgan.fileio import write_atomic
 from dcgan.images import enlarged, save_png, to_uint8_grid
 from dcgan.progress import StepProgress
-from dcgan.scores import format_scores
+from dcgan.scores import format_scores, protocol_tag
 from dcgan.training import STAT_NAMES, TrainState
 from dcgan.wandb_run import WandbRun, open_run
 
@@ -151,8 +151,14 @@ class Tracker:
 
     def scores(self, step: int, scores: dict[str, float], state: TrainState, improved: bool) -> None:
         """An evaluation's line and metrics (state: after the evaluator updated the best FID)."""
-        best = " | best so far" if improved else f" | best {state.best_fid:.3f} at step {state.best_fid_step}"
-        line = f"eval step {step}: {format_scores(scores)} | {scores['eval_seconds']:.1f}s{best}"
+        if improved:
+            best = " | best so far"
+        elif state.best_fid is None:  # degenerate samples so far: no best yet
+            best = " | no best yet"
+        else:
+            best = f" | best {state.best_fid:.3f} at step {state.best_fid_step}"
+        tag = f" [{protocol_tag(scores.get('protocol'))}]" if scores.get("protocol") else ""
+        line = f"eval step {step}{tag}: {format_scores(scores)} | {scores['eval_seconds']:.1f}s{best}"
         self.metrics(step, {**scores, "best_fid": state.best_fid}, line)
 
     def metrics(self, step: int, values: dict[str, float], line: str) -> None:
@@ -262,6 +268,8 @@ class Tracker:
     def _remember(self, step: int, values: dict[str, Any]) -> None:
         # Merged: evaluation lines (fid, ...) and training lines (losses, ...) alternate.
         self.last = {**self.last, "step": step, **values}
+        if values.get("degenerate"):  # scores of degenerate samples are never a best (dcgan/eval.py)
+            return
         for name, direction in BEST.items():
             value, held = values.get(name), self.best.get(name)
             if value is None:

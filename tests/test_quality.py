@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_real_images, make_shards, run_module, write_config
+from conftest import load_real_images, make_shards, run_module, run_python, write_config
 from dcgan import checkpoint
-from dcgan.features import FeaturesError, InceptionFeatures, load_classifier
+from dcgan.features import Classifier, FeaturesError, HeldOut, InceptionFeatures, load_classifier, save_classifier
 from dcgan.scores import quality_scores
 from wandb_files import read_run
 
@@ -36,7 +36,7 @@ def features_file(real_sets):
         "dcgan.eval", "train-features", "--shards", str(shards), "--epochs", "5", "--num-real", "1000", timeout=300
     )
     assert result.returncode == 0, result.stderr
-    assert "held-out accuracy" in result.stderr
+    assert "held-out accuracy" in result.stderr and "chance 0.1" in result.stderr
     return shards / "features.pt"
 
 
@@ -88,9 +88,17 @@ def test_eval_two_ranks_equals_one(tmp_path, tiny_checkpoint, features_file):
     assert two.returncode == 0, two.stderr
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert (a["world_size"], b["world_size"]) == (1, 2) and a["num_real"] == 1000 and a["step"] == 6
-    for name in ("fid", "kid", "kid_std", "precision", "recall"):
+    for name in ("fid", "kid", "kid_std", "precision", "recall"):  # kid_std: the 1000 real images' subsets differ
         assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-7), name
-    assert a["fid"] > 0
+    # Six steps from DCGAN's init: the EMA generator makes nearly one image, on 1 rank and on 2.
+    assert a["fid"] > 0 and a["degenerate"] == b["degenerate"] == 1
+    assert a["degenerate_reason"].startswith("the samples are nearly one image")
+    protocol = a["protocol"]
+    assert protocol == b["protocol"] and len(protocol["sha256"]) == 12
+    assert {k: protocol[k] for k in ("extractor", "weights", "resize", "generated", "real")} == {
+        "extractor": "classifier", "weights": "features.pt", "resize": "none", "generated": 300, "real": 1000,
+    }  # fmt: skip
+    assert "features file" in protocol["real_split"] and "eval protocol: classifier features.pt" in one.stderr
 
 
 def test_eval_rejects_bad_input(tmp_path, tiny_checkpoint, features_file):
@@ -109,7 +117,13 @@ def test_training_evaluates_and_keeps_the_best(tmp_path, real_sets, features_fil
     summary; best.pt holds the state of the lowest FID; evaluating leaves training as it
     would have been without."""
     shards, _, _ = real_sets
-    common = {"train": {"steps": 12}, "checkpoint": {"every": 12}, "wandb": {"mode": "offline"}}
+    # G itself at a high learning rate: from DCGAN's init (weights of std 0.02) the samples
+    # are nearly one grey image for dozens of steps at lr 2e-4, and such scores are flagged
+    # degenerate and never the best (see test_degenerate_samples_are_flagged_and_never_best).
+    common = {
+        "train": {"steps": 12}, "checkpoint": {"every": 12}, "wandb": {"mode": "offline"},
+        "optim": {"g": {"lr": 0.02}, "d": {"lr": 0.02}},
+    }  # fmt: skip
     config = write_config(
         tmp_path / "evald.yaml", shards, **common,
         eval={"every": 4, "features": str(features_file), "num_samples": 200, "batch_size": 50},
@@ -119,8 +133,11 @@ def test_training_evaluates_and_keeps_the_best(tmp_path, real_sets, features_fil
     run_dir = tmp_path / "runs" / "evald"
     evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "fid" in r]
     assert [r["step"] for r in evals] == [4, 8, 12]
-    best = min(evals, key=lambda r: r["fid"])
-    assert [r["best_fid"] for r in evals] == list(np.minimum.accumulate([r["fid"] for r in evals]))
+    scored = [r for r in evals if not r["degenerate"]]
+    assert scored, [r["degenerate_reason"] for r in evals]
+    best = min(scored, key=lambda r: r["fid"])
+    running = [min([q["fid"] for q in scored if q["step"] <= r["step"]], default=None) for r in evals]
+    assert [r["best_fid"] for r in evals] == running
 
     best_path = run_dir / "checkpoints" / "best.pt"
     assert checkpoint.verify(best_path) is None
@@ -129,6 +146,11 @@ def test_training_evaluates_and_keeps_the_best(tmp_path, real_sets, features_fil
     assert checkpoint.load(run_dir / "checkpoints" / "step_00000012.pt")["best_fid"] == best["fid"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best"]["fid"] == {"value": best["fid"], "step": best["step"]}
+    # Each record says how it was measured; the log says it once, and tags each eval line.
+    assert all(r["protocol"]["generated"] == 200 for r in evals), [r["degenerate_reason"] for r in evals]
+    assert summary["final"]["protocol"] == evals[-1]["protocol"] and evals[-1]["protocol"]["real"] == 1000
+    log_text = (run_dir / "train.log").read_text()
+    assert log_text.count("eval protocol: classifier") == 1 and "eval step 4 [classifier@" in log_text
 
     (segment,) = read_run(run_dir)
     assert segment.metric("fid") == {r["step"]: pytest.approx(r["fid"]) for r in evals}
@@ -143,6 +165,93 @@ def test_training_evaluates_and_keeps_the_best(tmp_path, real_sets, features_fil
     for key in ("generator", "discriminator", "generator_ema"):
         for name, tensor in final[key].items():
             assert torch.equal(tensor, alone[key][name]), (key, name)
+
+
+def test_train_features_refuses_a_classifier_no_better_than_chance(tmp_path, real_sets):
+    """Three classes whose labels say nothing about the images (a user's own shards with
+    mixed-up labels): the held-out accuracy is about chance, 1/3. Refused in one line,
+    exit 2, and no features file to score with."""
+    _, held_out, _ = real_sets
+    labels = np.random.default_rng(0).integers(0, 3, 900)
+    shards = make_shards(tmp_path / "mixed-up", held_out[:900], labels)
+    result = run_module("dcgan.eval", "train-features", "--shards", str(shards), "--epochs", "1", timeout=300)
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "not clearly better than chance" in line and "chance 0.3" in line
+    assert f"{shards / 'features.pt'} not written" in line and "--inception" in line
+    assert not (shards / "features.pt").exists()
+
+
+def weak_features_file(path: Path, accuracy: float, classes: int, recorded_chance: bool) -> Path:
+    """A features file whose classifier scored ``accuracy`` on ``classes`` classes, as
+    train-features wrote them before it compared with chance (``recorded_chance`` False)."""
+    net = Classifier(1, 28, classes).eval()
+    save_classifier(
+        path, net, torch.randn(200, 128), held_out=HeldOut(accuracy, 1 / classes, 500), shards="x", classes=classes
+    )
+    if not recorded_chance:
+        payload = torch.load(path, weights_only=True)
+        del payload["chance"], payload["held_out"]
+        torch.save(payload, path)
+    return path
+
+
+def test_features_that_do_not_fit_are_refused(tmp_path, real_sets, tiny_checkpoint, features_file):
+    """The user's file (3 classes, held-out accuracy 0.25, written before chance was
+    recorded) and one recorded against chance: dcgan.eval and training refuse both with
+    one line, exit 2, before anything starts. So does a good file made for other classes
+    than the shards' manifest lists."""
+    shards, held_out, held_labels = real_sets
+    for recorded in (False, True):
+        weak = weak_features_file(tmp_path / f"weak-{recorded}.pt", 0.25, 3, recorded)
+        result = run_module("dcgan.eval", "--checkpoint", str(tiny_checkpoint), "--features", str(weak))
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert f"eval.features: {weak}: its classifier's held-out accuracy 0.250 is not clearly above chance" in line
+        config = write_config(tmp_path / f"weak-{recorded}.yaml", shards, eval={"every": 3, "features": str(weak)})
+        result = run_module("dcgan.train", "--config", str(config))
+        assert result.returncode == 2 and "not clearly above chance" in result.stderr, result.stderr
+        assert not (tmp_path / "runs").exists()
+
+    three = make_shards(tmp_path / "three-classes", held_out[:64], held_labels[:64] % 3)
+    config = write_config(tmp_path / "three.yaml", three, eval={"every": 3, "features": str(features_file)})
+    result = run_module("dcgan.train", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f"{features_file} was trained on 10 classes; {three / 'manifest.json'} lists 3" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# A generator whose every sample is the same uniform grey image: what the evaluator sees.
+CONSTANT_SAMPLES = """
+import sys, torch
+import dcgan.train
+
+dcgan.train.eval_mode_sampler = lambda generator: lambda z: torch.zeros(len(z), 1, 28, 28, device=z.device)
+sys.exit(dcgan.train.main())
+"""
+
+
+def test_degenerate_samples_are_flagged_and_never_best(tmp_path, real_sets, features_file):
+    """Uniform grey samples: every evaluation is flagged (log line, metrics.jsonl,
+    summary.json), none becomes best.pt or the summary's best FID."""
+    shards, _, _ = real_sets
+    config = write_config(
+        tmp_path / "grey.yaml", shards, wandb={"mode": "disabled"},
+        eval={"every": 3, "features": str(features_file), "num_samples": 200, "batch_size": 50},
+    )  # fmt: skip
+    result = run_python("-c", CONSTANT_SAMPLES, "--config", str(config), timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "grey"
+    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "fid" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(r["degenerate"] == 1 and "one image" in r["degenerate_reason"] for r in evals)
+    assert all(r["best_fid"] is None for r in evals)
+    log_text = (run_dir / "train.log").read_text()
+    assert log_text.count("DEGENERATE: the samples are nearly one image") == 2 and "best so far" not in log_text
+    assert not (run_dir / "checkpoints" / "best.pt").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "fid" not in summary["best"] and summary["final"]["degenerate"] == 1
+    assert checkpoint.load(run_dir / "checkpoints" / "step_00000006.pt")["best_fid"] is None
 
 
 def test_config_names_the_missing_features(tmp_path, real_sets):
