@@ -482,7 +482,7 @@ def test_provenance_file_keeps_every_attempt(tmp_path):
     ],
 )
 def test_bad_wandb_settings_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=rf"<defaults>: {key}"):
+    with pytest.raises(ConfigError, match=rf"^override {re.escape(repr(override))}: {key}"):
         load_config(None, [override])
 
 
