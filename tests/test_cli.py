@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass
 
 import pytest
-import torch
 import yaml
 
 from conftest import REPO, run_module, run_python, write_config
@@ -162,10 +161,14 @@ def test_dry_run_finds_the_resume_point(tmp_path, digit_shards):
     assert "(exists, 1 checkpoint(s))" in result.stdout
     assert "processes    : 1 (world size: WORLD_SIZE is not set)" in result.stdout
     # The sizes a user plans disk for: the estimate is within 5% of the checkpoint written.
-    nets = re.search(r"nets +: G ([\d.]+)M and D ([\d.]+)M parameters; a checkpoint takes about ([\d.]+) MB", result.stdout)
+    nets = re.search(
+        r"nets +: G ([\d.]+)M and D ([\d.]+)M parameters; a checkpoint takes about ([\d.]+) MB", result.stdout
+    )
     assert nets, result.stdout
     G, D = build_models(load_config(run_dir / "config.yaml"))
-    assert (float(nets[1]), float(nets[2])) == tuple(round(sum(p.numel() for p in n.parameters()) / 1e6, 2) for n in (G, D))
+    assert (float(nets[1]), float(nets[2])) == tuple(
+        round(sum(p.numel() for p in n.parameters()) / 1e6, 2) for n in (G, D)
+    )
     assert abs(float(nets[3]) * 1e6 / step3.stat().st_size - 1) < 0.05
     assert sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
 

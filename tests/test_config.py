@@ -1,8 +1,7 @@
 """Bad configs are rejected before any work, naming the key and the file; good ones load."""
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, load_real_images, run_module, start_python, write_config
+from conftest import REPO, load_real_images, start_python, write_config
 from dcgan.exits import EXIT_PREEMPTED
 from dcgan.features import Classifier, HeldOut, save_classifier
 from dcgan.runlock import RunLock
