@@ -282,7 +282,7 @@ def test_generate_from_checkpoint(tmp_path, tiny_checkpoint):
         return np.asarray(Image.open(tmp_path / name / "grid.png"))
 
     first, again, other = grid(1, "a"), grid(1, "b"), grid(2, "c")
-    assert first.shape[:2] == (2 + 4 * 30, 2 + 4 * 30)
+    assert first.shape[:2] == (5 * (2 + 4 * 30), 5 * (2 + 4 * 30))  # 4x4 images of 28 + 2 px, 5x to >= 512 px
     assert np.array_equal(first, again) and not np.array_equal(first, other)
 
     bad = run_module("dcgan.generate", "--checkpoint", str(tmp_path / "missing.pt"))
