@@ -398,17 +398,7 @@ def write_shards(
     if written == 0:
         raise SourceError(f"{source_name}: none of the {len(items)} images could be read")
 
-    # A size only when every image has it (always so with --size) and is square.
-    (only,) = sizes if len(sizes) == 1 else (None,)
-    image_size = only[0] if only and only[0] == only[1] else None
-    if image_size is None:
-        log.warning(
-            "the images are %s (%s): manifest.json records no image_size, and training resizes the shorter side of "
-            "each to model.image_size and centre-crops it, which slows reading about 3x; --size S writes them at "
-            "S x S once",
-            f"of {len(sizes)} sizes" if len(sizes) > 1 else "not square",
-            ", ".join(f"{w}x{h}: {n}" for (h, w), n in sizes.most_common(5)) + (", ..." if len(sizes) > 5 else ""),
-        )
+    image_size = square_size(sizes)
     shards = sorted(counts)
     manifest = {
         "format_version": 1,
@@ -430,6 +420,22 @@ def write_shards(
     }
     write_atomic(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
+
+
+def square_size(sizes: Counter) -> int | None:
+    """The set's image size, when every image has it (always so with --size) and it is
+    square; else None, said in one warning (training then resizes each image)."""
+    (only,) = sizes if len(sizes) == 1 else (None,)
+    if only and only[0] == only[1]:
+        return only[0]
+    log.warning(
+        "the images are %s (%s): manifest.json records no image_size, and training resizes the shorter side of "
+        "each to model.image_size and centre-crops it, which slows reading about 3x; --size S writes them at "
+        "S x S once",
+        f"of {len(sizes)} sizes" if len(sizes) > 1 else "not square",
+        ", ".join(f"{w}x{h}: {n}" for (h, w), n in sizes.most_common(5)) + (", ..." if len(sizes) > 5 else ""),
+    )
+    return None
 
 
 def raw_member(first: int, pending: list[tuple[np.ndarray, int]], labelled: bool) -> dict[str, Any]:
