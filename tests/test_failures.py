@@ -216,5 +216,7 @@ def test_a_rank_killed_outright_ends_the_others_without_torchrun(tmp_path, digit
     if killed == 0:
         assert f"stopping rank {survivor}: the job's store is gone" in text
     else:
-        assert f"rank {survivor} failed (step " in text  # its collective with the dead rank broke
+        # Its collective with the dead rank broke: in a step, or in a checkpoint's or an
+        # evaluation's collective when the kill lands there (seen under CI load).
+        assert re.search(rf"rank {survivor} failed \((step|checkpoint at step|evaluation at step) \d+\)", text), text
     assert_nothing_left(marker)
