@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dcgan import checkpoint  # noqa: E402
-from dcgan.config import load_config  # noqa: E402
-from dcgan.distributed import DistInfo  # noqa: E402
-from dcgan.training import AMP_DTYPES, build_training, gan_step  # noqa: E402
+from dcgan.checkpoint import files as checkpoint
+from dcgan.config.loading import load_config
+from dcgan.run.distributed import DistInfo
+from dcgan.training.setup import build_training
+from dcgan.training.step import AMP_DTYPES, gan_step
 from throughput import ensure_bench_shards  # noqa: E402
 
 

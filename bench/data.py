@@ -1,4 +1,4 @@
-"""The data pipeline alone: img/s of dcgan.data.Loader (read tar, decode, resize when the
+"""The data pipeline alone: img/s of dcgan.data.stream.Loader (read tar, decode, resize when the
 shards are not at model size, augment, collate, to float in [-1, 1]) on the CPU, per
 shard encoding and DataLoader worker count. Nothing trains.
 
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from dcgan.config import load_config
-from dcgan.data import Loader, ShardStream
-from dcgan.shardset import resolve_shards
-from dcgan.training import memory_format
+from dcgan.config.loading import load_config
+from dcgan.data.shardset import resolve_shards
+from dcgan.data.stream import Loader, ShardStream
+from dcgan.training.setup import memory_format
 from throughput import BENCH_DATA, ensure_bench_shards, int_list  # bench/ is on sys.path when run as a script
 
 

@@ -1,6 +1,6 @@
 """How fast a failure ends a run: seconds from the failing rank's line to the end of every
 process (the launcher included), for failures injected by tests/faults.py into the real
-trainer (dcgan/failure.py says how a failure ends a run).
+trainer (dcgan/run/failure.py says how a failure ends a run).
 
     python bench/failures.py --shards data/fashion-mnist
     python bench/failures.py --config configs/celeba.yaml --shards data/celeba --nproc 8   # GPUs: NCCL

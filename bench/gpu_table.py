@@ -7,7 +7,7 @@ kernels and GPU-busy µs per step (torch.profiler's CUDA kernels, summed); MFU (
 image, counted by torch.utils.flop_counter on one eager step, times img/s, over the dense
 bf16 peak, for every row); peak memory; img/s over the plain seed loop's at the same batch.
 
-Rows: the plain seed loop (bench/plain_loop.py, fp32); dcgan's step (dcgan/train_step.py)
+Rows: the plain seed loop (bench/plain_loop.py, fp32); dcgan's step (dcgan/training/step.py)
 eager in fp32 and bf16, compiled (train.compile), captured as a CUDA graph, and as a graph
 fed by the cache (data.cache: the gather and the augmentation are in the timing); with a
 process group of one (DDP over NCCL eager; the graph's flat all-reduce); the demo config.
@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dcgan.cache import CachedLoader
-from dcgan.config import Config, load_config
-from dcgan.distributed import DistInfo
-from dcgan.shardset import resolve_shards
-from dcgan.train_step import WARMUP_STEPS, TrainStep
-from dcgan.training import STAT_NAMES, build_training, memory_format, set_tf32
+from dcgan.config.loading import load_config
+from dcgan.config.sections import Config
+from dcgan.data.cache import CachedLoader
+from dcgan.data.shardset import resolve_shards
+from dcgan.run.distributed import DistInfo
+from dcgan.training.setup import build_training, memory_format, set_tf32
+from dcgan.training.step import STAT_NAMES, WARMUP_STEPS, TrainStep
 from plain_loop import PlainLoop  # bench/ is on sys.path
 from throughput import ensure_bench_shards, flops_per_image, host_syncs
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from dcgan.config import Config
-from dcgan.models import build_models, sample_latent
+from dcgan.config.sections import Config
+from dcgan.models.networks import build_models, sample_latent
 
 
 class PlainLoop:

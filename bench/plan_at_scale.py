@@ -1,5 +1,5 @@
 """The data plans at cluster scale, simulated: no processes, no data, only the plan code
-the trainer runs (dcgan/data.py's ``epoch_layout`` and ``slot_span``, dcgan/cache.py's
+the trainer runs (dcgan/data/stream.py's ``epoch_layout`` and ``slot_span``, dcgan/data/cache.py's
 ``epoch_permutation`` and ``rank_share``).
 
     python bench/plan_at_scale.py                      # 512 ranks x 8 workers, 20,000 shards; 10M cached
@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from dcgan.cache import epoch_permutation, rank_share
-from dcgan.data import epoch_layout, slot_span, steps_per_epoch
+from dcgan.data.cache import epoch_permutation, rank_share
+from dcgan.data.stream import epoch_layout, slot_span, steps_per_epoch
 
 
 def simulate_shards(counts: np.ndarray, ranks: int, workers: int, batch: int, epoch: int = 0, seed: int = 0) -> dict:

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from dcgan.config import load_config
-from dcgan.data import Loader, ShardStream
-from dcgan.distributed import DistInfo
-from dcgan.eval import DEFAULT_FEATURES_NAME, Evaluator, choose_extractor
-from dcgan.shardset import resolve_shards
+from dcgan.config.loading import load_config
+from dcgan.data.shardset import resolve_shards
+from dcgan.data.stream import Loader, ShardStream
+from dcgan.quality.evaluator import DEFAULT_FEATURES_NAME, Evaluator, choose_extractor
+from dcgan.run.distributed import DistInfo
 from plain_loop import PlainLoop, batches  # bench/ is on sys.path when run as a script
 
 SCORES = ("fid", "kid", "precision", "recall")

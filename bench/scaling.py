@@ -30,9 +30,10 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dcgan.config import load_config
-from dcgan.distributed import DistInfo
-from dcgan.training import AMP_DTYPES, NO_FORWARD_BUFFER_SYNC, build_training, gan_step, memory_format
+from dcgan.config.loading import load_config
+from dcgan.run.distributed import DistInfo
+from dcgan.training.setup import NO_FORWARD_BUFFER_SYNC, build_training, memory_format
+from dcgan.training.step import AMP_DTYPES, gan_step
 from throughput import bench_overrides, int_list, timed_steps  # bench/ is on sys.path when run as a script
 
 

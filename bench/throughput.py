@@ -1,6 +1,6 @@
 """Training throughput, img/s, for one config at one batch size, one process:
 
-(a) the trainer's step (dcgan.training.gan_step, as configured) fed by the shard pipeline;
+(a) the trainer's step (dcgan.training.step.gan_step, as configured) fed by the shard pipeline;
 (a') the same step fed by the set cached on the device (data.cache; its build time is
     printed), when data.cache=auto would cache it: (a')/(a) is what the cache gains;
 (b) the same step fed one batch already in memory: (a)/(b) is what the data costs;
@@ -39,13 +39,15 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dcgan.cache import CachedLoader, choose_cache, measure_room
-from dcgan.config import Config, load_config
-from dcgan.data import Loader, ShardStream
-from dcgan.distributed import DistInfo
+from dcgan.config.loading import load_config
+from dcgan.config.sections import Config
+from dcgan.data.cache import CachedLoader, choose_cache, measure_room
+from dcgan.data.shardset import resolve_shards
+from dcgan.data.stream import Loader, ShardStream
+from dcgan.run.distributed import DistInfo
 from dcgan.shards import main as shards_main
-from dcgan.shardset import resolve_shards
-from dcgan.training import AMP_DTYPES, build_training, gan_step, memory_format, set_tf32
+from dcgan.training.setup import build_training, memory_format, set_tf32
+from dcgan.training.step import AMP_DTYPES, gan_step
 from plain_loop import PlainLoop, batches  # bench/ is on sys.path when run as a script
 
 BENCH_DATA = Path("data")  # where the photo-patch shards are written

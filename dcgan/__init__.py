@@ -4,7 +4,7 @@
     G = load_generator("runs/fashion-mnist")   # a run folder or a checkpoint file
     images = G.sample(16, seed=0)               # uint8 (16, C, H, W)
 
-Importing ``dcgan`` is cheap: ``load_generator`` and ``Generator`` (``dcgan/generator.py``)
+Importing ``dcgan`` is cheap: ``load_generator`` and ``Generator`` (``dcgan/checkpoint/inference.py``)
 load torch on first use.
 """
 
@@ -13,14 +13,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dcgan.generator import Generator, load_generator
+    from dcgan.checkpoint.inference import Generator, load_generator
 
 __all__ = ["Generator", "load_generator"]
 
 
 def __getattr__(name: str):
     if name in __all__:
-        from dcgan import generator
+        from dcgan.checkpoint import inference as generator
 
         return getattr(generator, name)
     raise AttributeError(f"module 'dcgan' has no attribute {name!r}")

@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from dcgan import checkpoint
-from dcgan.config import ConfigError
-from dcgan.exits import EXIT_CONFIG
-from dcgan.generator import load_generator
-from dcgan.images import save_grid, save_png, to_uint8, to_uint8_grid
-from dcgan.logs import setup_logging
-from dcgan.models import sample_latent
-from dcgan.progress import progress
+from dcgan.base.checks import ConfigError
+from dcgan.base.exits import EXIT_CONFIG
+from dcgan.base.images import save_grid, save_png, to_uint8, to_uint8_grid
+from dcgan.base.logs import setup_logging
+from dcgan.base.progress import progress
+from dcgan.checkpoint import files as checkpoint
+from dcgan.checkpoint.inference import load_generator
+from dcgan.models.networks import sample_latent
 
-log = logging.getLogger("dcgan.generate")
+log = logging.getLogger(__name__)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

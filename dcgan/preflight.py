@@ -21,17 +21,20 @@ from pathlib import Path
 
 import torch
 
-from dcgan import distributed, timelines
-from dcgan.cache import UNMEASURED, CacheChoice, choose_cache, measure_room
-from dcgan.checkpoint import check_resume_setting, latest_valid, list_checkpoints, read_record, step_of
-from dcgan.config import Config, ConfigError, load_config
-from dcgan.data import steps_per_epoch
-from dcgan.eval import ExtractorChoice, choose_extractor
-from dcgan.models import checkpoint_bytes
-from dcgan.shardset import ShardSet, first_image_size, resolve_shards
-from dcgan.wandb_run import check_environment as check_wandb_environment
+from dcgan.base.checks import ConfigError
+from dcgan.checkpoint.files import latest_valid, list_checkpoints, read_record, step_of
+from dcgan.checkpoint.resume import check_resume_setting
+from dcgan.config.loading import load_config
+from dcgan.config.sections import Config
+from dcgan.data.cache import UNMEASURED, CacheChoice, choose_cache, measure_room
+from dcgan.data.shardset import ShardSet, first_image_size, resolve_shards
+from dcgan.data.stream import steps_per_epoch
+from dcgan.models.networks import checkpoint_bytes
+from dcgan.quality.evaluator import ExtractorChoice, choose_extractor
+from dcgan.run import distributed, timelines
+from dcgan.tracking.wandb_run import check_environment as check_wandb_environment
 
-log = logging.getLogger("dcgan.train")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ def settle_start(cfg: Config, restart: int) -> tuple[Config, str | None]:
     """train.resume=never|PATH and train.overwrite act once per run folder: an attempt
     after the one that applied them (the same command after a stop, a torchrun restart,
     a Slurm requeue, a double submit) carries on from the run folder instead. The trainer
-    knows from ``<run>/started_with.json`` (``dcgan/timelines.py``), and from the job's
+    knows from ``<run>/started_with.json`` (``dcgan/run/timelines.py``), and from the job's
     restart count should that record be missing. Returns the config to run (a copy when
     it changes) and a line saying what changed."""
     t = cfg.train

@@ -28,11 +28,12 @@ from typing import Any
 
 import submitit
 
-from dcgan import checkpoint, train
-from dcgan.config import load_config
-from dcgan.exits import EXIT_OK, EXIT_PREEMPTED
+from dcgan import train
+from dcgan.base.exits import EXIT_OK, EXIT_PREEMPTED
+from dcgan.checkpoint import files as checkpoint
+from dcgan.config.loading import load_config
 
-log = logging.getLogger("launch.job")
+log = logging.getLogger(__name__)
 
 
 class JobFailed(RuntimeError):
@@ -50,7 +51,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         os.chdir(self.workdir)
         job = submitit.JobEnvironment()
         # CUDA_VISIBLE_DEVICES is left alone: each rank finds its GPU from LOCAL_RANK and the GPUs
-        # it sees (dcgan/distributed.py, cuda_index).
+        # it sees (dcgan/run/distributed.py, cuda_index).
         torch_env = submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True
         )

@@ -23,7 +23,9 @@ from typing import Any, Literal
 import submitit
 from submitit.core.utils import FailedJobError, JobPaths
 
-from dcgan.config import build_section, check_field, field_comments, read_yaml
+from dcgan.base.checks import check_field
+from dcgan.config.keys import field_comments
+from dcgan.config.loading import build_section, read_yaml
 
 
 @dataclass
@@ -110,7 +112,7 @@ def time_minutes(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser, description: str | None = None) -> None:
     """One ``--flag`` per SlurmOptions field, left unset (None) when not given, so that a
     sweep file's ``slurm:`` value stands unless the flag is given. Each flag's help is the
-    comment beside its field (dcgan.config.field_comments) and the field's default."""
+    comment beside its field (dcgan.config.keys.field_comments) and the field's default."""
     group = parser.add_argument_group("Slurm job (launch/options.py)", description)
     meanings, defaults = field_comments(SlurmOptions), SlurmOptions()
     for f in fields(SlurmOptions):

@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcgan import checkpoint
-from dcgan.config import ConfigError, load_config
-from dcgan.exits import EXIT_CONFIG, EXIT_PREEMPTED
-from dcgan.fileio import write_atomic
-from dcgan.runlock import LOCK_NAME, held_on_this_host
+from dcgan.base.checks import ConfigError
+from dcgan.base.exits import EXIT_CONFIG, EXIT_PREEMPTED
+from dcgan.base.fileio import write_atomic
+from dcgan.checkpoint import files as checkpoint
+from dcgan.config.loading import load_config
+from dcgan.run.lock import LOCK_NAME, held_on_this_host
 from launch.sweep import check_owner, placed_runs, read_sweep_file, run_error, sweep_name
 
 STATES = ("running", "pending", "not submitted", "preempted", "failed", "done")

@@ -6,7 +6,7 @@ One training run as one Slurm job through submitit: a task per GPU (or
 (launch/job.py). The config is checked here, on the login node, before anything is
 submitted. ``--cluster local`` runs the same job with submitit's local executor.
 
-Exit codes (dcgan/exits.py): 0 submitted (with ``--wait``: the job finished); 2 a bad
+Exit codes (dcgan/base/exits.py): 0 submitted (with ``--wait``: the job finished); 2 a bad
 config or option, caught before anything was submitted; 1 sbatch refused the job or could
 not be run (no controller, an unknown partition, ...: one line with sbatch's error;
 nothing submitted, nothing left in the job folder), or with ``--wait`` the job failed.
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import submitit
 
-from dcgan.config import Config, ConfigError
-from dcgan.exits import EXIT_CONFIG, EXIT_FAILED
+from dcgan.base.checks import ConfigError
+from dcgan.base.exits import EXIT_CONFIG, EXIT_FAILED
+from dcgan.config.sections import Config
 from dcgan.preflight import plan_run
 from launch.job import TrainingJob
 from launch.options import SlurmOptions, SubmitError, add_arguments, from_arguments, make_executor, submission

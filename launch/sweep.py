@@ -32,7 +32,7 @@ the sweep file that owns the folder.
 best FID, last losses, img/s), best FID first (``launch/status.py``); it writes files only
 when asked: ``--csv PATH`` (the table as CSV), ``--plot PATH`` (FID against step, PNG).
 
-Exit codes (dcgan/exits.py): 0 submitted (or printed); 2 a bad sweep file, config or
+Exit codes (dcgan/base/exits.py): 0 submitted (or printed); 2 a bad sweep file, config or
 option, caught before anything was submitted; 1 sbatch refused the job array or could not
 be run (one line with sbatch's error; nothing submitted, sweep.json and the job folder as
 they were).
@@ -56,10 +56,12 @@ from typing import Any
 
 import yaml
 
-from dcgan import checkpoint
-from dcgan.config import Config, ConfigError, load_config, read_utf8, read_yaml
-from dcgan.exits import EXIT_CONFIG, EXIT_FAILED
-from dcgan.fileio import write_atomic
+from dcgan.base.checks import ConfigError
+from dcgan.base.exits import EXIT_CONFIG, EXIT_FAILED
+from dcgan.base.fileio import write_atomic
+from dcgan.checkpoint import files as checkpoint
+from dcgan.config.loading import load_config, read_utf8, read_yaml
+from dcgan.config.sections import Config
 from dcgan.preflight import plan_run
 from launch.job import TrainingJob
 from launch.options import SlurmOptions, SubmitError, add_arguments, from_arguments, make_executor, submission

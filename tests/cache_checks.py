@@ -14,10 +14,10 @@ import sys
 
 import torch
 
-from dcgan import distributed
-from dcgan.cache import CacheChoice, CachedLoader, agree_on_cache
-from dcgan.config import DataConfig
-from dcgan.shardset import resolve_shards
+from dcgan.config.sections import DataConfig
+from dcgan.data.cache import CacheChoice, CachedLoader, agree_on_cache
+from dcgan.data.shardset import resolve_shards
+from dcgan.run import distributed
 
 BATCH = 8
 

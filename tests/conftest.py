@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from dcgan.config import DataConfig
-from dcgan.data import Loader, ShardStream
+from dcgan.config.sections import DataConfig
+from dcgan.data.shardset import resolve_shards
+from dcgan.data.stream import Loader, ShardStream
 from dcgan.shards import main as shards_main
-from dcgan.shardset import resolve_shards
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # Tests never talk to a W&B server, whatever login this machine has (wandb.mode=auto
@@ -30,7 +30,7 @@ def load_real_images(n: int) -> tuple[np.ndarray, np.ndarray]:
     """n real 28x28 uint8 images and their labels."""
     test_file = FASHION_MNIST / "t10k-images-idx3-ubyte.gz"
     if test_file.exists():
-        from dcgan.shards import read_idx
+        from dcgan.data.writing import read_idx
 
         images = read_idx(test_file)[:n]
         labels = read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")[:n]

@@ -15,11 +15,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from dcgan import distributed
-from dcgan.config import Config, DataConfig, ModelConfig, TrainConfig
-from dcgan.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
-from dcgan.train_step import average_gradients
-from dcgan.training import build_training, gan_step
+from dcgan.config.sections import Config, DataConfig, TrainConfig
+from dcgan.models.networks import ModelConfig
+from dcgan.run import distributed
+from dcgan.training.setup import build_training
+from dcgan.training.step import average_gradients, gan_step
+from dcgan.training.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
 
 
 def check_sync_batchnorm(rank: int) -> None:

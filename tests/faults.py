@@ -25,14 +25,17 @@ import time
 
 import torch
 
-from dcgan import checkpoint, tracking, train, training
+from dcgan import train
+from dcgan.checkpoint import files as checkpoint
+from dcgan.tracking import tracker as tracking
+from dcgan.training import step as train_step
 
 
 def inject(fault: str, rank: int) -> None:
     kind, *args = fault.split(":")
     if kind in ("step", "stuck"):
         target_rank, target_step = (int(a) for a in args)
-        real_step, calls = training.gan_step, [0]
+        real_step, calls = train_step.gan_step, [0]
 
         def failing_step(*a, **kw):
             calls[0] += 1
@@ -44,7 +47,7 @@ def inject(fault: str, rank: int) -> None:
                 raise RuntimeError(f"injected fault in gan_step at step {target_step}")
             return real_step(*a, **kw)
 
-        training.gan_step = failing_step
+        train_step.gan_step = failing_step
     elif kind == "checkpoint-write":
         real_init = checkpoint._HashingFile.__init__
 
@@ -66,7 +69,7 @@ def inject(fault: str, rank: int) -> None:
         checkpoint._HashingFile.__init__ = lambda self, f: real_init(self, FullDisk(f))
     elif kind == "nan":
         (target_step,) = (int(a) for a in args)
-        real_step, calls = training.gan_step, [0]
+        real_step, calls = train_step.gan_step, [0]
 
         def diverging_step(state, *a, **kw):
             stats = real_step(state, *a, **kw)
@@ -77,10 +80,10 @@ def inject(fault: str, rank: int) -> None:
                         p.fill_(float("nan"))
             return stats
 
-        training.gan_step = diverging_step
+        train_step.gan_step = diverging_step
     elif kind == "nan-input":
         (first_step,) = (int(a) for a in args)
-        real_step, calls = training.gan_step, [0]
+        real_step, calls = train_step.gan_step, [0]
 
         def nan_input_step(state, g_train, d_train, real, *a, **kw):
             calls[0] += 1
@@ -88,10 +91,10 @@ def inject(fault: str, rank: int) -> None:
                 real = torch.full_like(real, float("nan"))
             return real_step(state, g_train, d_train, real, *a, **kw)
 
-        training.gan_step = nan_input_step
+        train_step.gan_step = nan_input_step
     elif kind == "inf-grad":
         (first_step,) = (int(a) for a in args)
-        real_step, calls = training.gan_step, [0]
+        real_step, calls = train_step.gan_step, [0]
 
         def overflowing_step(state, *a, **kw):
             calls[0] += 1
@@ -101,7 +104,7 @@ def inject(fault: str, rank: int) -> None:
                         p.register_hook(lambda grad: torch.full_like(grad, float("inf")))
             return real_step(state, *a, **kw)
 
-        training.gan_step = overflowing_step
+        train_step.gan_step = overflowing_step
     elif kind in ("slow-checkpoint", "slow-start"):
         module, name = (checkpoint, "_save_hashed") if kind == "slow-checkpoint" else (checkpoint, "choose")
         real = getattr(module, name)

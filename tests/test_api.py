@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_module, write_config
-from dcgan import checkpoint, load_generator
-from dcgan.config import Config
-from dcgan.generator import Generator
+from dcgan import load_generator
+from dcgan.checkpoint import files as checkpoint
+from dcgan.checkpoint.inference import Generator
+from dcgan.config.sections import Config
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_a_run_folder_means_its_best_checkpoint_when_it_has_one(tiny_run, tmp_pa
 
     with open(ckpts / "best.pt", "r+b") as f:  # damaged: the newest valid one, with a warning
         f.truncate(1000)
-    with caplog.at_level(logging.WARNING, logger="dcgan.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dcgan.checkpoint.files"):
         assert load_generator(run).step == 4
     assert "best.pt" in caplog.text and "newest valid" in caplog.text
 
@@ -177,7 +178,7 @@ def test_no_ema_falls_back_to_g(tiny_run, tmp_path, caplog):
     sd["generator_ema"] = None
     sd["config"]["model"]["ema_decay"] = 0.0
     saved = checkpoint.save(sd, tmp_path / "checkpoints", 2, keep=1)
-    with caplog.at_level(logging.WARNING, logger="dcgan.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dcgan.checkpoint.files"):
         G = load_generator(tmp_path)
     assert G.path == saved.path and G.weights == "raw" and same_weights(G, sd["generator"])
     assert "no EMA generator" in caplog.text
@@ -199,7 +200,7 @@ def test_importing_dcgan_is_cheap():
 
 def test_the_trainer_starts_without_the_scoring_stack():
     # torchmetrics, and the scipy and matplotlib it loads, cost every process about 2 s of
-    # start-up; only an evaluation needs them (dcgan/scores.py imports them then).
+    # start-up; only an evaluation needs them (dcgan/quality/scores.py imports them then).
     code = (
         "import sys, dcgan.train; loaded = {'torchmetrics', 'scipy', 'matplotlib', 'wandb'} & set(sys.modules); "
         "assert not loaded, f'importing dcgan.train loaded {sorted(loaded)}'"

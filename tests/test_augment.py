@@ -1,4 +1,4 @@
-"""dcgan.augment: the seeds' flip + affine, batched and seeded, exactly as torchvision defines it."""
+"""dcgan.data.augment: the seeds' flip + affine, batched and seeded, exactly as torchvision defines it."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from dcgan.augment import AugmentParams, apply, augment, draw_params
-from dcgan.config import AugmentConfig
+from dcgan.config.sections import AugmentConfig
+from dcgan.data.augment import AugmentParams, apply, augment, draw_params
 
 # configs/pumpkins.yaml's data.augment
 PUMPKINS = AugmentConfig(hflip=True, degrees=5.0, translate=(0.05, 0.025), scale=(0.95, 1.05), shear=0.025)

@@ -1,4 +1,4 @@
-"""data.cache: the set decoded once and held on the device (dcgan/cache.py). The split's
+"""data.cache: the set decoded once and held on the device (dcgan/data/cache.py). The split's
 contract under a real 2-rank torchrun, bitwise resume after SIGTERM, the images and
 labels it holds, corrupt samples counted and skipped, and auto's choice both ways."""
 
@@ -16,8 +16,10 @@ from test_resume import assert_bitwise_equal, final_state, last_logged_step, res
 from torch.utils.data import DataLoader
 
 from conftest import make_shards, run_module, run_python, start_python, write_config
-from dcgan import cache
-from dcgan.cache import (
+from dcgan.base.checks import ConfigError
+from dcgan.config.sections import DataConfig
+from dcgan.data import cache
+from dcgan.data.cache import (
     UNMEASURED,
     CacheChoice,
     CachedLoader,
@@ -28,11 +30,9 @@ from dcgan.cache import (
     measure_room,
     usable_cpus,
 )
-from dcgan.checks import ConfigError
-from dcgan.config import DataConfig
-from dcgan.distributed import DistInfo
+from dcgan.data.shardset import resolve_shards
 from dcgan.preflight import plan_run
-from dcgan.shardset import resolve_shards
+from dcgan.run.distributed import DistInfo
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 

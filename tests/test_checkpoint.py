@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcgan import checkpoint
+from dcgan.checkpoint import files as checkpoint
 
 
 def tiny_state(value: float) -> dict:

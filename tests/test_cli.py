@@ -1,5 +1,5 @@
 """What a user expects of the command lines: ``dcgan.train --help`` lists every config key
-with its type, default and meaning (from dcgan/config.py, so it cannot drift);
+with its type, default and meaning (from dcgan/config/sections.py, so it cannot drift);
 ``--print-config`` and ``--dry-run`` show the resolved config and the plan without
 starting anything; every launcher flag says what it does and its default; and under
 torchrun a failing worker's traceback reaches torchrun's own failure report."""
@@ -14,9 +14,11 @@ import pytest
 import yaml
 
 from conftest import REPO, run_module, run_python, write_config
-from dcgan import failure
-from dcgan.config import Config, describe_keys, field_comments, load_config
-from dcgan.models import build_models
+from dcgan.config.keys import describe_keys, field_comments
+from dcgan.config.loading import load_config
+from dcgan.config.sections import Config
+from dcgan.models.networks import build_models
+from dcgan.run import failure
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -50,7 +52,7 @@ def type_fits(type_text: str, value) -> bool:
 
 
 def test_every_config_field_has_a_meaning():
-    """A key added without a comment beside it fails here: document it in dcgan/config.py."""
+    """A key added without a comment beside it fails here: document it in dcgan/config/sections.py."""
     keys = describe_keys()
     assert [k.key for k in keys] and set(k.key for k in keys) == set(flatten(Config().to_dict()))
     assert [k.key for k in keys if not k.meaning] == []
@@ -60,7 +62,7 @@ def test_every_config_field_has_a_meaning():
         meanings["data.cache"].startswith("Hold the whole set decoded")
         and "off: read the shards" in meanings["data.cache"]
     )
-    assert meanings["model.nz"] == "latent size"  # ModelConfig, in dcgan/models.py
+    assert meanings["model.nz"] == "latent size"  # ModelConfig, in dcgan/models/networks.py
 
 
 @dataclass
@@ -240,8 +242,8 @@ def test_every_command_flag_says_what_it_does(command):
 
 def test_a_failing_worker_traceback_is_torchruns_root_cause(tmp_path, digit_shards):
     """Rank 1 raises in its third step (tests/faults.py); rank 0 stops because of it. The
-    workers catch the error to exit 1 (dcgan/exits.py), so torchrun learns the traceback
-    only from the error file dcgan.failure writes: its report must name rank 1 as the
+    workers catch the error to exit 1 (dcgan/base/exits.py), so torchrun learns the traceback
+    only from the error file dcgan.run.failure writes: its report must name rank 1 as the
     root cause, with the original traceback."""
     config = write_config(tmp_path / "fails.yaml", digit_shards, train={"steps": 1000})
     env = {"DCGAN_FAULT": "step:1:3", "PYTHONPATH": str(REPO)}

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_module, write_config
-from dcgan.config import ConfigError, load_config
+from dcgan.base.checks import ConfigError
+from dcgan.config.loading import load_config
 
 
 def test_overrides_are_typed(tmp_path):

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from conftest import run_module, write_config
-from dcgan import checkpoint
-from dcgan.cache import CachedLoader
-from dcgan.config import load_config
-from dcgan.distributed import DistInfo
-from dcgan.generator import load_generator
-from dcgan.shardset import resolve_shards
-from dcgan.train_step import TrainStep
-from dcgan.training import STAT_NAMES, build_training, memory_format
+from dcgan.checkpoint import files as checkpoint
+from dcgan.checkpoint.inference import load_generator
+from dcgan.config.loading import load_config
+from dcgan.data.cache import CachedLoader
+from dcgan.data.shardset import resolve_shards
+from dcgan.run.distributed import DistInfo
+from dcgan.training.setup import build_training, memory_format
+from dcgan.training.step import STAT_NAMES, TrainStep
 
 pytestmark = pytest.mark.cuda
 

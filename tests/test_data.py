@@ -11,8 +11,9 @@ import torch
 import webdataset as wds
 
 from conftest import epoch_labels, make_loader, make_shards
-from dcgan.config import AugmentConfig, ConfigError
-from dcgan.data import DataError
+from dcgan.base.checks import ConfigError
+from dcgan.config.sections import AugmentConfig
+from dcgan.data.stream import DataError
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def test_brace_patterns_and_pipe_urls(tmp_path, indexed_shards):
 
 
 def test_device_augmentation_is_seeded_by_the_batch_place(indexed_shards):
-    """Augmentation runs in the training process on whole batches (dcgan/augment.py);
+    """Augmentation runs in the training process on whole batches (dcgan/data/augment.py);
     a batch's flips and affines follow from (seed, epoch, rank, batch) alone, so a run
     resumed mid-epoch sees the very same augmented images."""
     pumpkins = {"hflip": True, "degrees": 5.0, "translate": (0.05, 0.025), "scale": (0.95, 1.05), "shear": 0.025}

@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 
 from conftest import make_shards, run_module, write_config
-from dcgan import checkpoint
-from dcgan.config import DataConfig
-from dcgan.data import read_images
+from dcgan.checkpoint import files, resume
+from dcgan.config.sections import DataConfig
+from dcgan.data.shardset import describe_change, first_image_size, resolve_shards, shard_digest, tar_header_names
+from dcgan.data.stream import read_images
 from dcgan.preflight import warn_if_resized
 from dcgan.shards import main as shards_main
-from dcgan.shardset import describe_change, first_image_size, resolve_shards, shard_digest, tar_header_names
 
 
 def identity(folder) -> dict:
@@ -49,7 +49,7 @@ def test_a_resume_on_the_same_images_rewritten_at_another_size_is_refused(tmp_pa
     config = write_config(tmp_path / "run.yaml", shards)
     assert run_module("dcgan.train", "--config", str(config)).returncode == 0
     run_dir = tmp_path / "runs" / "run"
-    saved = checkpoint.load(checkpoint.checkpoint_path(run_dir / "checkpoints", 6))["data"]
+    saved = files.load(files.checkpoint_path(run_dir / "checkpoints", 6))["data"]
     assert len(saved["content"]) == 4 and all(size > 0 for size, _ in saved["content"])
 
     # The same images, names and counts; each shard's bytes differ.
@@ -76,7 +76,7 @@ def test_a_resume_on_the_same_images_rewritten_at_another_size_is_refused(tmp_pa
     assert go_on.returncode == 0, go_on.stderr
     assert re.search(r"resumed from \S+ at step 6", go_on.stderr)
     assert re.search(r"the data changed \(shard-000000\.tar: content changed \(bytes", go_on.stderr)
-    assert checkpoint.load(checkpoint.checkpoint_path(run_dir / "checkpoints", 9))["data"]["content"] == now["content"]
+    assert files.load(files.checkpoint_path(run_dir / "checkpoints", 9))["data"]["content"] == now["content"]
 
 
 def test_a_checkpoint_from_before_content_identities_resumes_on_names_and_counts(tmp_path, digit_shards, caplog):
@@ -84,7 +84,7 @@ def test_a_checkpoint_from_before_content_identities_resumes_on_names_and_counts
     now = resolve_shards(DataConfig(shards=str(digit_shards)))
     old = {k: v for k, v in now.identity().items() if k in ("fingerprint", "samples", "shards", "counts")}
     with caplog.at_level(logging.INFO):
-        assert checkpoint.check_same_data(old, now, tmp_path / "step_00000006.pt", "refuse") is None
+        assert resume.check_same_data(old, now, tmp_path / "step_00000006.pt", "refuse") is None
     assert "compared by names and counts only" in caplog.text
     fewer = {**old, "shards": old["shards"][:-1], "counts": old["counts"][:-1], "fingerprint": "0" * 16}
     assert "added shard-000005.tar" in describe_change(fewer, now.identity())  # names and counts still count

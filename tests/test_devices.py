@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import run_module, write_config
-from dcgan.config import ConfigError, load_config
-from dcgan.distributed import DeviceError, cuda_index
+from dcgan.base.checks import ConfigError
+from dcgan.config.loading import load_config
 from dcgan.preflight import check_compile_layout
+from dcgan.run.distributed import DeviceError, cuda_index
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Every failure ends every process of a run within seconds, with one line that says what
-failed and where (dcgan/failure.py). Faults are injected into real runs, with two
+failed and where (dcgan/run/failure.py). Faults are injected into real runs, with two
 DataLoader workers per process, alone and under a 2-rank torchrun: undecodable data, an
 exception in a step, a full disk under a checkpoint write, a DataLoader worker killed as
 the OOM killer would, a rank stuck in a collective, and a rank killed outright. Each run

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import load_real_images
-from dcgan.features import InceptionFeatures, resize_bilinear_tf1
-from dcgan.scores import PixelStats, degenerate_reason, format_scores, quality_scores
+from dcgan.quality.features import InceptionFeatures, resize_bilinear_tf1
+from dcgan.quality.scores import PixelStats, degenerate_reason, format_scores, quality_scores
 
 
 def fid_helper_weights() -> Path:

@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 from conftest import REPO, run_module, write_config
-from dcgan.config import Config, ConfigError, load_config, save_config
+from dcgan.base.checks import ConfigError
+from dcgan.config.loading import load_config, save_config
+from dcgan.config.sections import Config
 from launch.options import SlurmOptions, add_arguments, from_arguments, time_minutes
 from launch.status import sweep_status
 from launch.sweep import cli, load_sweep, write_summary
@@ -151,7 +153,7 @@ def files_under(folder) -> dict[str, bytes]:
 @pytest.mark.parametrize("launcher", ["launch.submit", "launch.sweep"])
 def test_a_refused_submission_is_one_line_exit_1_and_leaves_no_files(tmp_path, digit_shards, launcher):
     """sbatch that cannot reach a controller: one line with its error (no submitit
-    traceback), exit 1 (dcgan/exits.py: failed; not 2, the input was fine), and none of the
+    traceback), exit 1 (dcgan/base/exits.py: failed; not 2, the input was fine), and none of the
     files the attempt wrote (job pickles, sbatch script) nor the folders it made; an earlier
     submission's files (task logs, results, sweep.json) stay as they were."""
     env = refusing_sbatch(tmp_path)
@@ -251,7 +253,7 @@ def test_run_names_stay_when_the_code_adds_a_setting_or_changes_a_default(tmp_pa
     assert [r.name for r in load_sweep(path).runs] == names
     this_code = Config.to_dict
 
-    def later_code(cfg):  # a later version of dcgan.config: one setting more, another default
+    def later_code(cfg):  # a later version of dcgan.config.sections: one setting more, another default
         settings = this_code(cfg)
         settings["train"]["a_new_setting"] = True
         settings["optim"]["label_smoothing"] = 0.05  # the base does not set it

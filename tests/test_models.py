@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dcgan.config import load_config
-from dcgan.models import build_models, ema_copy, ema_decay, update_ema
+from dcgan.config.loading import load_config
+from dcgan.models.networks import build_models, ema_copy, ema_decay, update_ema
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

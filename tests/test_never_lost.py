@@ -17,9 +17,10 @@ import yaml
 from test_failures import assert_nothing_left
 
 from conftest import REPO, run_module, run_python, start_python, write_config
-from dcgan import checkpoint, training
-from dcgan.distributed import DistInfo
-from dcgan.divergence import FP16_SKIPS_IN_A_ROW, DivergenceGuard
+from dcgan.checkpoint import files as checkpoint
+from dcgan.run.distributed import DistInfo
+from dcgan.training import step as train_step
+from dcgan.training.divergence import FP16_SKIPS_IN_A_ROW, DivergenceGuard
 
 FAULTS = ("tests/faults.py", "--config")
 
@@ -92,7 +93,7 @@ def test_a_nan_loss_on_two_ranks_stops_both_at_the_log_step(tmp_path, digit_shar
 
 
 def test_skipped_fp16_steps_are_not_divergence_and_patience_counts_intervals():
-    names = training.STAT_NAMES
+    names = train_step.STAT_NAMES
     #        loss_d_real, loss_d_fake, loss_g, d_real, d_fake, d_fake_after, grad_norm_d, grad_norm_g, skipped_d, skipped_g
     stats = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, float("inf"), 1.0, 1.0, 0.0])  # one of 2 steps skipped by D
     nets = [torch.nn.Linear(2, 2)]
@@ -107,7 +108,7 @@ def test_skipped_fp16_steps_are_not_divergence_and_patience_counts_intervals():
 
 
 def test_fp16_skipping_every_step_stops_only_once_the_scaler_had_its_chance():
-    names, nets, one = training.STAT_NAMES, [torch.nn.Linear(2, 2)], DistInfo(0, 0, 1, torch.device("cpu"))
+    names, nets, one = train_step.STAT_NAMES, [torch.nn.Linear(2, 2)], DistInfo(0, 0, 1, torch.device("cpu"))
     all_skipped = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, float("inf"), 1.0, 4.0, 0.0])  # 4 of 4 steps skipped
     guard = DivergenceGuard(names, patience=1, fp16=True)
     for first in range(1, FP16_SKIPS_IN_A_ROW - 3, 4):  # a scaler finding its scale at the start: not divergence

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from conftest import REPO, run_module, run_python, write_config
-from dcgan.config import load_config
-from dcgan.data import Loader, ShardStream
-from dcgan.distributed import DistInfo
-from dcgan.models import build_models
-from dcgan.shardset import resolve_shards
-from dcgan.training import build_training, gan_step, memory_format
+from dcgan.config.loading import load_config
+from dcgan.data.shardset import resolve_shards
+from dcgan.data.stream import Loader, ShardStream
+from dcgan.models.networks import build_models
+from dcgan.run.distributed import DistInfo
+from dcgan.training.setup import build_training, memory_format
+from dcgan.training.step import gan_step
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 

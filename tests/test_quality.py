@@ -13,9 +13,16 @@ import torch
 from PIL import Image
 
 from conftest import load_real_images, make_shards, run_module, run_python, write_config
-from dcgan import checkpoint
-from dcgan.features import Classifier, FeaturesError, HeldOut, InceptionFeatures, load_classifier, save_classifier
-from dcgan.scores import quality_scores
+from dcgan.checkpoint import files as checkpoint
+from dcgan.quality.features import (
+    Classifier,
+    FeaturesError,
+    HeldOut,
+    InceptionFeatures,
+    load_classifier,
+    save_classifier,
+)
+from dcgan.quality.scores import quality_scores
 from wandb_files import read_run
 
 N_TRAIN = 6000  # labelled images the feature classifier is trained on (the other 4000 are held out)

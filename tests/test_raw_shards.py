@@ -16,13 +16,14 @@ import webdataset as wds
 from PIL import Image
 
 from conftest import epoch_labels, make_loader, make_shards
-from dcgan.cache import CachedLoader
-from dcgan.config import AugmentConfig, ConfigError, DataConfig
-from dcgan.data import read_images
-from dcgan.distributed import DistInfo
-from dcgan.shards import count_shard
+from dcgan.base.checks import ConfigError
+from dcgan.config.sections import AugmentConfig, DataConfig
+from dcgan.data.cache import CachedLoader
+from dcgan.data.shardset import ERROR, first_image_size, resolve_shards, tar_samples
+from dcgan.data.stream import read_images
+from dcgan.data.writing import count_shard
+from dcgan.run.distributed import DistInfo
 from dcgan.shards import main as shards_main
-from dcgan.shardset import ERROR, first_image_size, resolve_shards, tar_samples
 
 ONE_PROCESS = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 RAW = ("--format", "raw", "--per-member", "20", "--per-shard", "40")  # 96 images: 40, 40, 16 in members of 20

@@ -21,12 +21,14 @@ import pytest
 import torch
 
 from conftest import run_module, start_python, write_config
-from dcgan import checkpoint
-from dcgan.config import load_config
-from dcgan.distributed import DistInfo
-from dcgan.exits import EXIT_PREEMPTED
-from dcgan.models import build_models
-from dcgan.training import TrainState, build_training, gan_step
+from dcgan.base.exits import EXIT_PREEMPTED
+from dcgan.checkpoint import files as checkpoint
+from dcgan.checkpoint.state import TrainState
+from dcgan.config.loading import load_config
+from dcgan.models.networks import build_models
+from dcgan.run.distributed import DistInfo
+from dcgan.training.setup import build_training
+from dcgan.training.step import gan_step
 from wandb_files import read_run
 
 STEPS, EVERY = 120, 40  # epochs of 32 steps (1 rank) or 16 (2 ranks): stops land mid-epoch

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_module, write_config
-from dcgan import checkpoint
+from dcgan.checkpoint import files as checkpoint
 from launch.options import SlurmOptions
 from launch.submit import submit_run
 

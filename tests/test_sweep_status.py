@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO, load_real_images, start_python, write_config
-from dcgan.exits import EXIT_PREEMPTED
-from dcgan.features import Classifier, HeldOut, save_classifier
-from dcgan.runlock import RunLock
+from dcgan.base.exits import EXIT_PREEMPTED
+from dcgan.quality.features import Classifier, HeldOut, save_classifier
+from dcgan.run.lock import RunLock
 from launch.status import decide_state, sweep_status
 from launch.sweep import cli, load_sweep, placed_runs, read_sweep_file, write_summary
 

@@ -1,4 +1,4 @@
-"""A run folder's history (dcgan/timelines.py): the settings that act once (the same
+"""A run folder's history (dcgan/run/timelines.py): the settings that act once (the same
 command after a stop carries on, whatever train.resume and train.overwrite it gives) and
 lineage (a branch moves aside what is not on the resumed lineage, whatever its steps).
 Real trainer processes; a stop is a real SIGINT."""
@@ -10,9 +10,10 @@ import pytest
 from test_never_lost import wait_for
 
 from conftest import run_module, write_config
-from dcgan import checkpoint, timelines
-from dcgan.config import Config, TrainConfig
+from dcgan.checkpoint import files as checkpoint
+from dcgan.config.sections import Config, TrainConfig
 from dcgan.preflight import settle_start
+from dcgan.run import timelines
 
 
 def train(config, *overrides: str):

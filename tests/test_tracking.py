@@ -22,12 +22,16 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, run_module, start_python, write_config
-from dcgan import checkpoint, provenance
-from dcgan.config import ConfigError, WandbConfig, load_config
-from dcgan.images import enlarged, to_uint8_grid
-from dcgan.progress import progress
-from dcgan.tracking import Tracker
-from dcgan.wandb_run import check_environment, find_login, resolve_identity, resolve_mode, tidy_environment
+from dcgan.base.checks import ConfigError
+from dcgan.base.images import enlarged, to_uint8_grid
+from dcgan.base.progress import progress
+from dcgan.checkpoint import files as checkpoint
+from dcgan.config.loading import load_config
+from dcgan.config.sections import WandbConfig
+from dcgan.tracking import provenance
+from dcgan.tracking.tracker import Tracker
+from dcgan.tracking.wandb_run import check_environment, find_login, resolve_identity, resolve_mode, tidy_environment
+from dcgan.training.step import STAT_NAMES
 from wandb_files import read_run
 
 # 16 grid images, 8 per row, of 28 px with 2 px padding: 242 x 62, enlarged 3x to be >= 512 px across
@@ -488,7 +492,7 @@ def test_bad_wandb_settings_name_the_key(override, key):
 
 def test_tracker_records_nonfinite_as_null_and_keeps_the_best(tmp_path):
     cfg = load_config(None, [f"train.out_dir={tmp_path}", "train.name=t", "wandb.mode=disabled"])
-    tracker = Tracker(cfg, enabled=True)
+    tracker = Tracker(cfg, enabled=True, stat_names=STAT_NAMES)
     tracker.start(0, 30, None, cfg.to_dict())
     for step, fid, loss in ((10, 50.0, 1.0), (20, 30.0, math.nan), (30, 40.0, math.inf)):
         tracker.metrics(step, {"fid": fid, "loss_g": loss}, f"step {step}")
@@ -499,7 +503,7 @@ def test_tracker_records_nonfinite_as_null_and_keeps_the_best(tmp_path):
     assert summary["best"] == {"fid": {"value": 30.0, "step": 20}}
     assert summary["final"] == {"step": 30, "fid": 40.0, "loss_g": None}
 
-    again = Tracker(cfg, enabled=True)  # resumed from step 20: step 30 is trained again
+    again = Tracker(cfg, enabled=True, stat_names=STAT_NAMES)  # resumed from step 20: step 30 is trained again
     again.start(20, 30, None, cfg.to_dict())
     assert [json.loads(line)["step"] for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()] == [
         10,

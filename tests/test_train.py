@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from conftest import run_module, run_python, write_config
-from dcgan import checkpoint
-from dcgan.config import load_config
-from dcgan.models import build_models
+from dcgan.checkpoint import files as checkpoint
+from dcgan.config.loading import load_config
+from dcgan.models.networks import build_models
 
 
 def read_metrics(run_dir):

@@ -1,0 +1,145 @@
+"""A trained generator from Python: ``from dcgan import load_generator``.
+
+    from dcgan import load_generator
+    G = load_generator("runs/fashion-mnist")        # best.pt if the run has one, else its newest checkpoint
+    images = G.sample(16, seed=0)                    # uint8 (16, C, H, W), the same for the same seed
+    G.config.model, G.step                           # how it was trained, and when it was saved
+
+The checkpoint is read with ``torch.load(weights_only=True)`` onto the CPU, whatever
+device wrote it; ``device`` moves the generator afterwards. ``dcgan.generate`` loads
+through here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dcgan.base.checks import ConfigError
+from dcgan.base.images import to_uint8
+from dcgan.checkpoint import files
+from dcgan.config.loading import build_section
+from dcgan.config.sections import Config
+from dcgan.models.networks import ModelConfig, sample_latent
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = ("ema", "raw")
+
+
+class Generator(nn.Sequential):
+    """A trained generator: the run's layer list (``G(z)`` maps latents (B, nz, 1, 1) to
+    images in [-1, 1], and ``G.state_dict()`` has the checkpoint's keys), in eval mode,
+    with where it came from.
+
+    Attributes: ``config`` (the run's ``Config``; a ``ModelConfig`` alone when the
+    checkpoint's config no longer builds with this code), ``model_config`` (its
+    ``ModelConfig`` either way), ``step`` (the step it was saved at), ``path`` (the
+    checkpoint file), ``weights`` ("ema" or "raw": what was loaded, after any fallback),
+    ``last_seed`` (the seed of the latest ``sample()``)."""
+
+    def __init__(self, net: nn.Sequential, config: Config | ModelConfig, step: int, path: Path, weights: str):
+        super().__init__(*net)  # the same layers under the same names: "0.weight", ...
+        self.config, self.step, self.path, self.weights = config, step, path, weights
+        self.last_seed: int | None = None
+
+    def __getitem__(self, idx):  # a slice is a plain nn.Sequential of those layers
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config if isinstance(self.config, ModelConfig) else self.config.model
+
+    @property
+    def nz(self) -> int:
+        return self.model_config.nz
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def latents(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """``n`` latents (n, nz, 1, 1) on the CPU from a local ``torch.Generator`` seeded with
+        ``seed`` (None: a fresh seed from the OS, kept in ``last_seed``); the global RNG is
+        never drawn from. The same seed gives the same latents as ``dcgan.generate --seed``."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1  # never touches torch's global generator
+        self.last_seed = seed
+        return sample_latent(n, self.nz, generator=torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, seed: int | None = None, device: torch.device | str | None = None, batch_size: int = 256
+    ) -> torch.Tensor:
+        """``n`` images as uint8 (n, C, H, W) in [0, 255], quantised as a saved PNG would be.
+
+        ``seed``: the same seed gives the same images (latents from a local generator, see
+        ``latents``); None draws a fresh one (``last_seed`` says which). ``device``: where to
+        run (the generator moves there, in place); None: where it is. The images are
+        returned on that device. Runs in eval mode, ``batch_size`` latents at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        z = self.latents(n, seed)
+        if device is not None:
+            self.to(device)
+        self.eval()
+        where = self.device
+        return torch.cat([to_uint8(self(z[i : i + batch_size].to(where))) for i in range(0, n, batch_size)])
+
+
+def load_generator(
+    path: str | os.PathLike, weights: str = "ema", device: torch.device | str = "cpu", best: bool = True
+) -> Generator:
+    """A trained generator from a checkpoint file or a run folder, in eval mode.
+
+    ``path``: a ``step_*.pt`` or ``best.pt`` (checked against its size/SHA-256 record when
+    it has one), or a run folder: its ``checkpoints/best.pt`` (the best FID) when there is
+    one and ``best`` is true, else its newest valid checkpoint (``files.resolve``).
+    ``weights``: "ema" (default), the moving average of G that sample grids and evaluation
+    use; when the run kept none (``model.ema_decay=0``) G is loaded instead, with a warning,
+    and ``G.weights`` says "raw". "raw": G itself. Loaded with ``weights_only=True`` onto
+    the CPU, whatever device wrote it, then moved to ``device`` (default "cpu").
+
+    Raises ``files.CheckpointError`` (a ValueError) naming the path when there is no
+    usable checkpoint there; ValueError for an unknown ``weights``."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    file = files.resolve(Path(path), prefer_best=best)
+    sd = load_trained_state(file)
+    config = _config_of(sd["config"], file)
+    model = config if isinstance(config, ModelConfig) else config.model
+    used = "ema" if weights == "ema" and sd.get("generator_ema") is not None else "raw"
+    net = files.load_generator(sd, model, weights, file)
+    generator = Generator(net, config, int(sd.get("step", 0)), file, used)
+    return generator.to(device).eval()
+
+
+def load_trained_state(file: Path) -> dict:
+    """The state dict a dcgan.train checkpoint holds, on the CPU; CheckpointError naming
+    ``file`` when it holds anything else (a torch file of other tensors, say)."""
+    sd = files.load(file, map_location="cpu")
+    if not isinstance(sd, dict) or "generator" not in sd or "config" not in sd:
+        raise files.CheckpointError(f"{file}: not a dcgan.train checkpoint (no generator state)")
+    return sd
+
+
+def _config_of(saved: dict, path: Path) -> Config | ModelConfig:
+    """The run's Config as the checkpoint saved it; its ModelConfig alone when other
+    sections no longer build with this code (a checkpoint from another version)."""
+    try:
+        return build_section(Config, saved, str(path))
+    except ConfigError as e:
+        log.warning("%s: its run config does not build here (%s); keeping its model section only", path, e)
+    try:
+        return build_section(ModelConfig, saved.get("model"), str(path), "model.")
+    except ConfigError as e:
+        raise files.CheckpointError(str(e)) from None

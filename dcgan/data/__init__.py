@@ -1,0 +1,1 @@
+"""Images in: shard sets and their identity, the streaming reader, the device-resident cache, augmentation, and writing shards."""

@@ -1,0 +1,1 @@
+"""The reference nets and their ``ModelConfig``; they know nothing of a run."""

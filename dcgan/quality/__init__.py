@@ -1,0 +1,1 @@
+"""Sample quality: feature extractors, the scores (FID, KID, precision/recall) and the evaluator."""

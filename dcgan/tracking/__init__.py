@@ -1,0 +1,1 @@
+"""Where progress goes: metrics.jsonl, sample grids, plots, provenance and W&B."""
