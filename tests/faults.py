@@ -27,6 +27,7 @@ import torch
 
 from dcgan import train
 from dcgan.checkpoint import files as checkpoint
+from dcgan.checkpoint import resume
 from dcgan.tracking import tracker as tracking
 from dcgan.training import step as train_step
 
@@ -106,7 +107,7 @@ def inject(fault: str, rank: int) -> None:
 
         train_step.gan_step = overflowing_step
     elif kind in ("slow-checkpoint", "slow-start"):
-        module, name = (checkpoint, "_save_hashed") if kind == "slow-checkpoint" else (checkpoint, "choose")
+        module, name = (checkpoint, "_save_hashed") if kind == "slow-checkpoint" else (resume, "choose")
         real = getattr(module, name)
 
         def slow(*a, **kw):

@@ -223,8 +223,9 @@ def verify(path: Path) -> str | None:
 
 
 def nonfinite_tensors(state_dict: dict[str, Any], limit: int = 3) -> list[str]:
-    """Names of up to ``limit`` floating-point tensors in ``state_dict`` (nets, EMA,
-    optimiser states) holding a NaN or an infinity; one host sync per device."""
+    """Names of up to ``limit`` floating-point tensors anywhere in ``state_dict`` (nets,
+    EMA, optimiser states: whatever parts ``TrainState`` declares) holding a NaN or an
+    infinity; one host sync per device."""
     flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
 
     def walk(obj: Any, name: str) -> None:
@@ -233,10 +234,12 @@ def nonfinite_tensors(state_dict: dict[str, Any], limit: int = 3) -> list[str]:
                 flags.setdefault(obj.device, []).append((name, torch.isfinite(obj).all()))
         elif isinstance(obj, dict):
             for key, value in obj.items():
-                walk(value, f"{name}.{key}")
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, f"{name}.{i}")
 
-    for part in ("generator", "discriminator", "generator_ema", "opt_g", "opt_d"):
-        walk(state_dict.get(part), part)
+    walk(state_dict, "")
     bad = []
     for found in flags.values():
         finite = torch.stack([flag for _, flag in found]).tolist()
