@@ -147,9 +147,11 @@ def train_features_main(argv: list[str]) -> int:
         print("dcgan.eval train-features: --image-size: the shards' size is not known; give it", file=sys.stderr)
         return EXIT_CONFIG
     out = Path(args.out) if args.out else Path(args.shards) / DEFAULT_FEATURES_NAME
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    try:
+        device = distributed.choose_device(args.device, asked="--device cuda")
+    except ConfigError as e:  # no CUDA device here
+        print(f"dcgan.eval train-features: {e}", file=sys.stderr)
+        return EXIT_CONFIG
 
     images, labels = read_images(shard_set, None, channels, image_size)
     labelled = labels >= 0

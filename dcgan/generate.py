@@ -35,6 +35,7 @@ from dcgan.base.progress import progress
 from dcgan.checkpoint import files as checkpoint
 from dcgan.checkpoint.inference import load_generator
 from dcgan.models.networks import sample_latent
+from dcgan.run import distributed
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.interpolate == 1 or args.interpolate < 0:
         parser.error("--interpolate needs at least 2 steps")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no CUDA device here")
-    device = torch.device(args.device)
+    try:
+        device = distributed.choose_device(args.device, asked="--device cuda")
+    except distributed.DeviceError as e:
+        parser.error(str(e))
     try:
         generator = load_generator(args.checkpoint, "raw" if args.weights == "g" else "ema", device)
     except (checkpoint.CheckpointError, ConfigError) as e:

@@ -36,15 +36,13 @@ from torch.utils.data import DataLoader, Dataset
 from dcgan.base.checks import ConfigError
 from dcgan.base.progress import progress
 from dcgan.config.sections import DataConfig
-from dcgan.data.shardset import ShardSet, shard_name, tar_samples
+from dcgan.data.reading import Corrupt, ReadCounts, decode_or_corrupt, read_shard
+from dcgan.data.shardset import ShardSet, shard_name
 from dcgan.data.stream import (
     MAX_LOGGED_CORRUPT,
     DataError,
     DeviceBatches,
-    decode_sample,
     derive_seed,
-    plain_error,
-    sample_label,
     shut_down_workers,
     stack_images,
     steps_per_epoch,
@@ -322,33 +320,27 @@ class PieceReader(Dataset):
     def __getitem__(self, i: int) -> Decoded:
         shard, start, stop = self.pieces[i]
         url, planned = self.shards.urls[shard], self.shards.counts[shard]
-        images, labels, corrupt, unreadable, position = [], [], [], None, 0
-        samples = tar_samples(url)
-        try:
-            for position, sample in enumerate(samples, 1):
-                if position > stop:  # past the plan: only the last piece gets here, to count the rest
-                    position += sum(1 for _ in samples)
-                    break
-                if position <= start:
-                    continue
-                try:
-                    images.append(decode_sample(sample, self.channels, self.image_size))
-                    labels.append(sample_label(sample))
-                except Exception as e:  # any decoder failure means: this sample is corrupt
-                    corrupt.append(f"sample {sample['__key__']} in {url}: {type(e).__name__}: {plain_error(e)}")
-                if position == stop and stop < planned:
-                    break
-        except Exception as e:  # missing, truncated or not a tar
-            unreadable = f"{url} (after {position} samples): {type(e).__name__}: {e}"
-        finally:
-            samples.close()
+        images, labels, corrupt, read = [], [], [], ReadCounts(0)
+        # Only the last piece of a shard reads past the plan, to count the rest.
+        for sample in read_shard(url, start, stop, look_past=None if stop == planned else 0):
+            if isinstance(sample, ReadCounts):
+                read = sample
+                continue
+            decoded = decode_or_corrupt(sample, self.channels, self.image_size)
+            if isinstance(decoded, Corrupt):
+                corrupt.append(decoded.line)
+            else:
+                images.append(decoded[0])
+                labels.append(decoded[1])
+        error = read.error
+        unreadable = None if error is None else f"{url} (after {read.read} samples): {type(error).__name__}: {error}"
         ended = unreadable is None and stop == planned
         return Decoded(
             stack_images(images, self.channels, self.image_size),
             torch.tensor(labels, dtype=torch.int64),
             corrupt,
             unreadable,
-            position if ended and position != planned else None,
+            read.read if ended and read.read != planned else None,
         )
 
 

@@ -32,36 +32,32 @@ Starting an epoch at batch k (resume) gives worker w the slot ``(k + w) % W`` an
 skips what that slot already delivered, so the rest of the epoch is the same batches,
 in the same order, as an uninterrupted run with the same world size and worker count.
 
-Decoding never unpickles: images through PIL and ``.npy`` with ``allow_pickle=False``;
-other members (``.pth``, ``.pickle``, ``.json``) are never decoded.
+Shards are read and samples decoded as dcgan/data/reading.py does for every reader;
+decoding never unpickles.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import re
 from typing import Callable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dcgan.base.checks import ConfigError
 from dcgan.config.sections import AugmentConfig, DataConfig
 from dcgan.data.augment import augment
-from dcgan.data.shardset import (
-    ERROR,
-    PIXELS,
-    ShardSet,
-    convert_image,
-    image_member,
-    open_image,
-    shard_name,
-    tar_samples,
+from dcgan.data.reading import (
+    Corrupt,
+    ReadCounts,
+    decode_or_corrupt,
+    decode_sample,  # noqa: F401 (imported from here too)
+    read_shard,
 )
+from dcgan.data.shardset import ShardSet, shard_name
 from dcgan.run.preemption import NO_STOP_SIGNALS, WorkerSignals
 
 log = logging.getLogger(__name__)
@@ -112,43 +108,11 @@ def slot_span(rank: int, slot: int, steps: int, workers: int, batch_size: int) -
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_sample(sample: dict, channels: int, image_size: int) -> np.ndarray:
-    """uint8 (S, S, C) pixels from a webdataset sample dict; raises on anything unreadable.
-    Kept in numpy and channels-last until a batch is stacked (``stack_images``): per image,
-    a torch op costs more than copying raw pixels."""
-    if ERROR in sample:  # one image of a raw member that does not load; the message names it and its shard
-        raise ValueError(sample[ERROR])
-    member = image_member(sample)
-    if member is None:
-        raise ValueError(f"no image member (has {sorted(k for k in sample if not k.startswith('__'))})")
-    pixels = sample[member] if member == PIXELS else None
-    if pixels is None or pixels.shape[-1] != channels:  # raw pixels of the model's channels skip PIL
-        with open_image(sample[member], member) as image:
-            pixels = np.array(convert_image(image, channels))
-    pixels = pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
-    if pixels.shape[:2] != (image_size, image_size):
-        chw = torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # raw pixels are a read-only view
-        pixels = TF.center_crop(TF.resize(chw, image_size, antialias=True), image_size).permute(1, 2, 0).numpy()
-    return pixels
-
-
 def stack_images(images: list[np.ndarray], channels: int, image_size: int) -> torch.Tensor:
     """(S, S, C) pixels -> one uint8 (N, C, S, S) tensor, stored channels-last (no transpose)."""
     if not images:
         return torch.empty((0, channels, image_size, image_size), dtype=torch.uint8)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-
-
-def plain_error(error: Exception) -> str:
-    """An error's message without the in-memory file PIL names ("<_io.BytesIO object at 0x...>")."""
-    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
-
-
-def sample_label(sample: dict) -> int:
-    try:
-        return int(sample["cls"])
-    except (KeyError, ValueError):
-        return -1
 
 
 # --------------------------------------------------------------------------- one rank's stream
@@ -217,8 +181,8 @@ class ShardStream(IterableDataset):
         B = self.batch_size
         slot_start, slot_positions = slot_span(self.rank, slot, self.steps, workers, B)
         order, offset = epoch_layout(self.shards.counts, self.seed, self.epoch)
-        self._unreadable, self._miscounted = 0, []  # found by _positions, handed on with the next batch
-        raw = self._read_from((offset + slot_start) % self.shards.total, order)
+        ended: list[tuple[int, ReadCounts]] = []  # shards read to their end (or error) since the last batch
+        raw = self._read_from((offset + slot_start) % self.shards.total, order, ended)
         own = wds.filters.shuffle(
             self.cfg.shuffle_buffer, self.cfg.shuffle_buffer, seed=derive_seed(self.seed, self.epoch, self.rank, slot)
         )(itertools.islice(raw, slot_positions))
@@ -233,35 +197,37 @@ class ShardStream(IterableDataset):
                     empty += 1
                     error = "the planned positions are empty (the shards hold fewer samples than planned)"
                 else:
-                    try:
-                        images.append(decode_sample(sample, self.channels, self.image_size))
-                        labels.append(sample_label(sample))
+                    decoded = decode_or_corrupt(sample, self.channels, self.image_size)
+                    if not isinstance(decoded, Corrupt):
+                        images.append(decoded[0])
+                        labels.append(decoded[1])
                         consecutive_bad = 0
                         continue
-                    except Exception as e:  # any decoder failure means: this sample is corrupt
-                        corrupt += 1
-                        error = (
-                            f"sample {sample['__key__']} in {sample['__url__']}: {type(e).__name__}: {plain_error(e)}"
-                        )
-                        logged += 1
-                        if logged <= self.corrupt_to_log:
-                            more = " (further ones are only counted)" if logged == self.corrupt_to_log else ""
-                            log.warning("skipping corrupt %s%s", error, more)
+                    corrupt += 1
+                    error = decoded.line
+                    logged += 1
+                    if logged <= self.corrupt_to_log:
+                        more = " (further ones are only counted)" if logged == self.corrupt_to_log else ""
+                        log.warning("skipping corrupt %s%s", error, more)
                 consecutive_bad += 1
                 if consecutive_bad > max(1000, self.shards.total):
                     raise DataError(f"no sample decodes: {consecutive_bad} in a row failed; the last, {error}")
             if j < first:
                 continue  # delivered before the resume point: only its effect on the stream matters
+            unreadable = sum(counts.error is not None for _, counts in ended)
             yield Batch(
-                stack_images(images, self.channels, self.image_size), torch.tensor(labels), slot + j * workers, corrupt, empty, self._unreadable,
-                tuple(self._miscounted),
+                stack_images(images, self.channels, self.image_size), torch.tensor(labels), slot + j * workers, corrupt, empty, unreadable,
+                self._new_miscounts(ended),
             )  # fmt: skip
-            corrupt = empty = self._unreadable = 0
-            self._miscounted = []
+            corrupt = empty = 0
+            ended.clear()
 
-    def _read_from(self, position: int, order: np.ndarray) -> Iterator[dict | _Empty]:
+    def _read_from(
+        self, position: int, order: np.ndarray, ended: list[tuple[int, ReadCounts]]
+    ) -> Iterator[dict | _Empty]:
         """The planned positions from ``position`` of the epoch's shard sequence on, cyclically,
-        forever: each a sample, or EMPTY where a shard holds fewer samples than planned."""
+        forever: each a sample, or EMPTY where a shard holds fewer samples than planned.
+        Each shard's read, once over, is appended to ``ended``."""
         counts = np.asarray(self.shards.counts)[order]
         k = int(np.searchsorted(np.cumsum(counts), position, side="right"))
         skip = position - int(counts[:k].sum())
@@ -269,7 +235,7 @@ class ShardStream(IterableDataset):
         while True:
             read_any = False
             for i in range(len(order)):
-                for item in self._positions(int(order[(k + i) % len(order)]), skip):
+                for item in self._positions(int(order[(k + i) % len(order)]), skip, ended):
                     read_any = read_any or item is not EMPTY
                     yield item
                 skip = 0
@@ -280,38 +246,38 @@ class ShardStream(IterableDataset):
                     f"(the first: {self.shards.urls[0]})"
                 )
 
-    def _positions(self, shard: int, skip: int) -> Iterator[dict | _Empty]:
+    def _positions(self, shard: int, skip: int, ended: list[tuple[int, ReadCounts]]) -> Iterator[dict | _Empty]:
         """Positions ``skip`` .. planned - 1 of one shard: its samples, cut at the planned
         count, then EMPTY for what it lacks. Before handing on its last planned sample, a
-        reader looks for one more, so whoever reads a shard to its planned end learns the
-        true count; a difference is recorded once per shard."""
+        reader looks for one more (``read_shard``), so whoever reads a shard to its planned
+        end learns the true count, which is appended to ``ended`` with the shard."""
         url, planned = self.shards.urls[shard], self.shards.counts[shard]
         if planned == 0:
             return  # nothing planned (the index found the shard empty or unreadable): not opened
-        found, last, broken = 0, None, False
-        samples = tar_samples(url)
-        try:
-            for sample in samples:
-                found += 1
-                if found > planned:  # more than planned: count the rest, once
-                    found += 0 if shard in self.reported else sum(1 for _ in samples)
-                    break
-                if found == planned and found > skip:
-                    last = sample  # handed on once the shard's end is known
-                elif found > skip:
-                    yield sample
-        except Exception as e:  # missing, truncated or not a tar: skip the rest of it
-            broken = True
-            self._unreadable += 1
-            log.warning("skipping the rest of unreadable shard %s (after %d samples): %s", url, found, e)
-        finally:
-            samples.close()
-        if not broken and found != planned and shard not in self.reported:
-            self.reported.add(shard)
-            self._miscounted.append((shard, planned, found))
-        if last is not None:
-            yield last
-        yield from itertools.repeat(EMPTY, planned - max(skip, found) if found < planned else 0)
+        # More than planned: the rest is counted once (a shard already reported is only looked past).
+        read = ReadCounts(0)
+        for item in read_shard(url, skip, planned, look_past=1 if shard in self.reported else None):
+            if isinstance(item, ReadCounts):
+                read = item
+                if read.error is not None:
+                    log.warning(
+                        "skipping the rest of unreadable shard %s (after %d samples): %s", url, read.read, read.error
+                    )
+                ended.append((shard, read))
+            else:
+                yield item
+        yield from itertools.repeat(EMPTY, planned - max(skip, read.read) if read.read < planned else 0)
+
+    def _new_miscounts(self, ended: list[tuple[int, ReadCounts]]) -> tuple[tuple[int, int, int], ...]:
+        """(shard, planned, found) of each shard in ``ended`` read whole to another count than
+        planned, and not reported before (it is now)."""
+        found = []
+        for shard, read in ended:
+            planned = self.shards.counts[shard]
+            if read.error is None and read.read != planned and shard not in self.reported:
+                self.reported.add(shard)
+                found.append((shard, planned, read.read))
+        return tuple(found)
 
 
 # --------------------------------------------------------------------------- the loader
@@ -459,21 +425,22 @@ def read_images(
     total = shards.total if limit is None else min(limit, shards.total)
     bar = progress(range(total), total, desc=f"reading {total} real images", unit="img", log=log)
     for url in shards.urls:
-        try:
-            for sample in tar_samples(url):
-                try:
-                    images.append(decode_sample(sample, channels, image_size))
-                    labels.append(sample_label(sample))
-                except Exception as e:  # any decoder failure means: this sample is corrupt
-                    bad_samples += 1
-                    log.warning("skipping corrupt sample %s in %s: %s", sample.get("__key__"), url, e)
-                    continue
-                next(bar, None)
-                if len(images) == total:
-                    break
-        except Exception as e:  # missing, truncated or not a tar
-            bad_shards += 1
-            log.warning("skipping unreadable shard %s: %s", url, e)
+        for sample in read_shard(url):
+            if isinstance(sample, ReadCounts):
+                if sample.error is not None:  # missing, truncated or not a tar
+                    bad_shards += 1
+                    log.warning("skipping unreadable shard %s: %s", url, sample.error)
+                continue
+            decoded = decode_or_corrupt(sample, channels, image_size)
+            if isinstance(decoded, Corrupt):
+                bad_samples += 1
+                log.warning("skipping corrupt sample %s in %s: %s", sample["__key__"], url, decoded.error)
+                continue
+            images.append(decoded[0])
+            labels.append(decoded[1])
+            next(bar, None)
+            if len(images) == total:
+                break
         if len(images) == total:
             break
     for _ in bar:  # finish the progress line (fewer decodable samples than planned)

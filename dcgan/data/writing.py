@@ -57,7 +57,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import webdataset as wds
@@ -330,10 +330,6 @@ def write_shards(
         order = np.random.default_rng(seed).permutation(len(source.items))
     items = [source.items[i] for i in order]
 
-    counts: dict[str, int] = {}
-    skipped: list[dict[str, str]] = []
-    written = 0
-    sizes: Counter = Counter()  # (height, width) -> images
     jobs = ((it, opts) for it in items)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     encoded = pool.imap(_encode_star, jobs, chunksize=64) if pool else map(_encode_star, jobs)
@@ -341,49 +337,10 @@ def write_shards(
     # ShardWriter counts tar samples: with raw members, per_shard // member_size of them (a
     # member never straddles two shards); at most --per-shard images per member, too.
     member_size = min(per_member, per_shard) if raw else 1
-    labelled = any(it.label >= 0 for it in items)
-    pending: list[tuple[np.ndarray, int]] = []  # raw: the images (and labels) of the member being filled
-    first = 0  # raw: the write index of its first image, which keys the member
     try:
-        # A fixed integer mtime: webdataset stamps each member with time.time(), a float,
-        # which makes tarfile add a PAX header block to every member; parsing those was
-        # half the cost of reading a sample (bench/data.py). Same input, same bytes, too.
-        with wds.ShardWriter(
-            str(out_dir / SHARD_PATTERN),
-            maxcount=per_shard // member_size,
-            maxsize=max_shard_bytes,
-            verbose=0,
-            mtime=0,
-        ) as sink:
-
-            def put(sample: dict[str, Any], images: int) -> None:
-                sink.write(sample)
-                name = os.path.basename(sink.fname)
-                counts[name] = counts.get(name, 0) + images
-
-            for item, (data, size, error) in progress(zip(items, encoded), len(items), "shards", "img", log):
-                if data is None:
-                    skipped.append({"name": item.name, "error": error})
-                    log.warning("skipped unreadable image %s (%s)", item.name, error)
-                    continue
-                if not raw:
-                    sample = {"__key__": sample_key(written, item.source), opts.image_format: data}
-                    if item.label >= 0:
-                        sample["cls"] = str(item.label).encode()
-                    put(sample, 1)
-                else:
-                    if pending and pending[0][0].shape != data.shape:  # a member stacks images of one size
-                        put(raw_member(first, pending, labelled), len(pending))
-                        pending = []
-                    first = first if pending else written
-                    pending.append((data, item.label))
-                    if len(pending) == member_size:
-                        put(raw_member(first, pending, labelled), len(pending))
-                        pending = []
-                written += 1
-                sizes[size] += 1
-            if pending:
-                put(raw_member(first, pending, labelled), len(pending))
+        counts, skipped, written, sizes = write_tars(
+            items, encoded, out_dir, opts, member_size=member_size, per_shard=per_shard, max_shard_bytes=max_shard_bytes
+        )
     finally:
         if pool:
             pool.close()
@@ -417,6 +374,77 @@ def write_shards(
     }
     write_atomic(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
+
+
+class Written(NamedTuple):
+    """What ``write_tars`` wrote."""
+
+    counts: dict[str, int]  # shard file name -> images
+    skipped: list[dict[str, str]]  # {"name", "error"} of each image that could not be read
+    written: int  # images
+    sizes: Counter  # (height, width) -> images
+
+
+def write_tars(
+    items: list[Item],
+    encoded: Iterator[Encoded],
+    out_dir: Path,
+    opts: EncodeOptions,
+    *,
+    member_size: int,
+    per_shard: int,
+    max_shard_bytes: float,
+) -> Written:
+    """The encoded ``items`` into tar shards in ``out_dir``: one sample per image, or with
+    raw members ``member_size`` images of one size per member. Unreadable ones are skipped."""
+    counts: dict[str, int] = {}
+    skipped: list[dict[str, str]] = []
+    written = 0
+    sizes: Counter = Counter()  # (height, width) -> images
+    raw = opts.image_format == "raw"
+    labelled = any(it.label >= 0 for it in items)
+    pending: list[tuple[np.ndarray, int]] = []  # raw: the images (and labels) of the member being filled
+    first = 0  # raw: the write index of its first image, which keys the member
+    # A fixed integer mtime: webdataset stamps each member with time.time(), a float,
+    # which makes tarfile add a PAX header block to every member; parsing those was
+    # half the cost of reading a sample (bench/data.py). Same input, same bytes, too.
+    with wds.ShardWriter(
+        str(out_dir / SHARD_PATTERN),
+        maxcount=per_shard // member_size,
+        maxsize=max_shard_bytes,
+        verbose=0,
+        mtime=0,
+    ) as sink:
+
+        def put(sample: dict[str, Any], images: int) -> None:
+            sink.write(sample)
+            name = os.path.basename(sink.fname)
+            counts[name] = counts.get(name, 0) + images
+
+        for item, (data, size, error) in progress(zip(items, encoded), len(items), "shards", "img", log):
+            if data is None:
+                skipped.append({"name": item.name, "error": error})
+                log.warning("skipped unreadable image %s (%s)", item.name, error)
+                continue
+            if not raw:
+                sample = {"__key__": sample_key(written, item.source), opts.image_format: data}
+                if item.label >= 0:
+                    sample["cls"] = str(item.label).encode()
+                put(sample, 1)
+            else:
+                if pending and pending[0][0].shape != data.shape:  # a member stacks images of one size
+                    put(raw_member(first, pending, labelled), len(pending))
+                    pending = []
+                first = first if pending else written
+                pending.append((data, item.label))
+                if len(pending) == member_size:
+                    put(raw_member(first, pending, labelled), len(pending))
+                    pending = []
+            written += 1
+            sizes[size] += 1
+        if pending:
+            put(raw_member(first, pending, labelled), len(pending))
+    return Written(counts, skipped, written, sizes)
 
 
 def square_size(sizes: Counter) -> int | None:

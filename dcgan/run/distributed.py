@@ -133,13 +133,15 @@ def cuda_index(local_rank: int, local_processes: int, visible: int) -> int:
     )
 
 
-def choose_device(device: str, local_rank: int) -> torch.device:
-    """train.device for this process: ``cuda:cuda_index(...)`` or the CPU (DeviceError:
-    a CUDA device asked for and none fits)."""
+def choose_device(device: str, local_rank: int = 0, asked: str = "train.device: 'cuda'") -> torch.device:
+    """The device of a setting ("auto", "cpu" or "cuda": train.device, the commands'
+    --device) for the process of local rank ``local_rank``: ``cuda:cuda_index(...)`` when
+    asked for or, with "auto", when there is one, else the CPU. DeviceError when a CUDA
+    device is asked for and none fits; ``asked`` says how it was asked for."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DeviceError("train.device: 'cuda', but torch sees no CUDA device here")
+        raise DeviceError(f"{asked}, but torch sees no CUDA device here")
     return torch.device("cuda", cuda_index(local_rank, local_processes(), torch.cuda.device_count()))
 
 
