@@ -83,13 +83,15 @@ def train(plan: RunPlan, dist: DistInfo, stop: StopRequest, where: Where) -> int
     tracker = Tracker(cfg, enabled=dist.is_main, stat_names=train_step.STAT_NAMES, device=dist.device)
     try:
         return train_loop(build_run(plan, dist, tracker, resume_from, where), stop, where)
-    except ConfigError:
-        raise  # refused before training (other data): the run folder's summary stays the last attempt's
-    except Exception as e:
-        peer = failure.posted(dist.store)  # another rank failed first: this error is its consequence
-        tracker.finish(EXIT_FAILED, preempted=False, facts={
-            "status": "failed", "exit_code": EXIT_FAILED, "error": peer or failure.describe(e), "where": str(where),
-        })  # fmt: skip
+    except Exception as e:  # said and turned into the exit code by dcgan/train.py (ended_by)
+        # A ConfigError is a refusal before training (other data): the run folder's summary
+        # stays the last attempt's.
+        if not isinstance(e, ConfigError):
+            peer = failure.posted(dist.store)  # another rank failed first: this error is its consequence
+            tracker.finish(EXIT_FAILED, preempted=False, facts={
+                "status": "failed", "exit_code": EXIT_FAILED, "error": peer or failure.describe(e),
+                "where": str(where),
+            })  # fmt: skip
         raise
 
 
