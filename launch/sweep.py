@@ -71,7 +71,9 @@ SWEEP_KEYS = ("base", "name", "set", "grid", "random", "slurm")
 
 
 @dataclass
-class Run:
+class SweepRun:
+    """One run of a sweep: its place in the sweep, its overrides and config, and its job."""
+
     index: int
     overrides: list[str]  # the sweep's own: set + grid point + random draw, then name/out_dir/group
     cfg: Config
@@ -88,7 +90,7 @@ class Sweep:
     path: Path
     base: str
     name: str
-    runs: list[Run] = field(default_factory=list)
+    runs: list[SweepRun] = field(default_factory=list)
 
     @property
     def folder(self) -> Path:
@@ -127,7 +129,7 @@ def expand(path: Path, spec: dict[str, Any], world_size: int | None = None) -> S
             cfg = plan_run(sweep.base, placed, world_size or 1, on_this_machine=False).cfg
         except ConfigError as e:
             raise run_error(path, index, own, e) from None
-        sweep.runs.append(Run(index, placed, cfg, finished=is_finished(cfg)))
+        sweep.runs.append(SweepRun(index, placed, cfg, finished=is_finished(cfg)))
     return sweep
 
 
