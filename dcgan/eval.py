@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from dcgan.base.checks import ConfigError
-from dcgan.base.exits import EXIT_CONFIG
+from dcgan.base.exits import EXIT_CONFIG, EXIT_OK
 from dcgan.base.logs import setup_logging
 from dcgan.checkpoint import files as checkpoint
-from dcgan.checkpoint.inference import load_trained_state
+from dcgan.checkpoint.inference import OLD_WEIGHTS, WEIGHTS, load_trained_state, weights_option
 from dcgan.config.loading import build_section
 from dcgan.config.sections import DataConfig, EvalConfig
 from dcgan.data.shardset import first_image_size, resolve_shards
@@ -55,40 +55,33 @@ def score_main(argv: list[str]) -> int:
     parser.add_argument("--num-real", type=int, default=10000, help="real images (default 10000)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents")
-    parser.add_argument("--weights", choices=("ema", "g"), default="ema", help="EMA generator (default) or G")
+    parser.add_argument(
+        "--weights", choices=(*WEIGHTS, *OLD_WEIGHTS), default="ema",
+        help="ema: the EMA generator (default); raw: G itself ('g' is the deprecated spelling of raw)",
+    )  # fmt: skip
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", default="", help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
-    try:
-        setup_logging(distributed.read_env().rank)
-    except ConfigError as e:  # WORLD_SIZE, RANK or LOCAL_RANK set to something no job has
-        print(f"dcgan.eval: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        path = checkpoint.resolve(Path(args.checkpoint))
-        sd = load_trained_state(path)
-        model = build_section(ModelConfig, sd["config"]["model"], str(path), "model.")
-        # Here, before any process group: a generator that does not fit is one line, not a traceback per rank.
-        generator = checkpoint.load_generator(sd, model, args.weights, path)
-        shards = args.shards or sd["config"]["data"]["shards"]
-        ecfg = build_section(
-            EvalConfig,
-            {"features": args.features, "inception": args.inception, "num_samples": args.num_samples,
-             "num_real": args.num_real, "batch_size": args.batch_size, "seed": args.seed},
-            "command line", "--",
-        )  # fmt: skip
-        choice = choose_extractor(ecfg, shards, model)
-    except (ConfigError, checkpoint.CheckpointError) as e:
-        print(f"dcgan.eval: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    setup_logging(distributed.read_env().rank)
+    args.weights = weights_option(args.weights)
+    path = checkpoint.resolve(Path(args.checkpoint))
+    sd = load_trained_state(path)
+    model = build_section(ModelConfig, sd["config"]["model"], str(path), "model.")
+    # Here, before any process group: a generator that does not fit is one line, not a traceback per rank.
+    generator = checkpoint.generator_from_state(sd, model, args.weights, path)
+    shards = args.shards or sd["config"]["data"]["shards"]
+    ecfg = build_section(
+        EvalConfig,
+        {"features": args.features, "inception": args.inception, "num_samples": args.num_samples,
+         "num_real": args.num_real, "batch_size": args.batch_size, "seed": args.seed},
+        "command line", "--",
+    )  # fmt: skip
+    choice = choose_extractor(ecfg, shards, model)
     dist = distributed.setup(args.device)
     try:
         generator = generator.to(dist.device)
-        try:
-            evaluator = Evaluator.build(choice, ecfg, DataConfig(shards=shards), model, dist)
-        except FeaturesError as e:  # the same file on every rank: every rank says so and exits alike
-            print(f"dcgan.eval: {e}", file=sys.stderr)
-            return EXIT_CONFIG
+        # FeaturesError: the same file on every rank, so every rank says so (main) and exits alike.
+        evaluator = Evaluator.build(choice, ecfg, DataConfig(shards=shards), model, dist)
         scores = evaluator.evaluate(eval_mode_sampler(generator), model.nz)
         if dist.is_main:
             report = {
@@ -106,7 +99,7 @@ def score_main(argv: list[str]) -> int:
             if args.out:
                 Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
         distributed.barrier(dist)
-        return 0
+        return EXIT_OK
     finally:
         distributed.teardown()
 
@@ -130,22 +123,16 @@ def train_features_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_args(argv)
-    try:
-        setup_logging(distributed.read_env().rank)
-    except ConfigError as e:  # WORLD_SIZE, RANK or LOCAL_RANK set to something no job has
-        print(f"dcgan.eval: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    setup_logging(distributed.read_env().rank)
     try:
         shard_set = resolve_shards(DataConfig(shards=args.shards))
-    except ConfigError as e:
-        print(f"dcgan.eval train-features: --shards: {str(e).removeprefix('data.shards: ')}", file=sys.stderr)
-        return EXIT_CONFIG
+    except ConfigError as e:  # said as the command line's
+        raise ConfigError(f"--shards: {str(e).removeprefix('data.shards: ')}") from e
     channels = args.channels or shard_set.channels or 3
     width, height = first_image_size(shard_set) or (0, 0)
     image_size = args.image_size or (width if width == height else 0)
     if not image_size:
-        print("dcgan.eval train-features: --image-size: the shards' size is not known; give it", file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError("--image-size: the shards' size is not known; give it")
     out = Path(args.out) if args.out else Path(args.shards) / DEFAULT_FEATURES_NAME
     try:
         device = distributed.choose_device(args.device, asked="--device cuda")
@@ -157,13 +144,11 @@ def train_features_main(argv: list[str]) -> int:
     labelled = labels >= 0
     classes = int(labels.max()) + 1 if labelled.any() else 0
     if classes < 2:
-        print(
-            f"dcgan.eval train-features: {args.shards}: the samples carry {'no' if classes == 0 else 'one'} class "
+        raise ConfigError(
+            f"{args.shards}: the samples carry {'no' if classes == 0 else 'one'} class "
             "label(s) (.cls members; dcgan.shards writes them for IDX files with labels, arrays with y, and "
-            "folders of class sub-folders); for unlabelled data use eval.inception / --inception",
-            file=sys.stderr,
+            "folders of class sub-folders); for unlabelled data use eval.inception / --inception"
         )
-        return EXIT_CONFIG
     if not labelled.all():
         log.warning("%d of %d samples have no label: trained on the others", (~labelled).sum().item(), len(labels))
     t0 = time.perf_counter()
@@ -178,13 +163,11 @@ def train_features_main(argv: list[str]) -> int:
     against = f"held-out accuracy {held_out.accuracy:.4f} on {held_out.images} images, chance {held_out.chance:.3f}"
     if not held_out.clearly_above_chance:  # its features would score noise: not written
         kept = f" ({out} is left as it was)" if out.exists() else ""
-        print(
-            f"dcgan.eval train-features: {args.shards}: {against}: not clearly better than chance (needs "
+        raise ConfigError(
+            f"{args.shards}: {against}: not clearly better than chance (needs "
             f"{held_out.bar:.3f}, see dcgan.quality.features.accuracy_bar); {out} not written{kept}. Check that the labels "
-            "(.cls) belong to the images, give more labelled images or --epochs, or use eval.inception / --inception",
-            file=sys.stderr,
+            "(.cls) belong to the images, give more labelled images or --epochs, or use eval.inception / --inception"
         )
-        return EXIT_CONFIG
     real = images[: args.num_real]
     with torch.no_grad():
         real_features = torch.cat([net.features(real[i : i + 500]) for i in range(0, len(real), 500)])
@@ -194,14 +177,23 @@ def train_features_main(argv: list[str]) -> int:
         out, classes, int(labelled.sum()), against, held_out.bar, len(real_features), real_features.shape[1],
         time.perf_counter() - t0,
     )  # fmt: skip
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code (dcgan/base/exits.py). Bad input, whichever step finds it (the
+    environment, the checkpoint, the features file, the shards), ends here: its one line
+    and EXIT_CONFIG, before anything is written."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "train-features":
-        return train_features_main(argv[1:])
-    return score_main(argv)
+    if argv[:1] == ["train-features"]:
+        command, body = "dcgan.eval train-features", lambda: train_features_main(argv[1:])
+    else:
+        command, body = "dcgan.eval", lambda: score_main(argv)
+    try:
+        return body()
+    except (ConfigError, checkpoint.CheckpointError, FeaturesError) as e:
+        print(f"{command}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 if __name__ == "__main__":

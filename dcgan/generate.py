@@ -8,7 +8,7 @@ PATH is a checkpoint file (step_*.pt or best.pt) or a run folder (its best.pt wh
 has one, else its newest valid checkpoint), loaded by ``dcgan.load_generator``. Runs on
 the CPU by default, whatever device wrote the checkpoint (loaded with
 ``map_location="cpu"`` and ``weights_only=True``). The EMA generator is used when the run
-kept one (``--weights g`` for G), in eval mode. ``--seed`` fixes the latents: the same
+kept one (``--weights raw`` for G), in eval mode. ``--seed`` fixes the latents: the same
 seed and checkpoint give the same images on any machine (``G.sample(n, seed=...)`` in
 Python gives this command's PNGs).
 
@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from dcgan.base.checks import ConfigError
-from dcgan.base.exits import EXIT_CONFIG
+from dcgan.base.exits import EXIT_CONFIG, EXIT_OK
 from dcgan.base.images import save_grid, save_png, to_uint8, to_uint8_grid
 from dcgan.base.logs import setup_logging
 from dcgan.base.progress import progress
 from dcgan.checkpoint import files as checkpoint
-from dcgan.checkpoint.inference import load_generator
+from dcgan.checkpoint.inference import OLD_WEIGHTS, WEIGHTS, load_generator, weights_option
 from dcgan.models.networks import sample_latent
 from dcgan.run import distributed
 
@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the latents: the same seed gives the same images (default 0)"
     )
-    parser.add_argument("--weights", choices=("ema", "g"), default="ema", help="EMA generator (default) or G")
+    parser.add_argument(
+        "--weights", choices=(*WEIGHTS, *OLD_WEIGHTS), default="ema",
+        help="ema: the EMA generator (default); raw: G itself ('g' is the deprecated spelling of raw)",
+    )  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where G runs (default cpu)")
     parser.add_argument(
         "--batch-size", type=int, default=256, help="images per forward pass; lower it if memory runs out (default 256)"
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except distributed.DeviceError as e:
         parser.error(str(e))
     try:
-        generator = load_generator(args.checkpoint, "raw" if args.weights == "g" else "ema", device)
+        generator = load_generator(args.checkpoint, weights_option(args.weights), device)
     except (checkpoint.CheckpointError, ConfigError) as e:
         print(f"dcgan.generate: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             strip = generator(walk.reshape(-1, nz, 1, 1).to(device)).cpu()
         save_grid(to_uint8_grid(strip, nrow=args.interpolate), out / "interpolation.png")
         log.info("wrote %s (%d walks of %d steps)", out / "interpolation.png", args.strips, args.interpolate)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from dcgan.base.exits import EXIT_CONFIG
+from dcgan.base.exits import EXIT_CONFIG, EXIT_OK
 from dcgan.data.shardset import (
     MANIFEST,
 )
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir,
         manifest["skipped"],
     )
-    return 0
+    return EXIT_OK
 
 
 def index_main(argv: list[str]) -> int:
@@ -105,7 +105,7 @@ def index_main(argv: list[str]) -> int:
         "wrote %s: %d samples in %d shards, %s, %d channel(s)",
         args.folder / MANIFEST, manifest["samples"], len(manifest["shards"]), size, manifest["channels"],
     )  # fmt: skip
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n\n".join([
             textwrap.fill(
-                "exit codes: 0 done, 1 failed, 2 bad config or data (nothing started), "
+                f"exit codes: {EXIT_OK} done, {EXIT_FAILED} failed, {EXIT_CONFIG} bad config or data (nothing started), "
                 f"{EXIT_PREEMPTED} stopped on a signal with the state saved (run the same command again)", width
             ),
             textwrap.fill("config keys, set in the YAML file or as a.b=value (key, type, default, meaning):", width),
@@ -68,43 +68,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 @record  # torchrun's report shows the traceback of an exception that escapes (failure.tell_torchrun: of one caught)
 def main(argv: list[str] | None = None, on_exit: Callable[[int], object] | None = None) -> int:
-    """The exit code (EXIT_* above, or EXIT_PREEMPTED). Rank 0 hands it to ``on_exit``
-    (default ``report_exit_code``) before any rank exits: a launcher that tears the job
-    down when its first process ends (srun --kill-on-bad-exit) cannot cut that short."""
+    """The exit code (dcgan/base/exits.py). Rank 0 hands it to ``on_exit`` (default
+    ``report_exit_code``) before any rank exits: a launcher that tears the job down when its
+    first process ends (srun --kill-on-bad-exit) cannot cut that short.
+
+    A ConfigError raised before anything started (the environment, the config, the data,
+    the resume point) ends here, as its one line and EXIT_CONFIG; one raised once the process
+    group is up ends in ``run``'s failure path (``ended_by``), which must also let every
+    process go. Both say it with ``config_error``."""
     args = build_parser().parse_args(argv)
+    on_exit = on_exit or report_exit_code
+    env = None
     try:
         env = distributed.read_env()
-    except ConfigError as e:  # WORLD_SIZE, RANK or LOCAL_RANK set by hand to something no job has
-        print(f"dcgan.train: {e}", file=sys.stderr)
+        setup_logging(env.rank)
+        if args.print_config:
+            return print_config(args.config, args.overrides)
+        if args.dry_run:
+            return dry_run(args.config, args.overrides, env)
+        return run(args.config, args.overrides, env, on_exit)
+    except ConfigError as e:
+        # Without env the error is WORLD_SIZE, RANK or LOCAL_RANK set by hand to something no job has.
+        config_error(e, args.config if env is not None else None)
+        if env is not None and env.rank == 0:
+            on_exit(EXIT_CONFIG)
         return EXIT_CONFIG
-    setup_logging(env.rank)
-    if args.print_config:
-        return print_config(args.config, args.overrides)
-    if args.dry_run:
-        return dry_run(args.config, args.overrides, env)
-    return run(args.config, args.overrides, env, on_exit or report_exit_code)
 
 
 def print_config(config: str, overrides: list[str]) -> int:
     """--print-config: the config as the run folder's config.yaml would hold it (the data is
-    not checked: --dry-run does that)."""
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as e:
-        config_error(e, config)
-        return EXIT_CONFIG
-    sys.stdout.write(config_yaml(cfg))
+    not checked: --dry-run does that). Raises ConfigError."""
+    sys.stdout.write(config_yaml(load_config(config, overrides)))
     return EXIT_OK
 
 
 def dry_run(config: str, overrides: list[str], env: distributed.EnvRanks) -> int:
     """--dry-run: the whole preflight for this environment's world size (WORLD_SIZE, or
-    torchrun's), and the plan it makes; no run folder, no process group."""
-    try:
-        plan = plan_run(config, overrides, env.world_size, distributed.restart_count())
-    except ConfigError as e:
-        config_error(e, config)
-        return EXIT_CONFIG
+    torchrun's), and the plan it makes; no run folder, no process group. Raises ConfigError."""
+    plan = plan_run(config, overrides, env.world_size, distributed.restart_count())
     if env.rank == 0:
         print(plan.describe(), flush=True)
     return EXIT_OK
@@ -119,13 +120,9 @@ def report_exit_code(code: int) -> None:
 
 
 def run(config: str, overrides: list[str], env: distributed.EnvRanks, on_exit: Callable[[int], object]) -> int:
-    try:
-        plan = plan_run(config, overrides, env.world_size, distributed.restart_count())
-    except ConfigError as e:
-        config_error(e, config)
-        if env.rank == 0:
-            on_exit(EXIT_CONFIG)
-        return EXIT_CONFIG
+    """One attempt of the run; the exit code. Raises ConfigError when the plan is refused
+    (nothing started: ``main`` says so)."""
+    plan = plan_run(config, overrides, env.world_size, distributed.restart_count())
     if plan.finished:  # before the run folder, its lock, W&B or a process group: nothing there changes
         if env.rank == 0:
             log.info("%s", plan.finished)
@@ -201,9 +198,14 @@ def claim_run_dir(cfg: Config, dist: DistInfo, lock: RunLock) -> None:
         raise ConfigError(error)
 
 
-def config_error(error: ConfigError, config: str) -> None:
-    where = "" if str(error).startswith((str(config), OVERRIDE)) else f"{config}: "
-    line = f"dcgan.train: config error: {where}{error}"
+def config_error(error: ConfigError, config: str | None) -> None:
+    """The one line of a ConfigError, to stderr and torchrun's report. ``config`` None: the
+    error is in the environment (WORLD_SIZE, RANK, ...), before any config was read."""
+    if config is None:
+        line = f"dcgan.train: {error}"
+    else:
+        where = "" if str(error).startswith((str(config), OVERRIDE)) else f"{config}: "
+        line = f"dcgan.train: config error: {where}{error}"
     print(line, file=sys.stderr)
     failure.tell_torchrun(line)
 

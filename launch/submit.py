@@ -23,7 +23,7 @@ from pathlib import Path
 import submitit
 
 from dcgan.base.checks import ConfigError
-from dcgan.base.exits import EXIT_CONFIG, EXIT_FAILED
+from dcgan.base.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from dcgan.config.sections import Config
 from dcgan.preflight import plan_run
 from launch.job import TrainingJob
@@ -89,17 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except NothingToTrain as e:
         print(f"launch.submit: nothing submitted: {e}", flush=True)
-        return 0
+        return EXIT_OK
     print(describe(job, cfg), flush=True)
     if not args.wait:
-        return 0
+        return EXIT_OK
     try:
         results = job.results()
     except Exception as e:  # the job's own error, as submitit reports it
         print(f"launch.submit: job {job.job_id} failed: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(f"job {job.job_id} finished: {results[0]}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

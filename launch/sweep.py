@@ -57,7 +57,7 @@ from typing import Any
 import yaml
 
 from dcgan.base.checks import ConfigError
-from dcgan.base.exits import EXIT_CONFIG, EXIT_FAILED
+from dcgan.base.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from dcgan.base.fileio import write_atomic
 from dcgan.checkpoint import files as checkpoint
 from dcgan.config.loading import load_config, read_utf8, read_yaml
@@ -71,7 +71,9 @@ SWEEP_KEYS = ("base", "name", "set", "grid", "random", "slurm")
 
 
 @dataclass
-class Run:
+class SweepRun:
+    """One run of a sweep: its place in the sweep, its overrides and config, and its job."""
+
     index: int
     overrides: list[str]  # the sweep's own: set + grid point + random draw, then name/out_dir/group
     cfg: Config
@@ -88,7 +90,7 @@ class Sweep:
     path: Path
     base: str
     name: str
-    runs: list[Run] = field(default_factory=list)
+    runs: list[SweepRun] = field(default_factory=list)
 
     @property
     def folder(self) -> Path:
@@ -127,7 +129,7 @@ def expand(path: Path, spec: dict[str, Any], world_size: int | None = None) -> S
             cfg = plan_run(sweep.base, placed, world_size or 1, on_this_machine=False).cfg
         except ConfigError as e:
             raise run_error(path, index, own, e) from None
-        sweep.runs.append(Run(index, placed, cfg, finished=is_finished(cfg)))
+        sweep.runs.append(SweepRun(index, placed, cfg, finished=is_finished(cfg)))
     return sweep
 
 
@@ -402,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.dry_run:
         print(table(sweep))
-        return 0
+        return EXIT_OK
     try:
         jobs = submit_sweep(sweep, opts)
     except SubmitError as e:  # nothing submitted: sweep.json stays as it was
@@ -414,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"submitted {len(jobs)} run(s) as job array {jobs[0].job_id.split('_')[0]}; summary {summary}")
     else:
         print(f"every run has finished; nothing submitted; summary {summary}")
-    return 0
+    return EXIT_OK
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -439,7 +441,7 @@ def cli(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `... | head`: the reader has gone; end as quietly as Unix tools do
         # Python would report the pipe again when it flushes stdout at exit (docs.python.org, "Note on SIGPIPE").
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_FAILED  # its output could not all be written
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def test_corrupt_samples_are_counted_and_skipped(tmp_path, real_images):
             member.size = len(data)
             f.addfile(member, io.BytesIO(data))
     loader = cached(shards)
-    assert (loader.samples, loader.corrupt_samples, loader.corrupt_shards) == (61, 3, 0)
+    assert (loader.samples, loader.corrupt_samples, loader.unreadable_shards) == (61, 3, 0)
     assert len({label for _, y in loader.epoch(0) for label in y.tolist()}) == 56  # 7 batches of 8 out of 61
 
 

@@ -98,7 +98,7 @@ def test_unreadable_and_missing_shards_are_skipped(tmp_path, indexed_shards):
     (broken / manifest["shards"][2]).unlink()  # vanishes after the run started
     batches = epoch_labels(loader, 0)
     assert len(batches) == loader.steps_per_epoch and all(len(b) == 4 for b in batches)
-    assert loader.corrupt_shards >= 2
+    assert loader.unreadable_shards >= 2
 
 
 @pytest.mark.timeout(60)

@@ -239,4 +239,4 @@ def test_a_shard_the_index_found_unreadable_is_left_out(tmp_path, numbered_shard
     )
     loader = Loader(stream, torch.device("cpu"))
     labels = [i for _, y in loader.epoch(0) for i in y.tolist()]
-    assert sorted(labels) == list(range(128)) and loader.corrupt_shards == 0  # never opened
+    assert sorted(labels) == list(range(128)) and loader.unreadable_shards == 0  # never opened

@@ -216,11 +216,11 @@ def test_a_raw_shard_cut_short_costs_only_the_cut_member(
     loader = make_loader(cut, world_size=1, workers=1)
     labels = sum(epoch_labels(loader, 0), [])  # the training reader (it replaces corrupt samples from the next lap)
     assert set(labels) == kept and (loader.corrupt_samples > 0) == (corrupt > 0)
-    assert loader.corrupt_shards > 0 and loader.miscounted == {}
+    assert loader.unreadable_shards > 0 and loader.miscounted == {}
     cfg = DataConfig(shards=str(cut), workers=1, cache="on")
     cached = CachedLoader(resolve_shards(cfg), cfg, ONE_PROCESS, batch_size=4, image_size=28, channels=1, seed=0)
     assert set(cached.labels.tolist()) == kept and cached.samples == decoded
-    assert cached.corrupt_samples == corrupt and cached.corrupt_shards > 0 and cached.miscounted == {}
+    assert cached.corrupt_samples == corrupt and cached.unreadable_shards > 0 and cached.miscounted == {}
     images, read_labels = read_images(resolve_shards(DataConfig(shards=str(cut))), None, 1, 28)
     assert sorted(read_labels.tolist()) == sorted(kept) and len(images) == decoded  # evaluation's reader
 

@@ -316,10 +316,14 @@ def read_record(path: Path) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
-def load_generator(sd: dict, model: ModelConfig, weights: str, path: Path) -> nn.Module:
-    """The checkpoint's EMA generator (``weights='ema'``, falling back to G when the run
-    had none) or G, on the CPU in eval mode. CheckpointError when its tensors do not fit
-    the net its own model section describes (a checkpoint edited or written by other code)."""
+def generator_from_state(sd: dict, model: ModelConfig, weights: str, path: Path) -> nn.Module:
+    """The generator of checkpoint state ``sd`` (read from ``path``): its EMA generator
+    (``weights="ema"``, falling back to G when the run had none) or G itself (``"raw"``), on
+    the CPU in eval mode; ``dcgan.load_generator`` is the public loader, from a path.
+    CheckpointError when its tensors do not fit the net its own model section describes (a
+    checkpoint edited or written by other code)."""
+    if weights not in ("ema", "raw"):  # dcgan/checkpoint/inference.py's WEIGHTS
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     generator, _ = build_models(model)
     state = sd["generator_ema"] if weights == "ema" and sd.get("generator_ema") is not None else sd["generator"]
     if weights == "ema" and sd.get("generator_ema") is None:

@@ -29,7 +29,18 @@ from dcgan.models.networks import ModelConfig, sample_latent
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = ("ema", "raw")
+WEIGHTS = ("ema", "raw")  # the moving average of G, or G itself
+# Spellings of WEIGHTS the command lines (dcgan.generate, dcgan.eval --weights) still take, with a warning.
+OLD_WEIGHTS = {"g": "raw"}
+
+
+def weights_option(value: str, option: str = "--weights") -> str:
+    """A command line's ``--weights`` value in WEIGHTS' spelling; an old one (OLD_WEIGHTS)
+    is taken with a one-line warning."""
+    if value in OLD_WEIGHTS:
+        log.warning("%s %s is deprecated: use %s %s", option, value, option, OLD_WEIGHTS[value])
+        return OLD_WEIGHTS[value]
+    return value
 
 
 class Generator(nn.Sequential):
@@ -118,7 +129,7 @@ def load_generator(
     config = _config_of(sd["config"], file)
     model = config if isinstance(config, ModelConfig) else config.model
     used = "ema" if weights == "ema" and sd.get("generator_ema") is not None else "raw"
-    net = files.load_generator(sd, model, weights, file)
+    net = files.generator_from_state(sd, model, weights, file)
     generator = Generator(net, config, int(sd.get("step", 0)), file, used)
     return generator.to(device).eval()
 

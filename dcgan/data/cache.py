@@ -366,7 +366,7 @@ class CachedLoader:
     ):
         self.dist, self.batch_size, self.seed = dist, batch_size, seed
         self.reader = "cache"  # saved with checkpoints: a resume that reads otherwise is not exact
-        self.corrupt_samples = self.empty_positions = self.corrupt_shards = 0
+        self.corrupt_samples = self.empty_positions = self.unreadable_shards = 0
         self.miscounted: dict[str, dict[str, int]] = {}  # shard name -> {"planned", "found"}
         self.workers = 0  # no worker processes while training
         t_build = time.perf_counter()
@@ -423,7 +423,7 @@ class CachedLoader:
                     log.warning("skipping corrupt %s", line)
                 logged += len(found.corrupt)
                 if found.unreadable is not None:
-                    self.corrupt_shards += 1
+                    self.unreadable_shards += 1
                     log.warning("skipping the rest of unreadable shard %s", found.unreadable)
                 if found.found is not None:
                     self._report_count(shards, mine[i].shard, found.found)

@@ -291,7 +291,7 @@ class BatchSource(Protocol):
     steps_per_epoch: int
     corrupt_samples: int  # the reading counters of this process, for the summary
     empty_positions: int
-    corrupt_shards: int
+    unreadable_shards: int
     miscounted: dict[str, dict[str, int]]
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
@@ -346,7 +346,7 @@ class Loader:
         # Totals over this process's life, for the log and the run's summary.
         self.corrupt_samples = 0
         self.empty_positions = 0
-        self.corrupt_shards = 0
+        self.unreadable_shards = 0
         self.miscounted: dict[str, dict[str, int]] = {}  # shard name -> {"planned", "found"}
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -381,7 +381,7 @@ class Loader:
     def _note(self, batch: Batch) -> None:
         self.corrupt_samples += batch.corrupt
         self.empty_positions += batch.empty
-        self.corrupt_shards += batch.unreadable_shards
+        self.unreadable_shards += batch.unreadable_shards
         shards = self.stream.shards
         for shard, planned, found in batch.miscounted:
             self.stream.reported.add(shard)

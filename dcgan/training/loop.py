@@ -50,7 +50,7 @@ EXIT_DEADLINE_S = 10.0
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """Everything the loop works with, built once per attempt by ``build_run``."""
 
     cfg: Config
@@ -83,13 +83,15 @@ def train(plan: RunPlan, dist: DistInfo, stop: StopRequest, where: Where) -> int
     tracker = Tracker(cfg, enabled=dist.is_main, stat_names=train_step.STAT_NAMES, device=dist.device)
     try:
         return train_loop(build_run(plan, dist, tracker, resume_from, where), stop, where)
-    except ConfigError:
-        raise  # refused before training (other data): the run folder's summary stays the last attempt's
-    except Exception as e:
-        peer = failure.posted(dist.store)  # another rank failed first: this error is its consequence
-        tracker.finish(EXIT_FAILED, preempted=False, facts={
-            "status": "failed", "exit_code": EXIT_FAILED, "error": peer or failure.describe(e), "where": str(where),
-        })  # fmt: skip
+    except Exception as e:  # said and turned into the exit code by dcgan/train.py (ended_by)
+        # A ConfigError is a refusal before training (other data): the run folder's summary
+        # stays the last attempt's.
+        if not isinstance(e, ConfigError):
+            peer = failure.posted(dist.store)  # another rank failed first: this error is its consequence
+            tracker.finish(EXIT_FAILED, preempted=False, facts={
+                "status": "failed", "exit_code": EXIT_FAILED, "error": peer or failure.describe(e),
+                "where": str(where),
+            })  # fmt: skip
         raise
 
 
@@ -108,7 +110,7 @@ def agree_on_resume(cfg: Config, dist: DistInfo) -> resume.Resume | None:
     return chosen if dist.is_main else where_from  # only rank 0 holds the loaded state
 
 
-def train_loop(run: Run, stop: StopRequest, where: Where) -> int:
+def train_loop(run: TrainingRun, stop: StopRequest, where: Where) -> int:
     cfg, state, dist, tracker = run.cfg, run.state, run.dist, run.tracker
     guard = DivergenceGuard(train_step.STAT_NAMES, cfg.train.divergence_patience, cfg.train.precision == "fp16")
     started = (state.step, time.perf_counter(), state.train_seconds)
@@ -165,7 +167,7 @@ def advance(state: TrainState, cfg: Config, dist: DistInfo) -> int:
     return state.step
 
 
-def evaluate(run: Run, step: int, where: Where) -> Ending | None:
+def evaluate(run: TrainingRun, step: int, where: Where) -> Ending | None:
     """Collective: score the EMA generator, log it, keep best.pt; a NaN generator is divergence
     (it makes black images, and a finite FID)."""
     if not finite_weights(run.nets):
@@ -180,7 +182,9 @@ def evaluate(run: Run, step: int, where: Where) -> Ending | None:
     return None
 
 
-def build_run(plan: RunPlan, dist: DistInfo, tracker: Tracker, resume_from: resume.Resume | None, where: Where) -> Run:
+def build_run(
+    plan: RunPlan, dist: DistInfo, tracker: Tracker, resume_from: resume.Resume | None, where: Where
+) -> TrainingRun:
     """Nets, optimisers, data, checkpointer and evaluator of this attempt; the checkpoint
     loaded into them; the tracker started at the step it resumes from."""
     cfg, shards, t = plan.cfg, plan.shards, plan.cfg.train
@@ -217,7 +221,7 @@ def build_run(plan: RunPlan, dist: DistInfo, tracker: Tracker, resume_from: resu
         evaluator = Evaluator.build(plan.extractor, cfg.eval, cfg.data, cfg.model, dist)
     checkpointer = Checkpointer(cfg, dist, {**shards.identity(), "reader": loader.reader})
     train_step = TrainStep(state, g_train, d_train, cfg, dist, tracker.interval.stats, graphed=graph.on)
-    run = Run(
+    run = TrainingRun(
         cfg, dist, shards, state, train_step, loader, tracker, checkpointer, evaluator,
         eval_mode_sampler(state.generator_ema if state.generator_ema is not None else state.generator),
         fixed_noise.to(dist.device), resume_from,
@@ -252,7 +256,7 @@ def build_loader(plan: RunPlan, dist: DistInfo, where: Where) -> BatchSource:
     )
 
 
-def log_start(run: Run, plan: RunPlan, settings: list[str]) -> None:
+def log_start(run: TrainingRun, plan: RunPlan, settings: list[str]) -> None:
     """The start-up lines (rank 0): what trains, on what, and how the step runs (``settings``)."""
     cfg, t, dist, shards = run.cfg, run.cfg.train, run.dist, plan.shards
     if not dist.is_main:
@@ -275,7 +279,7 @@ def log_start(run: Run, plan: RunPlan, settings: list[str]) -> None:
     )  # fmt: skip
 
 
-def finish_attempt(run: Run, ending: Ending, started: tuple[int, float, float]) -> int:
+def finish_attempt(run: TrainingRun, ending: Ending, started: tuple[int, float, float]) -> int:
     """summary.json, the W&B summary and the closing lines; returns the exit code. Collective.
     ``started``: the step, clock and train seconds at the start of the loop."""
     cfg, state, dist = run.cfg, run.state, run.dist
@@ -320,7 +324,7 @@ def finish_attempt(run: Run, ending: Ending, started: tuple[int, float, float]) 
 def reading_report(loader: BatchSource, shards: ShardSet, dist: DistInfo) -> dict | None:
     """What reading met on every rank this attempt, merged on rank 0 (None elsewhere).
     Collective. Shards whose true count differs from the plan are listed once."""
-    mine = (loader.corrupt_samples, loader.empty_positions, loader.corrupt_shards, loader.miscounted)
+    mine = (loader.corrupt_samples, loader.empty_positions, loader.unreadable_shards, loader.miscounted)
     reports = distributed.gather_objects(mine, dist)
     if reports is None:
         return None
