@@ -32,6 +32,7 @@ from dcgan.data.stream import steps_per_epoch
 from dcgan.models.networks import checkpoint_bytes
 from dcgan.quality.evaluator import ExtractorChoice, choose_extractor
 from dcgan.run import distributed, timelines
+from dcgan.run.folder import RunFolder
 from dcgan.tracking.wandb_run import check_environment as check_wandb_environment
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class RunPlan:
         per_epoch = steps_per_epoch(shards.total, world, t.batch_size)
         folder = cfg.run_dir.resolve()
         if folder.is_dir():
-            held = len(list_checkpoints(folder / "checkpoints"))
+            held = len(RunFolder(folder).list_checkpoints())
             state = f"exists, {held} checkpoint(s)"
         else:
             state = "not there yet: created when the run starts"
@@ -115,7 +116,7 @@ def nothing_to_train(cfg: Config) -> str | None:
     if t.resume == "never":
         return None
     if t.resume == "auto":
-        newest, _ = latest_valid(cfg.run_dir / "checkpoints")
+        newest, _ = latest_valid(RunFolder.of(cfg).checkpoints)
         if newest is None:
             return None
         path, step = newest, step_of(newest)
@@ -179,7 +180,7 @@ def describe_resume(cfg: Config) -> str:
     """What an attempt would resume from, read from the run folder without loading any
     checkpoint: ``checkpoint.choose`` decides on rank 0 at start-up, and also sets aside
     one that verifies but does not load or holds non-finite values."""
-    t, ckpt_dir = cfg.train, cfg.run_dir / "checkpoints"
+    t, ckpt_dir = cfg.train, RunFolder.of(cfg).checkpoints
     existing = list_checkpoints(ckpt_dir)
     if t.resume == "never":
         if existing:  # with train.overwrite=true (check_resume_setting refuses it otherwise)
@@ -245,10 +246,10 @@ def settle_start(cfg: Config, restart: int) -> tuple[Config, str | None]:
     recorded = timelines.applied_before(cfg)
     if not (recorded or restart):
         return cfg, None
-    if t.resume != "never" and not list_checkpoints(cfg.run_dir / "checkpoints"):
+    if t.resume != "never" and not RunFolder.of(cfg).list_checkpoints():
         return cfg, None  # PATH, and the run folder has saved nothing of its own yet: load PATH again
     was = f"train.resume={t.resume}" + (" train.overwrite=true" if t.overwrite and t.resume == "never" else "")
-    why = f"{cfg.run_dir / timelines.STARTED_WITH} records it" if recorded else f"restart {restart} of this job"
+    why = f"{RunFolder.of(cfg).started_with} records it" if recorded else f"restart {restart} of this job"
     settled = copy.deepcopy(cfg)
     settled.train.resume, settled.train.overwrite = "auto", False
     return settled, (

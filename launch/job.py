@@ -32,6 +32,7 @@ from dcgan import train
 from dcgan.base.exits import EXIT_OK, EXIT_PREEMPTED
 from dcgan.checkpoint import files as checkpoint
 from dcgan.config.loading import load_config
+from dcgan.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def summary(self) -> dict[str, Any]:
         """What the client gets from ``job.result()``: where the run is and how far it got."""
         cfg = load_config(self.config, self.overrides)
-        newest, _ = checkpoint.latest_valid(cfg.run_dir / "checkpoints")
+        newest, _ = checkpoint.latest_valid(RunFolder.of(cfg).checkpoints)
         return {
             "run_dir": str(cfg.run_dir.resolve()),
             "step": checkpoint.step_of(newest) if newest else 0,

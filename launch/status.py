@@ -1,6 +1,6 @@
 """python -m launch.sweep status SWEEP.yaml: where every run of a sweep stands, best FID first.
 
-The runs are the sweep file's, named as submission names them (``launch.sweep.placed_runs``),
+The runs are the sweep file's, named as submission names them (``launch.sweep_file.placed_runs``),
 so every run shows, also one never submitted. Each run's state comes from, in order:
 
 * its ``run.lock`` held by a trainer on this host (``/proc/locks``: looked up, never
@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import socket
 import subprocess
@@ -42,10 +41,10 @@ from typing import Any
 from dcgan.base.checks import ConfigError
 from dcgan.base.exits import EXIT_CONFIG, EXIT_PREEMPTED
 from dcgan.base.fileio import write_atomic
-from dcgan.checkpoint import files as checkpoint
 from dcgan.config.loading import load_config
-from dcgan.run.lock import LOCK_NAME, held_on_this_host
-from launch.sweep import check_owner, placed_runs, read_sweep_file, run_error, sweep_name
+from dcgan.run.folder import RunFolder
+from dcgan.run.lock import held_on_this_host
+from launch.sweep_file import check_owner, job_ids, placed_runs, read_sweep_file, run_error, sweep_name
 
 STATES = ("running", "pending", "not submitted", "preempted", "failed", "done")
 SLURM_RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
@@ -96,14 +95,6 @@ class SweepStatus:
 
 
 # --------------------------------------------------------------------------- reading one run
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def read_metrics(path: Path) -> tuple[dict[str, Any] | None, list[tuple[int, float]], int | None]:
@@ -181,18 +172,13 @@ def _one_line(text: str, limit: int = 160) -> str:
 
 def read_run(index: int, name: str, own: list[str], run_dir: Path, steps: int, slurm: tuple[str, str]) -> RunStatus:
     run = RunStatus(index, name, own, run_dir, steps, job_id=slurm[0], slurm_state=slurm[1])
+    folder = RunFolder(run_dir)
     exists = run_dir.is_dir()
-    summary = read_json(run_dir / "summary.json") if exists else None
-    last, fids, last_step = read_metrics(run_dir / "metrics.jsonl") if exists else (None, [], None)
-    lock = run_dir / LOCK_NAME
-    holder = read_json(lock) if exists else None
-    attempt_after_summary = False
-    if summary is not None and lock.exists():
-        try:
-            attempt_after_summary = lock.stat().st_mtime > (run_dir / "summary.json").stat().st_mtime
-        except OSError:
-            pass
-    newest = _newest_recorded_step(run_dir) if exists else None
+    summary = folder.read_summary() if exists else None
+    last, fids, last_step = read_metrics(folder.metrics) if exists else (None, [], None)
+    holder = folder.lock_holder() if exists else None
+    attempt_after_summary = summary is not None and folder.attempt_after_summary()
+    newest = folder.newest_recorded_step() if exists else None
     run.state, run.detail = decide_state(
         exists,
         held_on_this_host(run_dir) if exists else False,
@@ -204,7 +190,7 @@ def read_run(index: int, name: str, own: list[str], run_dir: Path, steps: int, s
         submitted=bool(slurm[0]),
     )
     if run.detail.startswith("ended without writing summary.json") and (line := last_log_line(run_dir)):
-        run.detail += f"; train.log: {line}"
+        run.detail += f"; {folder.train_log.name}: {line}"
     steps_seen = [s for s in (last_step, newest, (summary or {}).get("step")) if isinstance(s, int)]
     run.step = max(steps_seen) if steps_seen else None
     if last is not None:
@@ -221,22 +207,8 @@ def read_run(index: int, name: str, own: list[str], run_dir: Path, steps: int, s
 
 def last_log_line(run_dir: Path, tail_bytes: int = 16384) -> str:
     """The last error or warning in train.log (its last 16 kB), for a run that left no summary."""
-    try:
-        with open(run_dir / "train.log", "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    found = [line for line in lines if " ERROR " in line or " WARNING " in line]
-    return _one_line(found[-1].split(" ERROR ", 1)[-1].split(" WARNING ", 1)[-1]) if found else ""
-
-
-def _newest_recorded_step(run_dir: Path) -> int | None:
-    """The step of the newest checkpoint with a record (not verified: that reads the file)."""
-    for path in reversed(checkpoint.list_checkpoints(run_dir / "checkpoints")):
-        if checkpoint.record_path(path).exists():
-            return checkpoint.step_of(path)
-    return None
+    found = RunFolder(run_dir).last_log_problem(tail_bytes)
+    return _one_line(found) if found else ""
 
 
 # --------------------------------------------------------------------------- Slurm
@@ -269,16 +241,6 @@ def _run(cmd: list[str], timeout: float) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return out.stdout.splitlines()  # an unknown id makes squeue exit 1 but still list the others
-
-
-def job_ids(folder: Path) -> dict[str, str]:
-    """Run name -> its newest job id, from the sweep folder's sweep.json ({} without one)."""
-    summary = read_json(folder / "sweep.json") or {}
-    found = {}
-    for run in summary.get("runs", []) if isinstance(summary.get("runs"), list) else []:
-        if isinstance(run, dict) and run.get("job_ids"):
-            found[str(run.get("name"))] = str(run["job_ids"][-1])
-    return found
 
 
 # --------------------------------------------------------------------------- the whole sweep
@@ -334,7 +296,7 @@ def table(status: SweepStatus) -> str:
         lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     for r in status.runs:
         if r.state in ("failed", "preempted") or (r.state == "running" and "not checkable" in r.detail):
-            lines.append(f"  {r.name}: {r.state}: {r.detail} ({r.run_dir / 'train.log'})")
+            lines.append(f"  {r.name}: {r.state}: {r.detail} ({RunFolder(r.run_dir).train_log})")
     return "\n".join(lines)
 
 

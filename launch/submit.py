@@ -26,6 +26,7 @@ from dcgan.base.checks import ConfigError
 from dcgan.base.exits import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from dcgan.config.sections import Config
 from dcgan.preflight import plan_run
+from dcgan.run.folder import RunFolder
 from launch.job import TrainingJob
 from launch.options import SlurmOptions, SubmitError, add_arguments, from_arguments, make_executor, submission
 
@@ -44,7 +45,7 @@ def submit_run(
     if plan.finished:
         raise NothingToTrain(plan.finished)
     cfg = plan.cfg
-    folder = Path(opts.folder) if opts.folder else cfg.run_dir / "slurm"
+    folder = Path(opts.folder) if opts.folder else RunFolder.of(cfg).slurm
     with submission(folder):
         executor = executor or make_executor(opts, folder, name=cfg.train.name)
         job = executor.submit(TrainingJob(str(config), list(overrides), os.getcwd(), opts.max_requeues))
@@ -58,7 +59,7 @@ def describe(job: submitit.Job, cfg: Config) -> str:
         f"submitted job {job.job_id} ({cfg.train.name})",
         f"  run folder : {cfg.run_dir.resolve()}",
         f"  task logs  : {stdout} (and .err; one pair per task)",
-        f"  follow     : tail -f {cfg.run_dir.resolve() / 'train.log'}",
+        f"  follow     : tail -f {RunFolder(cfg.run_dir.resolve()).train_log}",
     ])  # fmt: skip
 
 

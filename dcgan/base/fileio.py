@@ -1,11 +1,13 @@
-"""Files that appear whole or not at all (checkpoints, their records, shard manifests)."""
+"""Files that appear whole or not at all (checkpoints, their records, shard manifests), and
+the JSON files a run folder holds: written whole (``write_json``), read tolerantly (``read_json``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -37,3 +39,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable, torn (a
+    write cut short by a kill, by code that does not write atomically) or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_json(path: Path, value: Any, indent: int | None = None) -> None:
+    """``value`` as JSON in ``path``, atomically (``write_atomic``)."""
+    write_atomic(path, lambda f: f.write(json.dumps(value, indent=indent).encode()))

@@ -25,6 +25,7 @@ from dcgan.data.stream import BatchSource, derive_seed, steps_per_epoch
 from dcgan.run import distributed
 from dcgan.run.distributed import DistInfo
 from dcgan.run.failure import Where
+from dcgan.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class Checkpointer:
     def __init__(self, cfg: Config, dist: DistInfo, data: dict):
         self.cfg, self.dist = cfg, dist
         self.data = data  # the shards' identity, saved with every checkpoint
-        self.ckpt_dir = cfg.run_dir / "checkpoints"
+        self.ckpt_dir = RunFolder.of(cfg).checkpoints
 
     def at_step(self, state: TrainState, signal_time: float | None, where: Where) -> Ending | None:
         """Collective, after every step (``signal_time``: when the ranks agreed to stop,

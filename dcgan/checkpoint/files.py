@@ -24,7 +24,6 @@ import json
 import logging
 import pickle
 import random
-import re
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,17 +32,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcgan.base.fileio import write_atomic
+from dcgan.base.fileio import read_json, write_atomic, write_json
 from dcgan.models.networks import ModelConfig, build_models
-from dcgan.run.lock import LOCK_NAME
+from dcgan.run.folder import (  # how checkpoints are named: the run folder's convention
+    BEST_NAME,
+    CHECKPOINTS_DIR,
+    RECORD_SUFFIX,
+    checkpoint_path,
+    list_checkpoints,
+    record_path,
+)
+from dcgan.run.folder import (
+    step_of as step_of,  # for callers of files.step_of
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-_NAME = re.compile(r"^step_(\d{8,})\.pt$")
-RECORD_SUFFIX = ".json"  # step_X.pt -> step_X.pt.json
 CORRUPT_SUFFIX = ".corrupt"  # a rejected checkpoint is renamed aside, never deleted
-BEST_NAME = "best.pt"  # the state with the lowest FID so far (eval.best_checkpoint)
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -99,30 +105,6 @@ def seed_rng(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- files
-
-
-def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
-    return ckpt_dir / f"step_{step:08d}.pt"
-
-
-def record_path(path: Path) -> Path:
-    return path.with_name(path.name + RECORD_SUFFIX)
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """``step_*.pt`` files in ``ckpt_dir``, oldest first (by step), valid or not."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def step_of(path: Path) -> int:
-    """The step a ``step_<step>.pt`` file was written at."""
-    m = _NAME.match(path.name)
-    if m is None:
-        raise ValueError(f"{path} is not named like a checkpoint (step_<step>.pt)")
-    return int(m.group(1))
 
 
 class Saved(NamedTuple):
@@ -194,7 +176,7 @@ def _write_with_record(state_dict: dict[str, Any], path: Path, step: int) -> int
         "data": state_dict.get("data"), "model": state_dict.get("config", {}).get("model"),
         "lineage": state_dict.get("lineage"),
     }  # fmt: skip
-    write_atomic(record_path(path), lambda f: f.write(json.dumps(record).encode()))
+    write_json(record_path(path), record)
     return written.bytes
 
 
@@ -301,19 +283,9 @@ def remove_temp_files(ckpt_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- which one to resume from
 
 
-# What train.overwrite leaves in a run folder: the log that records the wipe, the lock of
-# the trainer that wipes it (dcgan/run/lock.py) and the launchers' folder (job scripts,
-# pickles and logs of the job that is running now).
-KEPT_ON_OVERWRITE = ("train.log", LOCK_NAME, "slurm")
-
-
 def read_record(path: Path) -> dict[str, Any]:
     """The record beside ``path`` ({} when missing or damaged: choose() sets that checkpoint aside)."""
-    try:
-        record = json.loads(record_path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return read_json(record_path(path)) or {}
 
 
 def generator_from_state(sd: dict, model: ModelConfig, weights: str, path: Path) -> nn.Module:
@@ -349,7 +321,7 @@ def resolve(path: Path, prefer_best: bool = False) -> Path:
     a checkpoint file, verified against its record when it has one, or a run folder's newest
     valid one; with ``prefer_best``, the folder's ``best.pt`` (best FID) when it verifies."""
     if path.is_dir():
-        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        ckpt_dir = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
         best = ckpt_dir / BEST_NAME
         if prefer_best and best.is_file():
             reason = verify(best)

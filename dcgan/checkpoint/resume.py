@@ -17,8 +17,6 @@ from typing import Any, NamedTuple
 
 from dcgan.base.checks import ConfigError
 from dcgan.checkpoint.files import (
-    BEST_NAME,
-    KEPT_ON_OVERWRITE,
     list_checkpoints,
     read_record,
     record_path,
@@ -30,6 +28,7 @@ from dcgan.checkpoint.files import (
 from dcgan.config.sections import Config
 from dcgan.data.shardset import ShardSet, describe_change, say_once
 from dcgan.run import timelines
+from dcgan.run.folder import KEPT_ON_OVERWRITE, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def check_resume_setting(cfg: Config, shards: ShardSet) -> None:
     """The parts of train.resume a user can get wrong, checked before any process starts:
     a setting that does not fit the run folder, and a resume on other data than the
     checkpoint's (read from its record; ``train()`` checks the checkpoint it loads again)."""
-    existing = list_checkpoints(cfg.run_dir / "checkpoints")
+    existing = RunFolder.of(cfg).list_checkpoints()
     if cfg.train.resume == "never" and existing and not cfg.train.overwrite:
         raise ConfigError(
             f"train.resume: 'never', but {existing[0].parent} already holds {len(existing)} checkpoint(s); "
@@ -124,7 +123,8 @@ def choose(cfg: Config) -> Resume | None:
 
 
 def _choose_path(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
-    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    folder = RunFolder.of(cfg)
+    run_dir, ckpt_dir = folder.path, folder.checkpoints
     for tmp in remove_temp_files(ckpt_dir):
         log.warning("removed %s, left by a checkpoint write that was cut short", tmp)
     if cfg.train.resume == "never":
@@ -164,14 +164,15 @@ def place_on_timeline(run_dir: Path, path: Path, sd: dict[str, Any]) -> Resume:
     moves to ``timelines/`` (whatever its step number). Resumed from an old timeline of
     this folder, that timeline's metrics up to ``path``'s step come back, so metrics.jsonl
     holds the whole curve of the lineage trained on."""
-    ckpt_dir, step, lineage = run_dir / "checkpoints", sd["step"], sd.get("lineage")
+    folder = RunFolder(run_dir)
+    ckpt_dir, step, lineage = folder.checkpoints, sd["step"], sd.get("lineage")
     held = timelines.read_lineage(run_dir)
     if held is None:  # lineage.json lost: the newest checkpoint knows the folder's lineage
         newest = list_checkpoints(ckpt_dir)[-1:]
         held = read_record(newest[0]).get("lineage") if newest else None
     after = int(min(step, timelines.parting_step(held, lineage)))
     later = [p for p in list_checkpoints(ckpt_dir) if step_of(p) > after]
-    best = ckpt_dir / BEST_NAME
+    best = folder.best
     if best.exists() and read_record(best).get("step", 0) > after:
         later.append(best)
     own = path.resolve().parent == ckpt_dir.resolve()
@@ -179,8 +180,8 @@ def place_on_timeline(run_dir: Path, path: Path, sd: dict[str, Any]) -> Resume:
         return Resume(path, sd, lineage or timelines.fresh(), continues=True)
     timelines.move_aside(run_dir, after, later, step)
     old_timeline = path.resolve().parent.parent
-    if old_timeline.parent == (run_dir / timelines.TIMELINES_DIR).resolve():
-        timelines.bring_back_metrics(run_dir, old_timeline / "metrics.jsonl", lineage or [["", 0]], after, step)
+    if old_timeline.parent == folder.timelines.resolve():
+        timelines.bring_back_metrics(run_dir, RunFolder(old_timeline).metrics, lineage or [["", 0]], after, step)
     return Resume(path, sd, timelines.branch(lineage, step), continues=False)
 
 

@@ -38,6 +38,8 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
+from dcgan.run.folder import RunFolder
+
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -88,7 +90,7 @@ def report(
         post(store, line)
     details = "".join(traceback.format_exception(error))
     tell_torchrun(line, error, consequence=peer is not None)
-    train_log = run_dir / "train.log" if run_dir is not None else None
+    train_log = RunFolder(run_dir).train_log if run_dir is not None else None
     to_file = rank == 0 and train_log is not None and train_log.exists()
     if peer_logged is None:
         log.error("%s%s", line, f" (traceback in {train_log})" if to_file else "")

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 from dcgan.base.checks import ConfigError
+from dcgan.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
-
-LOCK_NAME = "run.lock"
 
 
 class RunFolderBusy(ConfigError):
@@ -38,7 +37,7 @@ class RunLock:
     """The lock on one run folder, held until ``release()`` or the end of the process."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_NAME
+        self.path = RunFolder(run_dir).lock
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -84,7 +83,7 @@ def held_on_this_host(run_dir: Path) -> bool | None:
     cannot tell; for ``launch.sweep status``. Read from /proc/locks, so the lock is never
     taken: a trainer starting at that very moment must not find it busy. Where /proc/locks
     is missing, a non-blocking shared flock, released at once, answers instead."""
-    path = run_dir / LOCK_NAME
+    path = RunFolder(run_dir).lock
     try:
         st = path.stat()
     except OSError:

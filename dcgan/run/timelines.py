@@ -25,24 +25,22 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dcgan.base.fileio import write_atomic
+from dcgan.base.fileio import read_json, write_atomic, write_json
+from dcgan.run.folder import LINEAGE as LINEAGE  # the files' names are the run folder's: also timelines.X
+from dcgan.run.folder import STARTED_WITH as STARTED_WITH
+from dcgan.run.folder import RunFolder, record_path, sample_step
 
 if TYPE_CHECKING:
     from dcgan.config.sections import Config
 
 log = logging.getLogger(__name__)
 
-STARTED_WITH = "started_with.json"  # the settings that act once, as the run folder applied them
-LINEAGE = "lineage.json"  # the lineage the run folder holds
-TIMELINES_DIR = "timelines"  # <run>/timelines/<when>-after-step_<S>/: what a branch moved aside
-_SAMPLE_NAME = re.compile(r"^step_(\d{8,})\.png$")
 
 Lineage = list  # [[timeline id, start step], ...], oldest first
 
@@ -65,10 +63,11 @@ def applied_before(cfg: Config) -> bool:
     wanted = start_settings(cfg)
     if wanted is None:
         return False
-    recorded = _read_json(cfg.run_dir / STARTED_WITH)
+    folder = RunFolder.of(cfg)
+    recorded = read_json(folder.started_with) or {}
     if {k: recorded.get(k) for k in wanted} != wanted:
         return False
-    return _read_json(cfg.run_dir / "summary.json").get("status") != "done"
+    return (folder.read_summary() or {}).get("status") != "done"
 
 
 def record_start(cfg: Config, step: int) -> None:
@@ -78,7 +77,7 @@ def record_start(cfg: Config, step: int) -> None:
         return
     record = {**settings, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
-        write_atomic(cfg.run_dir / STARTED_WITH, lambda f: f.write(json.dumps(record).encode()))
+        write_json(RunFolder.of(cfg).started_with, record)
     except OSError as e:  # a requeue still carries on (restart count); a manual rerun would apply them again
         log.error("could not write %s (%s): the same command would apply %s again", STARTED_WITH, e, settings)
 
@@ -119,7 +118,7 @@ def parting_step(a: Lineage | None, b: Lineage | None) -> float:
 
 
 def read_lineage(run_dir: Path) -> Lineage | None:
-    found = _read_json(run_dir / LINEAGE).get("lineage")
+    found = (read_json(RunFolder(run_dir).lineage) or {}).get("lineage")
     return found if isinstance(found, list) and found else None
 
 
@@ -127,9 +126,9 @@ def write_lineage(run_dir: Path, lineage: Lineage) -> None:
     """Rank 0, at the start of each attempt. A failed write is logged: the next branch
     then falls back on the newest checkpoint's lineage."""
     try:
-        write_atomic(run_dir / LINEAGE, lambda f: f.write(json.dumps({"lineage": lineage}).encode()))
+        write_json(RunFolder(run_dir).lineage, {"lineage": lineage})
     except OSError as e:
-        log.error("could not write %s: %s", run_dir / LINEAGE, e)
+        log.error("could not write %s: %s", RunFolder(run_dir).lineage, e)
 
 
 def move_aside(run_dir: Path, after: int, later: list[Path], resumed_step: int) -> Path | None:
@@ -137,36 +136,36 @@ def move_aside(run_dir: Path, after: int, later: list[Path], resumed_step: int) 
     there, best.pt among them when it is past) to a new timeline folder, with the sample
     grids and metrics lines past ``after``, and copies of metrics.jsonl and summary.json as
     they were. Returns that folder (None: nothing was past ``after``)."""
-    samples, metrics = run_dir / "samples", run_dir / "metrics.jsonl"
-    grids = [p for p in (samples.iterdir() if samples.is_dir() else ()) if _grid_step(p) > after]
+    folder = RunFolder(run_dir)
+    samples, metrics = folder.samples, folder.metrics
+    grids = [p for p in (samples.iterdir() if samples.is_dir() else ()) if sample_step(p) > after]
     lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
     kept = [line for line in lines if _step_of_line(line) is not None and _step_of_line(line) <= after]
     if not (later or grids or len(kept) < len(lines)):
         return None
-    aside = run_dir / TIMELINES_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-after-step_{after:08d}"
-    aside = _unused(aside)
-    (aside / "checkpoints").mkdir(parents=True)
-    for name in (LINEAGE, "summary.json"):
-        if (run_dir / name).exists():
-            shutil.copy2(run_dir / name, aside / name)
+    aside = RunFolder(_unused(folder.timelines / f"{time.strftime('%Y%m%d-%H%M%S')}-after-step_{after:08d}"))
+    aside.checkpoints.mkdir(parents=True)
+    for source, copy in ((folder.lineage, aside.lineage), (folder.summary, aside.summary)):
+        if source.exists():
+            shutil.copy2(source, copy)
     if metrics.exists():
-        shutil.copy2(metrics, aside / "metrics.jsonl")  # the old timeline's whole curve
+        shutil.copy2(metrics, aside.metrics)  # the old timeline's whole curve
         write_atomic(metrics, lambda f: f.write("".join(kept).encode()))
     for path in later:
-        path.replace(aside / "checkpoints" / path.name)
-        record = path.with_name(path.name + ".json")
+        path.replace(aside.checkpoints / path.name)
+        record = record_path(path)
         if record.exists():
-            record.replace(aside / "checkpoints" / record.name)
+            record.replace(aside.checkpoints / record.name)
     if grids:
-        (aside / "samples").mkdir()
+        aside.samples.mkdir()
         for path in grids:
-            path.replace(aside / "samples" / path.name)
+            path.replace(aside.samples / path.name)
     log.warning(
         "resuming at step %d on a new timeline: what the run folder held past step %d (%d checkpoint(s), %d sample "
         "grid(s), %d metrics line(s)) moved to %s",
-        resumed_step, after, len(later), len(grids), len(lines) - len(kept), aside,
+        resumed_step, after, len(later), len(grids), len(lines) - len(kept), aside.path,
     )  # fmt: skip
-    return aside
+    return aside.path
 
 
 def bring_back_metrics(run_dir: Path, source: Path, lineage: Lineage, after: int, upto: int) -> int:
@@ -184,7 +183,7 @@ def bring_back_metrics(run_dir: Path, source: Path, lineage: Lineage, after: int
         if timeline is None or timeline == timeline_at(lineage, step):
             found.append(line if line.endswith("\n") else line + "\n")
     if found:
-        metrics = run_dir / "metrics.jsonl"
+        metrics = RunFolder(run_dir).metrics
         before = metrics.read_text() if metrics.exists() else ""
         write_atomic(metrics, lambda f: f.write((before + "".join(found)).encode()))
     return len(found)
@@ -205,22 +204,8 @@ def _unused(path: Path) -> Path:
     return candidate
 
 
-def _grid_step(path: Path) -> int:
-    """The step of a sample grid ``step_<step>.png`` (-1: not a step's grid, e.g. real.png)."""
-    m = _SAMPLE_NAME.match(path.name)
-    return int(m.group(1)) if m else -1
-
-
 def _step_of_line(line: str) -> int | None:
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dcgan.base.fileio import write_atomic
+from dcgan.base.fileio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -126,5 +126,5 @@ def record(path: Path, attempt: dict[str, Any]) -> list[dict[str, Any]]:
             path.replace(path.with_name(path.name + ".unreadable"))
             attempts = []
     attempts.append(attempt)
-    write_atomic(path, lambda f: f.write(json.dumps(attempts, indent=2).encode()))
+    write_json(path, attempts, indent=2)
     return attempts

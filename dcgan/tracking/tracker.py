@@ -44,6 +44,7 @@ from dcgan.checkpoint.state import TrainState
 from dcgan.config.sections import Config
 from dcgan.quality.scores import format_scores, protocol_tag
 from dcgan.run.distributed import DistInfo
+from dcgan.run.folder import RunFolder
 from dcgan.tracking import provenance
 from dcgan.tracking.wandb_run import WandbRun, open_run
 
@@ -90,9 +91,10 @@ class Tracker:
         self.cfg, self.enabled = cfg, enabled
         self.device = device or torch.device("cpu")
         self.interval = Interval(stat_names, self.device)
-        self.run_dir = cfg.run_dir
-        self.samples_dir = self.run_dir / "samples"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.folder = RunFolder.of(cfg)
+        self.run_dir = self.folder.path
+        self.samples_dir = self.folder.samples
+        self.metrics_path = self.folder.metrics
         self.wandb = WandbRun(None, "disabled")
         self.wandb_has_through = -1  # the W&B run already holds steps up to here (see module doc)
         self.timeline = ""  # the id of the timeline trained on (dcgan/run/timelines.py), in every metrics line
@@ -179,12 +181,12 @@ class Tracker:
 
     def real_grid(self, images: torch.Tensor) -> None:
         """A grid of real training images, once at the start of a run (``samples/real.png``)."""
-        self._grid(images, "real", self.samples_dir / "real.png", step=0)
+        self._grid(images, "real", self.folder.real_grid, step=0)
 
     def sample_grid(self, step: int, images: torch.Tensor) -> None:
         """G(fixed noise) at ``step``: ``samples/step_<step>.png``, W&B "samples"; redraws losses.png."""
-        self._grid(images, "samples", self.samples_dir / f"step_{step:08d}.png", step)
-        self._in_background("losses.png", plot_losses, self.metrics_path, self.run_dir / "losses.png")
+        self._grid(images, "samples", self.folder.sample(step), step)
+        self._in_background("losses.png", plot_losses, self.metrics_path, self.folder.losses_plot)
 
     def finish(self, exit_code: int, preempted: bool, facts: dict[str, Any]) -> None:
         """End of this attempt: summary.json (``facts`` + final and best values), the last
@@ -192,7 +194,7 @@ class Tracker:
         if not self.enabled:
             return
         self.progress.close()
-        self._in_background("losses.png", plot_losses, self.metrics_path, self.run_dir / "losses.png")
+        self._in_background("losses.png", plot_losses, self.metrics_path, self.folder.losses_plot)
         self._writer.shutdown(wait=True)
         self._collect(wait=True)
         if self._unwritten:
@@ -205,9 +207,9 @@ class Tracker:
             "failed_writes": self.failed_writes,
         }
         try:
-            write_atomic(self.run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+            self.folder.write_summary(summary)
         except OSError as e:
-            self._write_failed("summary.json", e)
+            self._write_failed(self.folder.summary.name, e)
         if self.failed_writes:
             log.warning(
                 "writes to %s that failed this attempt: %s%s", self.run_dir,
@@ -230,9 +232,9 @@ class Tracker:
             **provenance.collect(getattr(sys, "orig_argv", sys.argv), list(source.overrides), self.device, source.file),
         }
         try:
-            provenance.record(self.run_dir / "provenance.json", attempt)
+            provenance.record(self.folder.provenance, attempt)
         except OSError as e:
-            self._write_failed("provenance.json", e)
+            self._write_failed(self.folder.provenance.name, e)
         return attempt
 
     def _grid(self, images: torch.Tensor, key: str, path: Path, step: int) -> None:

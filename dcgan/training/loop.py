@@ -36,6 +36,7 @@ from dcgan.quality.evaluator import Evaluator, eval_mode_sampler
 from dcgan.run import distributed, failure, timelines
 from dcgan.run.distributed import DistInfo
 from dcgan.run.failure import Where
+from dcgan.run.folder import RunFolder
 from dcgan.run.preemption import StopRequest, WorkerSignals
 from dcgan.tracking.tracker import Tracker
 from dcgan.training import step as train_step
@@ -76,7 +77,7 @@ def train(plan: RunPlan, dist: DistInfo, stop: StopRequest, where: Where) -> int
     ``where`` follows the phase and step, for the line a failure ends with (dcgan/run/failure.py)."""
     cfg = plan.cfg
     if dist.is_main:
-        handler = RunLogHandler(cfg.run_dir / "train.log")
+        handler = RunLogHandler(RunFolder.of(cfg).train_log)
         handler.setFormatter(logging.Formatter(log_format(dist.rank), LOG_DATE_FORMAT))
         logging.getLogger().addHandler(handler)
     resume_from = agree_on_resume(cfg, dist)
@@ -203,7 +204,7 @@ def build_run(
         resume_from = resume_from._replace(state_dict=None)  # loaded: free it
     state.lineage = resume_from.lineage if resume_from is not None else timelines.fresh()
     if dist.is_main:
-        save_config(cfg, cfg.run_dir / "config.yaml")
+        save_config(cfg, RunFolder.of(cfg).config)
         timelines.write_lineage(cfg.run_dir, state.lineage)
     # The W&B run goes on only when the folder's own timeline does (a resume=PATH from
     # another run, or a branch, starts a new one); rank 0 fills in the id that checkpoints
@@ -286,7 +287,7 @@ def finish_attempt(run: TrainingRun, ending: Ending, started: tuple[int, float, 
     wall, done = time.perf_counter() - started[1], state.step - started[0]
     global_batch = cfg.train.batch_size * dist.world_size
     if ending.status == "diverged" and dist.is_main:
-        newest, _ = files.latest_valid(cfg.run_dir / "checkpoints")
+        newest, _ = files.latest_valid(RunFolder.of(cfg).checkpoints)
         log.error(
             "diverged at step %d: %s; stopped without writing a checkpoint, the resume point stays %s. "
             "Lower the learning rates (optim.g.lr, optim.d.lr), or resume from an earlier checkpoint with other settings",
