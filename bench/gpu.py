@@ -90,7 +90,7 @@ def run_stage(name: str, work: Path, args: argparse.Namespace, limit_s: float, l
     smoke = args.cpu_smoke
     result_file = work / f"{name}.json"
     result_file.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--result", str(result_file),
+    command = [sys.executable, "-m", "bench.gpu", "--stage", name, "--result", str(result_file),
                "--work", str(work), "--tests", args.tests, "--rows", args.rows] + (["--cpu-smoke"] if smoke else [])  # fmt: skip
     t0 = time.perf_counter()
     log.write(f"\n===== stage {name} (limit {limit_s:.0f}s) =====\n")
@@ -192,7 +192,7 @@ def stage_packages(work: Path, args: argparse.Namespace) -> dict:
 
 def stage_e2e(work: Path, args: argparse.Namespace) -> dict:
     """Real trainer runs on photo patches; several at once (the GPU has room, the timing is not the point)."""
-    from gpu_table import bench_shards  # bench/ is sys.path[0]; imported here, after the packages stage
+    from bench.gpu_table import bench_shards  # imported here, after the packages stage
 
     smoke = args.cpu_smoke
     runs_dir = work / "runs"

@@ -20,4 +20,4 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         --target /tmp/dcgan-site .whl/*.whl || echo "gpu.sh: installing .whl/ failed (the packages stage will say what is missing)" >&2
     export PYTHONPATH="/tmp/dcgan-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-exec "$PYTHON" bench/gpu.py "$@"
+exec "$PYTHON" -m bench.gpu "$@"
