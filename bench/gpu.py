@@ -284,7 +284,7 @@ def stage_tests(work: Path, args: argparse.Namespace) -> dict:
 
 def stage_throughput(work: Path, args: argparse.Namespace) -> dict:
     """The table (bench/gpu_table.py), within the stage's time limit."""
-    import gpu_table
+    from bench import gpu_table
 
     smoke = args.cpu_smoke
     rows = [word for word in args.rows.split(",") if word]
