@@ -2,6 +2,8 @@
 # The test suite from a fresh clone: bash scripts/test.sh [pytest args]
 # With no test path among the arguments pytest runs its testpaths (pyproject.toml: tests);
 # with one (tests/e2e/test_cli.py, tests/e2e/test_cli.py::test_x, a folder) it runs only that.
+# The fast loop: bash scripts/test.sh -m "not e2e" (tests/unit, in-process; tests/conftest.py
+# marks every test under tests/e2e e2e).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
