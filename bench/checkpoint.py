@@ -1,7 +1,7 @@
 """Checkpoint cost and preemption latency.
 
-    python bench/checkpoint.py --config configs/celeba.yaml
-    python bench/checkpoint.py --config configs/celeba.yaml --signal-latency --nproc 2
+    python -m bench.checkpoint --config configs/celeba.yaml
+    python -m bench.checkpoint --config configs/celeba.yaml --signal-latency --nproc 2
 
 Part 1 (always), one process: builds the config's full training state (G, D, EMA, both
 Adams after one step, so their moments exist), then prints the checkpoint's size and the
@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench.throughput import ensure_bench_shards
 from dcgan.checkpoint import files as checkpoint
 from dcgan.config.loading import load_config
 from dcgan.run.distributed import DistInfo
 from dcgan.training.setup import build_training
 from dcgan.training.step import AMP_DTYPES, gan_step
-from throughput import ensure_bench_shards  # noqa: E402
 
 
 def checkpoint_cost(config: str, repeats: int, out_dir: Path) -> None:

@@ -2,9 +2,9 @@
 shards are not at model size, augment, collate, to float in [-1, 1]) on the CPU, per
 shard encoding and DataLoader worker count. Nothing trains.
 
-    python bench/data.py --config configs/celeba.yaml --batch 64
-    python bench/data.py --workers 0,1,2 --formats 'png jpg npy raw png@128' --versus 230
-    python bench/data.py data.augment.hflip=true data.augment.degrees=10   # with augmentation
+    python -m bench.data --config configs/celeba.yaml --batch 64
+    python -m bench.data --workers 0,1,2 --formats 'png jpg npy raw png@128' --versus 230
+    python -m bench.data data.augment.hflip=true data.augment.degrees=10   # with augmentation
 
 ``raw`` is `dcgan.shards --format raw`: 256 images per tar member as one uint8 .npy,
 decoded without PIL. A format ``F@S`` reads shards stored at S px, resized to the
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
+from bench.throughput import BENCH_DATA, ensure_bench_shards, int_list
 from dcgan.config.loading import load_config
 from dcgan.data.shardset import resolve_shards
 from dcgan.data.stream import Loader, ShardStream
 from dcgan.training.setup import memory_format
-from throughput import BENCH_DATA, ensure_bench_shards, int_list  # bench/ is on sys.path when run as a script
 
 
 def pipeline_rate(loader: Loader, epochs: int, skip: int) -> float:

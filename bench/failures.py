@@ -2,8 +2,8 @@
 process (the launcher included), for failures injected by tests/faults.py into the real
 trainer (dcgan/run/failure.py says how a failure ends a run).
 
-    python bench/failures.py --shards data/fashion-mnist
-    python bench/failures.py --config configs/celeba.yaml --shards data/celeba --nproc 8   # GPUs: NCCL
+    python -m bench.failures --shards data/fashion-mnist
+    python -m bench.failures --config configs/celeba.yaml --shards data/celeba --nproc 8   # GPUs: NCCL
 
 The cases: a step failing on one process alone; a step failing on the last of --nproc
 ranks under torchrun, while the others wait for it in a collective; and the same with

@@ -9,7 +9,7 @@ summary. Stages:
   e2e         dcgan.train on CUDA: celeba on photo patches with the cache in bf16 (200 steps,
               then resumed to 250), pumpkins with its augmentation, torchrun with one process,
               and a process group of one (DDP, NCCL, SyncBN; then its CUDA graph)
-  tests       tests/test_cuda.py (pytest -m cuda)
+  tests       tests/e2e/test_cuda.py (pytest -m cuda)
   throughput  the table: configs/celeba.yaml at batch 128 and 512, the plain seed loop, the
               trainer's step eager in fp32 and bf16, compiled, as a CUDA graph, as a graph
               fed by the cache, and with a process group of one; the demo config; the NCCL
@@ -90,7 +90,7 @@ def run_stage(name: str, work: Path, args: argparse.Namespace, limit_s: float, l
     smoke = args.cpu_smoke
     result_file = work / f"{name}.json"
     result_file.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--result", str(result_file),
+    command = [sys.executable, "-m", "bench.gpu", "--stage", name, "--result", str(result_file),
                "--work", str(work), "--tests", args.tests, "--rows", args.rows] + (["--cpu-smoke"] if smoke else [])  # fmt: skip
     t0 = time.perf_counter()
     log.write(f"\n===== stage {name} (limit {limit_s:.0f}s) =====\n")
@@ -192,7 +192,7 @@ def stage_packages(work: Path, args: argparse.Namespace) -> dict:
 
 def stage_e2e(work: Path, args: argparse.Namespace) -> dict:
     """Real trainer runs on photo patches; several at once (the GPU has room, the timing is not the point)."""
-    from gpu_table import bench_shards  # bench/ is sys.path[0]; imported here, after the packages stage
+    from bench.gpu_table import bench_shards  # imported here, after the packages stage
 
     smoke = args.cpu_smoke
     runs_dir = work / "runs"
@@ -261,11 +261,11 @@ def run_all(jobs: dict[str, list[str]], work: Path) -> dict:
 
 
 def stage_tests(work: Path, args: argparse.Namespace) -> dict:
-    """tests/test_cuda.py; its output streams into gpu.log (a stage cut at its limit still
+    """tests/e2e/test_cuda.py; its output streams into gpu.log (a stage cut at its limit still
     shows how far it got), its verdicts come from a JUnit file."""
     report = work / "cuda-tests.xml"
     report.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-m", "cuda", "-q", "-rA", "-p", "no:cacheprovider",
+    command = [sys.executable, "-m", "pytest", "tests/e2e/test_cuda.py", "-m", "cuda", "-q", "-rA", "-p", "no:cacheprovider",
                f"--junitxml={report}", "-o", "junit_logging=system-out"] + (["-k", args.tests] if args.tests else [])  # fmt: skip
     code = subprocess.run(command, cwd=REPO).returncode
     cases = ElementTree.parse(report).getroot().iter("testcase") if report.exists() else []
@@ -284,7 +284,7 @@ def stage_tests(work: Path, args: argparse.Namespace) -> dict:
 
 def stage_throughput(work: Path, args: argparse.Namespace) -> dict:
     """The table (bench/gpu_table.py), within the stage's time limit."""
-    import gpu_table
+    from bench import gpu_table
 
     smoke = args.cpu_smoke
     rows = [word for word in args.rows.split(",") if word]

@@ -6,7 +6,7 @@
 # Each stage prints PASS or FAIL with its time; a summary of at most 60 lines ends the
 # output. The log (gpu.log), each run's log and report.json go to DIR (default: $OUT, else
 # bench/gpu-out). Stages and figures: bench/gpu.py. --cpu-smoke runs every stage at tiny
-# sizes on the CPU in under two minutes (tests/test_performance.py runs it, so this
+# sizes on the CPU in under two minutes (tests/e2e/test_performance.py runs it, so this
 # script works the day a GPU comes).
 #
 # A GPU machine without internet lacks webdataset, wandb and submitit: scripts/gpu_wheels.sh,
@@ -20,4 +20,4 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         --target /tmp/dcgan-site .whl/*.whl || echo "gpu.sh: installing .whl/ failed (the packages stage will say what is missing)" >&2
     export PYTHONPATH="/tmp/dcgan-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-exec "$PYTHON" bench/gpu.py "$@"
+exec "$PYTHON" -m bench.gpu "$@"

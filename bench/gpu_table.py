@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench.plain_loop import PlainLoop
+from bench.throughput import ensure_bench_shards, flops_per_image, host_syncs
 from dcgan.config.loading import load_config
 from dcgan.config.sections import Config
 from dcgan.data.cache import CachedLoader
@@ -33,8 +35,6 @@ from dcgan.data.shardset import resolve_shards
 from dcgan.run.distributed import DistInfo
 from dcgan.training.setup import build_training, memory_format, set_tf32
 from dcgan.training.step import STAT_NAMES, WARMUP_STEPS, TrainStep
-from plain_loop import PlainLoop  # bench/ is on sys.path
-from throughput import ensure_bench_shards, flops_per_image, host_syncs
 
 Step = Callable[[torch.Tensor], object]
 

@@ -2,8 +2,8 @@
 the trainer runs (dcgan/data/stream.py's ``epoch_layout`` and ``slot_span``, dcgan/data/cache.py's
 ``epoch_permutation`` and ``rank_share``).
 
-    python bench/plan_at_scale.py                      # 512 ranks x 8 workers, 20,000 shards; 10M cached
-    python bench/plan_at_scale.py --ranks 64 --shards 2000 --cache-samples 1000000
+    python -m bench.plan_at_scale                      # 512 ranks x 8 workers, 20,000 shards; 10M cached
+    python -m bench.plan_at_scale --ranks 64 --shards 2000 --cache-samples 1000000
 
 Shard reader: per epoch, every (rank, worker slot) run of positions, checked for equal
 steps per rank, disjoint runs and full coverage (all but fewer than ranks x batch

@@ -1,9 +1,9 @@
 """Sample quality of the trainer against a plain seed-style loop, same budget.
 
-    python bench/quality.py                                  # configs/fashion-mnist.yaml, 4000 steps
-    python bench/quality.py --steps 4000 --plain-steps 8000 --eval-every 1000
-    python bench/quality.py --only project model.ema_decay=0 # an ablation (a.b=value for both runs)
-    python bench/quality.py --only project --nproc 2 train.batch_size=64 train.sync_bn=false  # DDP, no SyncBN
+    python -m bench.quality                                  # configs/fashion-mnist.yaml, 4000 steps
+    python -m bench.quality --steps 4000 --plain-steps 8000 --eval-every 1000
+    python -m bench.quality --only project model.ema_decay=0 # an ablation (a.b=value for both runs)
+    python -m bench.quality --only project --nproc 2 train.batch_size=64 train.sync_bn=false  # DDP, no SyncBN
 
 (1) the project: ``python -m dcgan.train`` on the config (one process, its batch size;
 with --nproc N, torchrun with N processes of that batch each),
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
+from bench.plain_loop import PlainLoop, batches
 from dcgan.config.loading import load_config
 from dcgan.data.shardset import resolve_shards
 from dcgan.data.stream import Loader, ShardStream
 from dcgan.quality.evaluator import DEFAULT_FEATURES_NAME, Evaluator, choose_extractor
 from dcgan.run.distributed import DistInfo
-from plain_loop import PlainLoop, batches  # bench/ is on sys.path when run as a script
 
 SCORES = ("fid", "kid", "precision", "recall")
 

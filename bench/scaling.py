@@ -3,8 +3,8 @@ same batch per process, for each N of --nproc; gloo on the CPU, NCCL on GPUs (on
 process). With --ddp-overhead, also the step of one process with and without the DDP
 wrappers (a process group of one): what DDP's hooks cost when there is nothing to share.
 
-    python bench/scaling.py --config configs/celeba.yaml --batch 64 --nproc 1,2
-    python bench/scaling.py --nproc 1,2,4,8 --ddp-overhead train.precision=bf16   # a GPU box
+    python -m bench.scaling --config configs/celeba.yaml --batch 64 --nproc 1,2
+    python -m bench.scaling --nproc 1,2,4,8 --ddp-overhead train.precision=bf16   # a GPU box
 
 On the CPU every process gets --threads-per-process threads (default: the cores over the
 largest N), so N processes have N times the compute of one and the efficiency
@@ -30,11 +30,11 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from bench.throughput import bench_overrides, int_list, timed_steps
 from dcgan.config.loading import load_config
 from dcgan.run.distributed import DistInfo
 from dcgan.training.setup import NO_FORWARD_BUFFER_SYNC, build_training, memory_format
 from dcgan.training.step import AMP_DTYPES, gan_step
-from throughput import bench_overrides, int_list, timed_steps  # bench/ is on sys.path when run as a script
 
 
 def trainer_rate(args, overrides: list[str], nproc: int, threads: int, out_dir: Path) -> tuple[float, list[float]]:

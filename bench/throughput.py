@@ -8,8 +8,8 @@
     real/fake passes, no DDP, torch's default Adam and memory layout) on the same
     architecture, fed from memory like (b): (a)/(c) is what the project gains.
 
-    python bench/throughput.py --config configs/celeba.yaml --batch 64 --precision bf16
-    python bench/throughput.py --precision bf16 --ablate train.channels_last=false --ablate optim.fused=false
+    python -m bench.throughput --config configs/celeba.yaml --batch 64 --precision bf16
+    python -m bench.throughput --precision bf16 --ablate train.channels_last=false --ablate optim.fused=false
 
 Each --ablate override is one more variant: (b) with that one setting changed, so each
 speed setting is seen to pay (ratio to (b) below 1) or not. All variants run in turn in
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.plain_loop import PlainLoop, batches
 from dcgan.config.loading import load_config
 from dcgan.config.sections import Config
 from dcgan.data.cache import CachedLoader, choose_cache, measure_room
@@ -48,7 +49,6 @@ from dcgan.run.distributed import DistInfo
 from dcgan.shards import main as shards_main
 from dcgan.training.setup import build_training, memory_format, set_tf32
 from dcgan.training.step import AMP_DTYPES, gan_step
-from plain_loop import PlainLoop, batches  # bench/ is on sys.path when run as a script
 
 BENCH_DATA = Path("data")  # where the photo-patch shards are written
 

@@ -84,7 +84,7 @@ def write_config(path: Path, shards: Path, **sections) -> Path:
     """A tiny kmnist-arch config on ``shards``; ``sections`` update its sections. It reads
     the shards every epoch (data.cache=off), as most tests are about that reader; the
     cache's tests turn it on. It trains on the CPU, also on a GPU machine (CUDA tests,
-    tests/test_cuda.py, set train.device themselves)."""
+    tests/e2e/test_cuda.py, set train.device themselves)."""
     cfg = {
         "data": {"shards": str(shards), "workers": 1, "shuffle_buffer": 64, "cache": "off"},
         "model": {"arch": "kmnist", "image_size": 28, "channels": 1, "nz": 16, "ngf": 8, "ndf": 8},
@@ -133,8 +133,18 @@ def run_module(module: str, *args: str, **kwargs):
     return run_python("-m", module, *args, **kwargs)
 
 
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` need a GPU: skipped, with the reason, where torch sees none."""
+    """Every test under tests/e2e is marked ``e2e``, and every test on the local Slurm
+    cluster ``slurm`` (``-m "not e2e"``: the unit tier). Tests marked ``cuda`` need a GPU:
+    skipped, with the reason, where torch sees none."""
+    for item in items:
+        if E2E in item.path.resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="a CUDA test: torch sees no CUDA device here (bench/gpu.sh runs them on a GPU)")

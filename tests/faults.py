@@ -1,5 +1,5 @@
 """``python tests/faults.py --config ...``: dcgan.train with failures injected, for
-tests/test_failures.py. Runs alone or under torchrun, like ``-m dcgan.train``.
+tests/e2e/test_failures.py. Runs alone or under torchrun, like ``-m dcgan.train``.
 
 DCGAN_FAULT says which, and where (comma-separated; empty: none):
   step:RANK:STEP          gan_step raises on RANK when it computes step STEP

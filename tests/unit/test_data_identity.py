@@ -43,6 +43,7 @@ def rewrite_tar(path: Path, change) -> None:
 # --------------------------------------------------------------------------- resuming on rebuilt shards
 
 
+@pytest.mark.e2e  # starts processes
 def test_a_resume_on_the_same_images_rewritten_at_another_size_is_refused(tmp_path, real_images):
     images, labels = real_images
     shards = make_shards(tmp_path / "data", images[:128], labels[:128], "--per-shard", "32")

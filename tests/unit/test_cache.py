@@ -49,6 +49,7 @@ def cached(shards, **data) -> CachedLoader:
     return CachedLoader(resolve_shards(cfg), cfg, ONE_PROCESS, batch_size=8, image_size=28, channels=1, seed=0)
 
 
+@pytest.mark.e2e  # starts processes
 def test_split_under_two_rank_torchrun(indexed_shards):
     result = run_python("tests/cache_checks.py", str(indexed_shards), nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,6 +83,7 @@ def test_corrupt_samples_are_counted_and_skipped(tmp_path, real_images):
     assert len({label for _, y in loader.epoch(0) for label in y.tolist()}) == 56  # 7 batches of 8 out of 61
 
 
+@pytest.mark.e2e  # starts processes
 def test_auto_choice_both_ways(tmp_path, digit_shards):
     fits = DataConfig(shards="x", cache="auto", cache_max_gb=1.0)
     assert choose_cache(fits, (512,), 1, 28, 1, ROOMY_CPU).on
@@ -183,6 +185,7 @@ CACHED_RUN = {
 }
 
 
+@pytest.mark.e2e  # starts processes
 def test_sigterm_and_resume_is_bitwise_exact_with_the_cache(tmp_path, digit_shards):
     config = write_config(tmp_path / "cached.yaml", digit_shards, **CACHED_RUN)
     reference = run_module("dcgan.train", "--config", str(config), "train.name=reference", nproc=2, timeout=300)

@@ -1,5 +1,5 @@
 """Which device a process takes, and a process group with one process: what a GPU cluster
-decides, checked here with the device counts given (tests/test_cuda.py runs it on a GPU)."""
+decides, checked here with the device counts given (tests/e2e/test_cuda.py runs it on a GPU)."""
 
 import pytest
 import torch
@@ -33,6 +33,7 @@ def test_any_other_binding_is_refused_in_one_line(monkeypatch):
     assert "sees 2 CUDA device(s) (CUDA_VISIBLE_DEVICES=0,1)" in message
 
 
+@pytest.mark.e2e  # starts processes
 def test_a_process_group_of_one(tmp_path, digit_shards):
     """train.distributed=always: DDP and SyncBN with one process (gloo here, NCCL on a GPU);
     train.cuda_graph=on on the CPU says it runs eagerly."""

@@ -180,14 +180,3 @@ def test_going_back_to_an_older_timeline_keeps_every_checkpoint_and_metrics_line
     # B's sample grids past step 5 went with B
     grids = sorted(p.name for p in (b_aside / "samples").iterdir())
     assert grids == [f"step_{s:08d}.png" for s in range(6, 31) if s % 3 == 0]
-
-
-def test_parting_step_of_two_lineages():
-    a = [["a", 0]]
-    b = [["a", 0], ["b", 5]]
-    c = [["a", 0], ["c", 10]]
-    assert timelines.parting_step(a, b) == 5 and timelines.parting_step(b, a) == 5
-    assert timelines.parting_step(b, c) == 5
-    assert timelines.parting_step(a, [["x", 0]]) == 0  # another run's checkpoint: nothing shared
-    assert timelines.parting_step(b, b) == float("inf") and timelines.parting_step(None, b) == float("inf")
-    assert [timelines.timeline_at(c, s) for s in (1, 10, 11)] == ["a", "a", "c"]

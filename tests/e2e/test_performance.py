@@ -91,7 +91,7 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards, real_images):
     np.save(tmp_path / "digits.npy", real_images[0][:512])  # bench/data.py's source (no scikit-image here)
     common = ["--config", str(config), "--batch", "16"]
     throughput = run_python(
-        "bench/throughput.py", *common, "--shards", str(digit_shards), "--steps", "2", "--warmup", "1",
+        "-m", "bench.throughput", *common, "--shards", str(digit_shards), "--steps", "2", "--warmup", "1",
         "--repeats", "1", "--ablate", "optim.fused=false", timeout=300,
     )  # fmt: skip
     assert throughput.returncode == 0, throughput.stderr[-3000:]
@@ -104,7 +104,7 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards, real_images):
     assert re.search(r"\(a'\)/\(a\) = [\d.]+ .* cache of 512 images built in", throughput.stdout)
 
     data = run_python(
-        "bench/data.py", *common, "--data-dir", str(tmp_path / "data"), "--source", str(tmp_path / "digits.npy"),
+        "-m", "bench.data", *common, "--data-dir", str(tmp_path / "data"), "--source", str(tmp_path / "digits.npy"),
         "--formats", "npy raw png@32", "--workers", "0,1", "--epochs", "1", "--repeats", "1", "--versus", "100",
         timeout=300,
     )  # fmt: skip
@@ -114,7 +114,7 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards, real_images):
     assert all(float(r[2]) > 0 for r in rows)
 
     scaling = run_python(
-        "bench/scaling.py", *common, "--shards", str(digit_shards), "--nproc", "1,2", "--steps", "6",
+        "-m", "bench.scaling", *common, "--shards", str(digit_shards), "--nproc", "1,2", "--steps", "6",
         "--log-every", "2", "--repeats", "1", "--ddp-overhead", timeout=300,
     )  # fmt: skip
     assert scaling.returncode == 0, scaling.stderr[-3000:]
@@ -122,7 +122,7 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards, real_images):
     assert [r[0] for r in table] == ["1", "2"] and float(table[0][3]) == 1.0
     assert "under DDP" in scaling.stdout
 
-    scale = run_python("bench/plan_at_scale.py", "--ranks", "8", "--shards", "100", "--cache-samples", "10000")
+    scale = run_python("-m", "bench.plan_at_scale", "--ranks", "8", "--shards", "100", "--cache-samples", "10000")
     assert scale.returncode == 0, scale.stderr[-3000:]
     assert "read amplification      1." in scale.stdout and scale.stdout.count("on every rank: True") == 2
 

@@ -51,6 +51,7 @@ def sweep(tmp_path_factory, digit_shards):
     return path, [placed[-3].removeprefix("train.name=") for _, _, placed in runs]
 
 
+@pytest.mark.e2e  # starts processes
 def test_status_table_csv_and_plot(sweep, capsys, tmp_path):
     path, names = sweep
     folder = path.parent / "runs" / "lr"
@@ -99,6 +100,7 @@ def test_status_table_csv_and_plot(sweep, capsys, tmp_path):
     assert seconds < 10
 
 
+@pytest.mark.e2e  # starts processes
 def test_a_held_run_lock_means_running(sweep):
     path, names = sweep
     run_dir = path.parent / "runs" / "lr" / names[2]
@@ -157,6 +159,7 @@ def test_a_bad_sweep_file_exits_2_with_one_line(tmp_path, digit_shards, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e  # starts processes
 def test_a_status_query_writes_nothing_and_tells_submitted_from_not(tmp_path, digit_shards, capsys):
     """`launch.sweep status` is a query: no status.csv or fid.png unless --csv / --plot
     asks, and no empty plot when no run has an FID. A run with a job in sweep.json but no

@@ -9,7 +9,7 @@ from torch import nn
 from dcgan.config.loading import load_config
 from dcgan.models.networks import build_models, ema_copy, ema_decay, update_ema
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 # Parameter counts worked out by hand from each seed's layer list at the config's widths:
 # weights of every conv (cin * cout * k * k), 2 * C per batch norm, Linear weights + biases.

@@ -103,6 +103,7 @@ def test_a_config_file_named_dot_needs_a_run_name(tmp_path):
     assert load_config(config, ["train.name=ok"]).run_dir == Path("runs/ok")
 
 
+@pytest.mark.e2e  # starts processes
 def test_the_largest_seed_trains(tmp_path, digit_shards):
     config = write_config(tmp_path / "seed.yaml", digit_shards, train={"steps": 1, "seed": 2**63 - 1})
     result = run_module("dcgan.train", "--config", str(config), timeout=120)
@@ -160,6 +161,7 @@ def test_wrong_type_in_file(tmp_path):
         ),
     ],
 )
+@pytest.mark.e2e  # starts processes
 def test_cli_rejects_bad_config_with_exit_2(tmp_path, digit_shards, override, message):
     config = write_config(tmp_path / "tiny.yaml", digit_shards)
     result = run_module("dcgan.train", "--config", str(config), override, timeout=120)
@@ -170,6 +172,7 @@ def test_cli_rejects_bad_config_with_exit_2(tmp_path, digit_shards, override, me
     assert not (tmp_path / "runs").exists()  # nothing was started
 
 
+@pytest.mark.e2e  # starts processes
 def test_missing_shard_file_is_named(tmp_path, digit_shards):
     config = write_config(tmp_path / "tiny.yaml", digit_shards)
     pattern = f"{digit_shards}/shard-{{000000..000009}}.tar"  # only 6 of these exist

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Lowest first. A package may import its own modules and those of any package listed
 # before it; the commands (dcgan/train.py, eval.py, generate.py, shards.py, __init__.py)

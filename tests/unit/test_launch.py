@@ -113,6 +113,7 @@ def test_bad_sweep_files_are_rejected_naming_the_key(tmp_path, digit_shards, bod
     assert str(err.value).startswith(str(path))
 
 
+@pytest.mark.e2e  # starts processes
 def test_submit_rejects_a_bad_config_before_submitting(tmp_path, digit_shards):
     config = write_config(tmp_path / "bad.yaml", digit_shards, train={"batch_size": 1000})
     out = run_module("launch.submit", "--config", str(config), "--nodes", "2", "--tasks-per-node", "4", timeout=120)
@@ -121,6 +122,7 @@ def test_submit_rejects_a_bad_config_before_submitting(tmp_path, digit_shards):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e  # starts processes
 def test_submit_on_the_local_executor_trains_two_ranks(tmp_path, digit_shards):
     config = write_config(tmp_path / "local.yaml", digit_shards, train={"steps": 6})
     out = run_module(
@@ -151,6 +153,7 @@ def files_under(folder) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("launcher", ["launch.submit", "launch.sweep"])
+@pytest.mark.e2e  # starts processes
 def test_a_refused_submission_is_one_line_exit_1_and_leaves_no_files(tmp_path, digit_shards, launcher):
     """sbatch that cannot reach a controller: one line with its error (no submitit
     traceback), exit 1 (dcgan/base/exits.py: failed; not 2, the input was fine), and none of the
@@ -187,6 +190,7 @@ def test_a_refused_submission_is_one_line_exit_1_and_leaves_no_files(tmp_path, d
     assert files_under(tmp_path / "runs") == before
 
 
+@pytest.mark.e2e  # starts processes
 def test_submitting_without_a_slurm_client_is_one_line(tmp_path, digit_shards):
     config = write_config(tmp_path / "c.yaml", digit_shards)
     (tmp_path / "bin").mkdir()  # a PATH with no sbatch or srun
@@ -199,6 +203,7 @@ def test_submitting_without_a_slurm_client_is_one_line(tmp_path, digit_shards):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e  # starts processes
 def test_a_finished_run_is_not_submitted_again(tmp_path, digit_shards):
     config = write_config(tmp_path / "c.yaml", digit_shards, train={"steps": 2})
     assert run_module("dcgan.train", "--config", str(config), timeout=240).returncode == 0
@@ -310,6 +315,7 @@ def test_a_sweep_file_that_is_not_utf8_is_one_line(tmp_path, digit_shards, capsy
 @pytest.mark.parametrize(
     "command", [["status", "{sweep}", "--no-slurm", "--csv", "{csv}"], ["{sweep}", "--dry-run"], ["status", "--help"]]
 )
+@pytest.mark.e2e  # starts processes
 def test_a_table_into_a_closed_pipe_ends_quietly(tmp_path, digit_shards, command):
     """`launch.sweep status SWEEP | head -1`: no traceback, exit 1, like Unix tools. A user's
     shell has no PYTHONUNBUFFERED, so a short table sits in stdout's buffer until Python
@@ -331,10 +337,11 @@ def test_a_table_into_a_closed_pipe_ends_quietly(tmp_path, digit_shards, command
 
 @pytest.mark.parametrize(
     "args",
-    [["tests/test_cli.py"], ["tests/test_cli.py::test_help", "-x"], ["tests", "-q"], ["-k", "data", "-x"], []],
+    [["tests/e2e/test_cli.py"], ["tests/e2e/test_cli.py::test_help", "-x"], ["tests", "-q"], ["-k", "data", "-x"], []],
 )
+@pytest.mark.e2e  # starts processes
 def test_test_sh_hands_its_arguments_to_pytest_as_given(tmp_path, args):
-    """`bash scripts/test.sh tests/test_cli.py` runs that file only: the script adds no
+    """`bash scripts/test.sh tests/e2e/test_cli.py` runs that file only: the script adds no
     `tests` of its own (with it, pytest ran the whole suite and the file twice). The real
     script runs, with its set-up stubbed (a fake `python` that notes what it is asked)."""
     repo = tmp_path / "repo"
@@ -357,6 +364,7 @@ def test_test_sh_hands_its_arguments_to_pytest_as_given(tmp_path, args):
     assert pytest_call == "|".join(["-m", "pytest", *args]) + "|"
 
 
+@pytest.mark.e2e  # starts processes
 def test_pytest_without_a_path_runs_the_whole_suite_and_with_one_only_that():
     """What scripts/test.sh relies on: from the repository root, pytest with no test path
     among its arguments collects pyproject.toml's testpaths (tests/), and with one only that."""
@@ -370,7 +378,7 @@ def test_pytest_without_a_path_runs_the_whole_suite_and_with_one_only_that():
         return {line.split("::")[0] for line in out.stdout.splitlines() if "::" in line}
 
     assert collected("-k", "test_slurm_time_formats or test_state_rules") == {
-        "tests/test_launch.py",
-        "tests/test_sweep_status.py",
+        "tests/unit/test_launch.py",
+        "tests/unit/test_sweep_status.py",
     }
-    assert collected("tests/test_launch.py::test_slurm_time_formats") == {"tests/test_launch.py"}
+    assert collected("tests/unit/test_launch.py::test_slurm_time_formats") == {"tests/unit/test_launch.py"}

@@ -3,11 +3,7 @@ runs the trainer's own plan functions): 512 ranks x 8 workers over 20,000 shards
 sizes, and the cache over 10M samples. Every rank runs the same number of steps, the
 shares are disjoint, and all but fewer than one global batch of samples are used."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from plan_at_scale import simulate_cache, simulate_shards, uneven_counts  # noqa: E402
+from bench.plan_at_scale import simulate_cache, simulate_shards, uneven_counts
 
 RANKS, WORKERS, BATCH = 512, 8, 64
 

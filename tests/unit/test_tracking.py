@@ -75,6 +75,7 @@ def assert_real_grid(path, like=None):
 # --------------------------------------------------------------------------- W&B offline
 
 
+@pytest.mark.e2e  # starts processes
 def test_two_rank_run_is_read_back_from_wandb_files(tmp_path, digit_shards):
     config_path = write_config(tmp_path / "tracked.yaml", digit_shards, wandb=WANDB)
     result = run_module("dcgan.train", "--config", str(config_path), nproc=2)
@@ -126,6 +127,7 @@ def test_two_rank_run_is_read_back_from_wandb_files(tmp_path, digit_shards):
     assert state["wandb_run_id"] == segment.run_id
 
 
+@pytest.mark.e2e  # starts processes
 def test_resumed_run_continues_the_same_wandb_run_without_logging_a_step_twice(tmp_path, digit_shards):
     config = write_config(
         tmp_path / "resumed.yaml", digit_shards, wandb={"mode": "offline"},
@@ -161,6 +163,7 @@ def test_resumed_run_continues_the_same_wandb_run_without_logging_a_step_twice(t
     assert summary["train_time_s"] > summary["wall_time_s"]  # the first attempt's time counts too
 
 
+@pytest.mark.e2e  # starts processes
 def test_resume_from_another_run_folder_starts_a_new_wandb_run(tmp_path, digit_shards):
     config = write_config(tmp_path / "source.yaml", digit_shards, wandb={"mode": "offline"})
     assert run_module("dcgan.train", "--config", str(config)).returncode == 0
@@ -173,6 +176,7 @@ def test_resume_from_another_run_folder_starts_a_new_wandb_run(tmp_path, digit_s
     assert segment.run_id != source.run_id and sorted(segment.metric("loss_g")) == [8]
 
 
+@pytest.mark.e2e  # starts processes
 def test_unreachable_server_falls_back_to_offline(tmp_path, digit_shards):
     """The online code path up to the network: a configured key, a server that refuses."""
     config = write_config(
@@ -186,6 +190,7 @@ def test_unreachable_server_falls_back_to_offline(tmp_path, digit_shards):
     assert sorted(segment.metric("loss_g")) == [2]
 
 
+@pytest.mark.e2e  # starts processes
 def test_training_goes_on_when_wandb_dies(tmp_path, digit_shards):
     """Slurm signals every process of a job, wandb-core too, and SIGTERM ends it."""
     config = write_config(tmp_path / "dies.yaml", digit_shards, wandb={"mode": "offline"}, train={"steps": 300},
@@ -208,6 +213,7 @@ def test_training_goes_on_when_wandb_dies(tmp_path, digit_shards):
 # --------------------------------------------------------------------------- W&B off
 
 
+@pytest.mark.e2e  # starts processes
 def test_disabled_wandb_still_writes_the_run_folder(tmp_path, digit_shards):
     config = write_config(tmp_path / "off.yaml", digit_shards, wandb={"mode": "auto"})
     result = run_module("dcgan.train", "--config", str(config), env={"WANDB_MODE": "disabled"})
@@ -293,6 +299,7 @@ def test_mode_auto_follows_every_login_wandb_accepts(tmp_path):
         assert (find_login(env, cwd) is not None) == found, name
 
 
+@pytest.mark.e2e  # starts processes
 def test_login_check_agrees_with_wandb_itself(tmp_path):
     """The same cases through wandb's own check (what wandb.init does before an online run;
     no prompt, no server), each in a fresh wandb state."""
@@ -407,6 +414,7 @@ def test_wandb_variables_are_checked_also_where_the_config_sets_their_value():
     check_environment(WandbConfig(mode="disabled"), {"WANDB_PROJECT": "my/proj"})  # wandb does not start
 
 
+@pytest.mark.e2e  # starts processes
 def test_wandb_mode_in_capitals_still_opens_a_wandb_run(tmp_path, digit_shards):
     config = write_config(tmp_path / "caps.yaml", digit_shards, wandb={"mode": "auto"}, train={"steps": 2})
     result = run_module("dcgan.train", "--config", str(config), env={"WANDB_MODE": "OFFLINE"})
@@ -432,6 +440,7 @@ ENV_IDENTITY = {
          ENV_IDENTITY, ("cfg-project", "a-team", "cfg-name", "cfg-group", ["c"], "cfg")),
     ],
 )  # fmt: skip
+@pytest.mark.e2e  # starts processes
 def test_wandb_run_identity_from_config_and_environment(tmp_path, digit_shards, case, wandb_cfg, env, expected):
     config = write_config(tmp_path / f"{case}.yaml", digit_shards, wandb=wandb_cfg, train={"steps": 2})
     result = run_module("dcgan.train", "--config", str(config), env=env)
@@ -445,6 +454,7 @@ def test_wandb_run_identity_from_config_and_environment(tmp_path, digit_shards, 
         assert "from $WANDB_PROJECT" not in result.stderr and "entity 'a-team' from $WANDB_ENTITY" in result.stderr
 
 
+@pytest.mark.e2e  # starts processes
 def test_empty_wandb_mode_is_unset(tmp_path, digit_shards, monkeypatch):
     """wandb refuses to start on WANDB_MODE=""; here it means "unset": auto, no login, offline."""
     for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_CONFIG_DIR", "WANDB_DIR"):
@@ -531,6 +541,7 @@ def test_grids_are_enlarged_to_be_looked_at_pixel_for_pixel():
 # --------------------------------------------------------------------------- console
 
 
+@pytest.mark.e2e  # starts processes
 def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path, digit_shards):
     config = write_config(tmp_path / "console.yaml", digit_shards, wandb={"mode": "disabled"})
     plain = run_module("dcgan.train", "--config", str(config), "train.name=plain")
