@@ -146,7 +146,7 @@ def host_syncs(step: Callable[[torch.Tensor], object], real: torch.Tensor) -> in
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/celeba.yaml")
     parser.add_argument("--batch", type=int, default=64)
@@ -161,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--peak-tflops", type=float, help="the device's dense peak TFLOP/s, for MFU")
     parser.add_argument("overrides", nargs="*", help="a.b=value config overrides (all variants)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     overrides = bench_overrides(args) + ([f"train.precision={args.precision}"] if args.precision else [])
     cfg = load_config(args.config, overrides)
