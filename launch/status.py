@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from dcgan.base.checks import ConfigError
-from dcgan.base.exits import EXIT_CONFIG, EXIT_PREEMPTED, EXIT_OK
+from dcgan.base.exits import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED
 from dcgan.base.fileio import write_atomic
 from dcgan.config.loading import load_config
 from dcgan.run.folder import RunFolder

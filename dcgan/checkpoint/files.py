@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from dcgan.base.fileio import read_json, write_atomic, write_json
+from dcgan.checkpoint.state import FORMAT_VERSION
 from dcgan.models.networks import ModelConfig, build_models
 from dcgan.run.folder import (  # how checkpoints are named: the run folder's convention
     BEST_NAME,
@@ -48,7 +49,6 @@ from dcgan.run.folder import (
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
 CORRUPT_SUFFIX = ".corrupt"  # a rejected checkpoint is renamed aside, never deleted
 
 

@@ -1,7 +1,7 @@
 """What a checkpoint holds: ``TrainState``, the nets, optimisers, grad scalers and counters a
 run carries from step to step. Its ``state_dict``/``load_state_dict`` are the one list of a
-checkpoint's parts; ``FORMAT_VERSION`` (dcgan/checkpoint/files.py) says which list a file
-was written with.
+checkpoint's parts, and ``FORMAT_VERSION`` below says which list a file was written with:
+adding a part means editing this file alone (and the version, when old files cannot load).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcgan.checkpoint.files import FORMAT_VERSION
+# Raise it when a change to the parts makes older checkpoints unloadable: files.usable
+# then sets them aside with a line naming both versions instead of failing mid-load.
+FORMAT_VERSION = 2
 
 
 @dataclass
