@@ -32,106 +32,129 @@ from dcgan.tracking import tracker as tracking
 from dcgan.training import step as train_step
 
 
+def failing_or_stuck(kind: str, args: list[str], rank: int) -> None:
+    target_rank, target_step = (int(a) for a in args)
+    real_step, calls = train_step.gan_step, [0]
+
+    def failing_step(*a, **kw):
+        calls[0] += 1
+        if rank == target_rank and calls[0] == target_step:
+            if kind == "stuck":
+                print(f"faults.py: rank {rank} is stuck at step {target_step}", file=sys.stderr, flush=True)
+                while True:
+                    time.sleep(1)
+            raise RuntimeError(f"injected fault in gan_step at step {target_step}")
+        return real_step(*a, **kw)
+
+    train_step.gan_step = failing_step
+
+
+def full_disk_checkpoint(kind: str, args: list[str], rank: int) -> None:
+    real_init = checkpoint._HashingFile.__init__
+
+    class FullDisk:
+        """The checkpoint file, on a disk that fills up after 4 KiB."""
+
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    checkpoint._HashingFile.__init__ = lambda self, f: real_init(self, FullDisk(f))
+
+
+def nan_weights(kind: str, args: list[str], rank: int) -> None:
+    (target_step,) = (int(a) for a in args)
+    real_step, calls = train_step.gan_step, [0]
+
+    def diverging_step(state, *a, **kw):
+        stats = real_step(state, *a, **kw)
+        calls[0] += 1
+        if calls[0] == target_step:
+            with torch.no_grad():
+                for p in state.discriminator.parameters():
+                    p.fill_(float("nan"))
+        return stats
+
+    train_step.gan_step = diverging_step
+
+
+def nan_input(kind: str, args: list[str], rank: int) -> None:
+    (first_step,) = (int(a) for a in args)
+    real_step, calls = train_step.gan_step, [0]
+
+    def nan_input_step(state, g_train, d_train, real, *a, **kw):
+        calls[0] += 1
+        if calls[0] >= first_step:
+            real = torch.full_like(real, float("nan"))
+        return real_step(state, g_train, d_train, real, *a, **kw)
+
+    train_step.gan_step = nan_input_step
+
+
+def inf_gradients(kind: str, args: list[str], rank: int) -> None:
+    (first_step,) = (int(a) for a in args)
+    real_step, calls = train_step.gan_step, [0]
+
+    def overflowing_step(state, *a, **kw):
+        calls[0] += 1
+        if calls[0] == first_step:  # hooks stay: every backward from here on overflows
+            for net in (state.generator, state.discriminator):
+                for p in net.parameters():
+                    p.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        return real_step(state, *a, **kw)
+
+    train_step.gan_step = overflowing_step
+
+
+def slow(kind: str, args: list[str], rank: int) -> None:
+    module, name = (checkpoint, "_save_hashed") if kind == "slow-checkpoint" else (resume, "choose")
+    real = getattr(module, name)
+
+    def slowly(*a, **kw):
+        print(f"faults.py: {kind} begins", file=sys.stderr, flush=True)
+        time.sleep(60)
+        return real(*a, **kw)
+
+    setattr(module, name, slowly)
+
+
+def run_folder_full(kind: str, args: list[str], rank: int) -> None:
+    (failures,) = (int(a) for a in args)
+    real_append, calls = tracking.append_text, [0]
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def append_on_full_disk(*a, **kw):
+        calls[0] += 1
+        return full() if calls[0] <= failures else real_append(*a, **kw)
+
+    tracking.append_text = append_on_full_disk
+    tracking.write_atomic = full
+    tracking.save_png = full
+
+
+# DCGAN_FAULT kind -> what injects it (kind:arg:arg, comma-separated for several)
+FAULTS = {
+    "step": failing_or_stuck, "stuck": failing_or_stuck, "checkpoint-write": full_disk_checkpoint,
+    "nan": nan_weights, "nan-input": nan_input, "inf-grad": inf_gradients,
+    "slow-checkpoint": slow, "slow-start": slow, "run-folder-full": run_folder_full,
+}  # fmt: skip
+
+
 def inject(fault: str, rank: int) -> None:
     kind, *args = fault.split(":")
-    if kind in ("step", "stuck"):
-        target_rank, target_step = (int(a) for a in args)
-        real_step, calls = train_step.gan_step, [0]
-
-        def failing_step(*a, **kw):
-            calls[0] += 1
-            if rank == target_rank and calls[0] == target_step:
-                if kind == "stuck":
-                    print(f"faults.py: rank {rank} is stuck at step {target_step}", file=sys.stderr, flush=True)
-                    while True:
-                        time.sleep(1)
-                raise RuntimeError(f"injected fault in gan_step at step {target_step}")
-            return real_step(*a, **kw)
-
-        train_step.gan_step = failing_step
-    elif kind == "checkpoint-write":
-        real_init = checkpoint._HashingFile.__init__
-
-        class FullDisk:
-            """The checkpoint file, on a disk that fills up after 4 KiB."""
-
-            def __init__(self, f):
-                self.f, self.written = f, 0
-
-            def write(self, data):
-                self.written += len(data)
-                if self.written > 4096:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-                return self.f.write(data)
-
-            def flush(self):
-                self.f.flush()
-
-        checkpoint._HashingFile.__init__ = lambda self, f: real_init(self, FullDisk(f))
-    elif kind == "nan":
-        (target_step,) = (int(a) for a in args)
-        real_step, calls = train_step.gan_step, [0]
-
-        def diverging_step(state, *a, **kw):
-            stats = real_step(state, *a, **kw)
-            calls[0] += 1
-            if calls[0] == target_step:
-                with torch.no_grad():
-                    for p in state.discriminator.parameters():
-                        p.fill_(float("nan"))
-            return stats
-
-        train_step.gan_step = diverging_step
-    elif kind == "nan-input":
-        (first_step,) = (int(a) for a in args)
-        real_step, calls = train_step.gan_step, [0]
-
-        def nan_input_step(state, g_train, d_train, real, *a, **kw):
-            calls[0] += 1
-            if calls[0] >= first_step:
-                real = torch.full_like(real, float("nan"))
-            return real_step(state, g_train, d_train, real, *a, **kw)
-
-        train_step.gan_step = nan_input_step
-    elif kind == "inf-grad":
-        (first_step,) = (int(a) for a in args)
-        real_step, calls = train_step.gan_step, [0]
-
-        def overflowing_step(state, *a, **kw):
-            calls[0] += 1
-            if calls[0] == first_step:  # hooks stay: every backward from here on overflows
-                for net in (state.generator, state.discriminator):
-                    for p in net.parameters():
-                        p.register_hook(lambda grad: torch.full_like(grad, float("inf")))
-            return real_step(state, *a, **kw)
-
-        train_step.gan_step = overflowing_step
-    elif kind in ("slow-checkpoint", "slow-start"):
-        module, name = (checkpoint, "_save_hashed") if kind == "slow-checkpoint" else (resume, "choose")
-        real = getattr(module, name)
-
-        def slow(*a, **kw):
-            print(f"faults.py: {kind} begins", file=sys.stderr, flush=True)
-            time.sleep(60)
-            return real(*a, **kw)
-
-        setattr(module, name, slow)
-    elif kind == "run-folder-full":
-        (failures,) = (int(a) for a in args)
-        real_append, calls = tracking.append_text, [0]
-
-        def full(*a, **kw):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def append_on_full_disk(*a, **kw):
-            calls[0] += 1
-            return full() if calls[0] <= failures else real_append(*a, **kw)
-
-        tracking.append_text = append_on_full_disk
-        tracking.write_atomic = full
-        tracking.save_png = full
-    else:
+    if kind not in FAULTS:
         raise SystemExit(f"faults.py: unknown DCGAN_FAULT {fault!r}")
+    FAULTS[kind](kind, args, rank)
 
 
 if __name__ == "__main__":
