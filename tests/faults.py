@@ -28,6 +28,7 @@ import torch
 from dcgan import train
 from dcgan.checkpoint import files as checkpoint
 from dcgan.checkpoint import resume
+from dcgan.run.folder import RunFolder
 from dcgan.tracking import tracker as tracking
 from dcgan.training import step as train_step
 
@@ -140,6 +141,7 @@ def run_folder_full(kind: str, args: list[str], rank: int) -> None:
     tracking.append_text = append_on_full_disk
     tracking.write_atomic = full
     tracking.save_png = full
+    RunFolder.write_summary = full  # summary.json: the run folder writes it for the tracker
 
 
 # DCGAN_FAULT kind -> what injects it (kind:arg:arg, comma-separated for several)
