@@ -29,7 +29,7 @@ class KeyHelp(typing.NamedTuple):
     section: str  # e.g. "data.augment"
     type: str  # as written in YAML: int, float, bool, str, [float, float], list[str], auto|on|off, float|auto
     default: str  # the default as YAML (flow style)
-    meaning: str  # the comment beside the field ("": none, which tests/test_cli.py rejects)
+    meaning: str  # the comment beside the field ("": none, which tests/e2e/test_cli.py rejects)
 
 
 def describe_keys(cls: type | None = None, prefix: str = "") -> list[KeyHelp]:

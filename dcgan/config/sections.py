@@ -338,7 +338,7 @@ class ConfigSource(typing.NamedTuple):
 class Config:
     """A run's settings. Every field of every section needs its meaning as a comment beside
     it (or just above): ``describe_keys`` turns them into ``python -m dcgan.train --help``,
-    and tests/test_cli.py fails for a key without one."""
+    and tests/e2e/test_cli.py fails for a key without one."""
 
     # Not a setting (a class attribute: not in to_dict() nor config.yaml): load_config sets
     # it on the config it returns; dcgan/tracking/provenance.py records it.

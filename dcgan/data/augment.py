@@ -9,7 +9,7 @@ so the workers only decode.
   ``interpolation=NEAREST, fill=None``, after ``RandomHorizontalFlip(0.5)``): the same
   parameter ranges, whole-pixel translations rounded half to even, the same inverse matrix
   about the image centre, the same pixel-centre grid and nearest sampling, with black
-  outside the image. ``tests/test_augment.py`` checks it pixel for pixel against
+  outside the image. ``tests/unit/test_augment.py`` checks it pixel for pixel against
   ``torchvision.transforms.v2.functional.affine``.
 * Every random number comes from the caller's generator, drawn on its device in a fixed
   order (see ``draw_params``), so one generator state gives one batch, bit for bit, and a

@@ -7,7 +7,7 @@ takes longer to launch them from Python than the GPU takes to run them. A replay
 launches them all in one call. What makes the step capturable (torch's CUDA notes,
 "Whole-network capture"):
 
-* no host sync anywhere in it (tests/test_cuda.py checks with set_sync_debug_mode);
+* no host sync anywhere in it (tests/e2e/test_cuda.py checks with set_sync_debug_mode);
 * fixed shapes and addresses: each batch is copied into one input buffer before the
   replay, the statistics are summed into the interval's buffer in place, and the EMA
   decay ramp comes from a step counter on the device (a Python float would be frozen
