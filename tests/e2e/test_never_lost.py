@@ -254,12 +254,12 @@ def test_a_stop_signal_during_start_up_reports_75(tmp_path, digit_shards, nproc)
 SIGNAL_STORM = r"""
 import os, signal, subprocess, sys
 import torch
-from dcgan.cache import CachedLoader
-from dcgan.config import DataConfig
-from dcgan.data import Loader, ShardStream
-from dcgan.distributed import DistInfo
-from dcgan.preemption import WorkerSignals
-from dcgan.shardset import resolve_shards
+from dcgan.config.sections import DataConfig
+from dcgan.data.cache import CachedLoader
+from dcgan.data.shardset import resolve_shards
+from dcgan.data.stream import Loader, ShardStream
+from dcgan.run.distributed import DistInfo
+from dcgan.run.preemption import WorkerSignals
 
 noted = []
 signal.signal(signal.SIGTERM, lambda *_: noted.append(1))  # the rank notes a stop, as the trainer does
