@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import shutil
 import socket
@@ -42,7 +41,7 @@ from dcgan.base.checks import ConfigError
 from dcgan.base.exits import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED
 from dcgan.base.fileio import write_atomic
 from dcgan.config.loading import load_config
-from dcgan.run.folder import RunFolder
+from dcgan.run.folder import RunFolder, metrics_records
 from dcgan.run.lock import held_on_this_host
 from launch.sweep_file import check_owner, job_ids, placed_runs, read_sweep_file, run_error, sweep_name
 
@@ -105,12 +104,7 @@ def read_metrics(path: Path) -> tuple[dict[str, Any] | None, list[tuple[int, flo
         lines = path.read_text().splitlines()
     except OSError:
         return None, [], None
-    for line in lines:
-        try:
-            row = json.loads(line)
-            step = int(row["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
+    for _, row, step in metrics_records(lines):
         last_step = step if last_step is None else max(last_step, step)
         if "loss_d" in row:
             last_train = row

@@ -23,8 +23,10 @@ and which checkpoints have a record.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,6 +94,18 @@ def sample_step(path: Path) -> int:
     """The step of a sample grid ``step_<step>.png`` (-1: not a step's grid, e.g. real.png)."""
     m = SAMPLE_NAME.match(path.name)
     return int(m.group(1)) if m else -1
+
+
+def metrics_records(lines: list[str]) -> Iterator[tuple[str, dict[str, Any], int]]:
+    """(line, record, step) of each readable metrics.jsonl line; a line that is not a JSON
+    object with an integer step (one cut by a kill) is skipped."""
+    for line in lines:
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        yield line, record, step
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from dcgan.checkpoint.state import TrainState
 from dcgan.config.sections import Config
 from dcgan.quality.scores import format_scores, protocol_tag
 from dcgan.run.distributed import DistInfo
-from dcgan.run.folder import RunFolder
+from dcgan.run.folder import RunFolder, metrics_records
 from dcgan.tracking import provenance
 from dcgan.tracking.wandb_run import WandbRun, open_run
 
@@ -253,12 +253,7 @@ class Tracker:
             return 0
         lines = self.metrics_path.read_text().splitlines(keepends=True)
         kept, last_step = [], 0
-        for line in lines:
-            try:
-                record = json.loads(line)
-                at = int(record["step"])
-            except (ValueError, KeyError, TypeError):
-                continue
+        for line, record, at in metrics_records(lines):
             last_step = max(last_step, at)
             if at <= step:
                 kept.append(line)
