@@ -54,7 +54,6 @@ from dcgan.data.reading import (
     Corrupt,
     ReadCounts,
     decode_or_corrupt,
-    decode_sample,  # noqa: F401 (imported from here too)
     read_shard,
 )
 from dcgan.data.shardset import ShardSet, shard_name

@@ -19,8 +19,9 @@ from PIL import Image
 from conftest import make_shards, run_module, write_config
 from dcgan.base.checks import ConfigError
 from dcgan.config.sections import DataConfig
+from dcgan.data.reading import decode_sample
 from dcgan.data.shardset import resolve_shards, tar_samples
-from dcgan.data.stream import Loader, ShardStream, decode_sample, read_images
+from dcgan.data.stream import Loader, ShardStream, read_images
 from dcgan.preflight import plan_run
 
 I2D_COUNTS = [63, 63, 24]  # 152 URLs, 2 of them missing, 64 per shard
