@@ -2,7 +2,8 @@
 
 Validation happens on construction (``__post_init__``); loading YAML and overrides into
 these classes is dcgan/config/loading.py. ``model`` is ``ModelConfig``, declared next to
-the nets it shapes (dcgan/models/networks.py).
+the nets it shapes (dcgan/models/networks.py), and ``d_augment`` is ``DAugmentConfig``, next
+to its transforms (dcgan/models/d_augment.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dcgan.base.checks import check_field
+from dcgan.models.d_augment import DAugmentConfig
 from dcgan.models.networks import ModelConfig
 
 _CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
@@ -349,6 +351,9 @@ class Config:
         default_factory=ModelConfig
     )  # Which reference net (dcgan/models/networks.py), at which widths
     optim: OptimConfig = field(default_factory=OptimConfig)  # The optimisers and the loss
+    d_augment: DAugmentConfig = field(
+        default_factory=DAugmentConfig
+    )  # Augmentation of every image D sees (DiffAugment, ADA), for small data sets
     train: TrainConfig = field(default_factory=TrainConfig)  # The run: its folder, length, batch, precision, resume
     log: LogConfig = field(default_factory=LogConfig)  # Metrics lines and sample grids
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases, from rank 0

@@ -154,6 +154,9 @@ def test_wrong_type_in_file(tmp_path):
         ("data.shards=/nonexistent/s-{0..3}.tar", "data.shards: shard /nonexistent/s-0.tar does not exist"),
         ("train.batch_size=100000", "train.batch_size: 512 samples cannot fill one batch"),
         ("model.ngf=-1", "model.ngf: must be >= 1"),
+        ("d_augment.policy=color,zoom", "d_augment.policy: 'zoom' is not one of color, translation, cutout"),
+        ("d_augment.p=2", "d_augment.p: must lie in [0, 1] or be ada, not 2"),
+        ("d_augment.ada_interval=-4", "d_augment.ada_interval: must be >= 1"),
         pytest.param(
             "train.device=cuda",
             "train.device: 'cuda', but torch sees no CUDA device",
