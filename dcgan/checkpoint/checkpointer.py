@@ -69,11 +69,12 @@ class Checkpointer:
         "nonfinite" (the state holds NaN or infinite values: nothing is written).
         ``best``: write checkpoints/best.pt instead of step_<step>.pt."""
         rng = distributed.gather_objects(files.capture_rng_state(self.dist.device), self.dist)
+        ada_signs = None if state.ada_signs is None else distributed.sum_over_ranks(state.ada_signs, self.dist)
         outcome = "saved"
         if self.dist.is_main:
             ckpt_dir = self.ckpt_dir
             try:
-                sd = state.state_dict(self.cfg.to_dict(), rng, self.dist.world_size, self.data)
+                sd = state.state_dict(self.cfg.to_dict(), rng, self.dist.world_size, self.data, ada_signs)
                 bad = files.nonfinite_tensors(sd)
                 if bad:
                     log.error("checkpoint at step %d not written: non-finite values in %s", state.step, ", ".join(bad))
@@ -163,7 +164,12 @@ def restore(
 
 def apply_resume_overrides(state: TrainState, cfg: Config, saved: dict, dist: DistInfo) -> None:
     """Optimiser settings given now win over the checkpoint's (its param groups hold the
-    old lr, betas and weight decay); every setting that differs is logged."""
+    old lr, betas and weight decay), and so does a fixed d_augment.p (ADA's goes on from
+    the checkpoint's); every setting that differs is logged."""
+    if state.ada_signs is not None and dist.rank != 0:
+        state.ada_signs.zero_()  # the checkpoint holds every rank's signs summed: rank 0 takes them back
+    if state.aug_p is not None and not cfg.d_augment.adaptive:
+        state.aug_p.fill_(cfg.d_augment.p)
     for net, opt in (("g", state.opt_g), ("d", state.opt_d)):
         adam = getattr(cfg.optim, net)
         for group in opt.param_groups:

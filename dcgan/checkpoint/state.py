@@ -35,12 +35,24 @@ class TrainState:
     best_fid: float | None = None  # lowest FID of the in-training evaluations so far
     best_fid_step: int = 0  # the step it was measured at (checkpoints/best.pt)
     lineage: list = field(default_factory=list)  # [[timeline id, start step], ...]: dcgan/run/timelines.py
+    # d_augment's probability (a 0-dim tensor on the device; None: d_augment off), this
+    # rank's [sum of sign(D(real)), images] since ADA's last adjustment, and the mean sign
+    # over all ranks at that adjustment (dcgan/training/ada.py).
+    aug_p: torch.Tensor | None = None
+    ada_signs: torch.Tensor | None = None
+    d_real_sign: torch.Tensor | None = None
 
     def state_dict(
-        self, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int, data: dict[str, Any]
+        self,
+        config: dict[str, Any],
+        rng: list[dict[str, Any]],
+        world_size: int,
+        data: dict[str, Any],
+        ada_signs: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Everything to restart from; ``rng`` holds one ``capture_rng_state()`` per rank,
-        ``data`` the identity of the shards trained on (``ShardSet.identity()``)."""
+        ``data`` the identity of the shards trained on (``ShardSet.identity()``), ``ada_signs``
+        ``self.ada_signs`` summed over the ranks (one rank takes it all back on resume)."""
         return {
             "format_version": FORMAT_VERSION,
             "step": self.step,
@@ -63,6 +75,13 @@ class TrainState:
             "best_fid": self.best_fid,
             "best_fid_step": self.best_fid_step,
             "lineage": self.lineage,  # also in the record: branching reads it there
+            "d_augment": None
+            if self.aug_p is None
+            else {
+                "p": self.aug_p.detach().cpu(),
+                "signs": (self.ada_signs if ada_signs is None else ada_signs).detach().cpu(),
+                "d_real_sign": self.d_real_sign.detach().cpu(),
+            },
             "config": config,
             "data": data,  # also in the record, where the start-up checks read it without loading this file
         }
@@ -92,6 +111,11 @@ class TrainState:
             sd.get("best_fid_step", 0),
         )  # absent from older checkpoints
         self.lineage = sd.get("lineage") or []  # the trainer then sets the one it goes on on
+        saved_augment = sd.get("d_augment")  # absent from older checkpoints, None with d_augment off
+        if self.aug_p is not None and saved_augment is not None:
+            self.aug_p.copy_(saved_augment["p"])
+            self.ada_signs.copy_(saved_augment["signs"])
+            self.d_real_sign.copy_(saved_augment["d_real_sign"])
 
 
 # How an optimiser runs, not what it learnt: this attempt's settings (train.cuda_graph,

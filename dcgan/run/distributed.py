@@ -218,6 +218,15 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any] | None:
     return out
 
 
+def sum_over_ranks(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """A copy of ``tensor`` summed over every rank, on its device (the default group: NCCL
+    on GPUs, so no host sync)."""
+    total = tensor.clone()
+    if info.distributed:
+        dist.all_reduce(total)
+    return total
+
+
 def all_gather_rows(rows: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, list[int]]:
     """Every rank's ``rows`` (CPU tensors with equal trailing shapes, any number of rows)
     on every rank, over the gloo control group: ``(buffer, counts)``, where rank r's rows
