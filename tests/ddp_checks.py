@@ -7,6 +7,7 @@
    the G step) and G's once, and leaves both nets identical on every rank.
 3. The gradient average a CUDA graph runs instead of DDP (train_step.average_gradients)
    trains the nets as DDP does.
+4. ADA's statistic is the mean over both ranks' real images, and both ranks apply the same p.
 Prints "ddp checks passed" on rank 0; any failure raises (non-zero exit).
 """
 
@@ -16,8 +17,10 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from dcgan.config.sections import Config, DataConfig, TrainConfig
+from dcgan.models.d_augment import DAugmentConfig
 from dcgan.models.networks import ModelConfig
 from dcgan.run import distributed
+from dcgan.training import ada
 from dcgan.training.setup import build_training
 from dcgan.training.step import average_gradients, gan_step
 from dcgan.training.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
@@ -102,12 +105,41 @@ def check_graph_gradient_average(info: distributed.DistInfo) -> None:
     torch.testing.assert_close(trained[1], trained[0], rtol=1e-5, atol=1e-6)
 
 
+def check_ada_over_ranks(info: distributed.DistInfo) -> None:
+    """Rank 0's D calls 3 of 4 real images real, rank 1's 1 of 4: r_t is 0 on both (each
+    rank alone would see +0.5 or -0.5), so p falls to 0 on both; then 3 of 4 on both (r_t
+    0.5, below the target 0.6) keeps it there, and 4 of 4 (r_t 1) takes it to 1."""
+    cfg = Config(d_augment=DAugmentConfig(policy="cutout", p="ada", ada_interval=2, ada_kimg=0.016))
+    state = build_training(TINY, info)[0]
+    ada.initial_state(cfg.d_augment, state, info.device)
+    state.aug_p.fill_(0.5)
+    augmenter = ada.DAugment(cfg.d_augment, state, 0, info, batch_size=4)  # 16 images an interval: p moves 1
+    logits = torch.tensor([1.0, 1.0, 1.0, -1.0] if info.rank == 0 else [1.0, -1.0, -1.0, -1.0])
+    for step in (1, 2):
+        augmenter.observe(logits)
+        augmenter.end(step)
+    assert state.d_real_sign.item() == 0.0, state.d_real_sign
+    mine = torch.stack([state.aug_p, state.d_real_sign])
+    both = [torch.zeros(2) for _ in range(2)]
+    dist.all_gather(both, mine)
+    assert torch.equal(both[0], both[1]) and both[0][0].item() == 0.0, both
+    for step in (3, 4):
+        augmenter.observe(torch.tensor([1.0, 1.0, 1.0, -1.0]))
+        augmenter.end(step)
+    assert state.d_real_sign.item() == 0.5 and state.aug_p.item() == 0.0  # 0.5 < 0.6: p stays at 0
+    for step in (5, 6):
+        augmenter.observe(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+        augmenter.end(step)
+    assert state.d_real_sign.item() == 1.0 and state.aug_p.item() == 1.0
+
+
 def main() -> None:
     info = distributed.setup("cpu")
     try:
         check_sync_batchnorm(info.rank)
         check_one_all_reduce_per_network(info)
         check_graph_gradient_average(info)
+        check_ada_over_ranks(info)
         if info.is_main:
             print("ddp checks passed")
     finally:

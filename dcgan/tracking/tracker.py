@@ -144,6 +144,7 @@ class Tracker:
                 f"loss_D {values['loss_d']:.3f} | loss_G {values['loss_g']:.3f} | "
                 f"D(x) {values['d_real']:.3f} | D(G(z)) {values['d_fake']:.3f} -> {values['d_fake_after']:.3f} | "
                 f"{values['img_per_s']:.0f} img/s | data wait {100 * values['data_wait']:.0f}%"
+                + (f" | aug p {values['aug_p']:.3f} (r_t {values['d_real_sign']:.2f})" if "aug_p" in values else "")
             ))  # fmt: skip
         self.interval.reset()
 

@@ -81,7 +81,7 @@ def train(plan: RunPlan, dist: DistInfo, stop: StopRequest, where: Where) -> int
         handler.setFormatter(logging.Formatter(log_format(dist.rank), LOG_DATE_FORMAT))
         logging.getLogger().addHandler(handler)
     resume_from = agree_on_resume(cfg, dist)
-    tracker = Tracker(cfg, enabled=dist.is_main, stat_names=train_step.STAT_NAMES, device=dist.device)
+    tracker = Tracker(cfg, enabled=dist.is_main, stat_names=train_step.stat_names(cfg), device=dist.device)
     try:
         return train_loop(build_run(plan, dist, tracker, resume_from, where), stop, where)
     except Exception as e:  # said and turned into the exit code by dcgan/train.py (ended_by)
@@ -113,7 +113,7 @@ def agree_on_resume(cfg: Config, dist: DistInfo) -> resume.Resume | None:
 
 def train_loop(run: TrainingRun, stop: StopRequest, where: Where) -> int:
     cfg, state, dist, tracker = run.cfg, run.state, run.dist, run.tracker
-    guard = DivergenceGuard(train_step.STAT_NAMES, cfg.train.divergence_patience, cfg.train.precision == "fp16")
+    guard = DivergenceGuard(train_step.stat_names(cfg), cfg.train.divergence_patience, cfg.train.precision == "fp16")
     started = (state.step, time.perf_counter(), state.train_seconds)
     graphs_logged = 0  # torch.compile's graphs so far, as last logged
     ending = None if state.step < cfg.train.steps else Ending("done")  # resumed at or past train.steps
@@ -190,7 +190,10 @@ def build_run(
     loaded into them; the tracker started at the step it resumes from."""
     cfg, shards, t = plan.cfg, plan.shards, plan.cfg.train
     graph = choose_graph(cfg, dist.device)
-    settings = [graph.why]  # how the step runs, for the start-up lines
+    settings = [
+        graph.why,
+        *([cfg.d_augment.describe()] if cfg.d_augment.on else []),
+    ]  # how the step runs (start-up lines)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         settings.append(set_tf32(t.tf32))

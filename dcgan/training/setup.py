@@ -15,6 +15,7 @@ from dcgan.checkpoint.state import TrainState
 from dcgan.config.sections import Config
 from dcgan.models.networks import build_models, ema_copy
 from dcgan.run.distributed import DistInfo
+from dcgan.training import ada
 from dcgan.training.sync_batchnorm import convert_sync_batchnorm
 
 # torch 2.14 renamed DDP's broadcast_buffers; older releases know only the old name.
@@ -55,6 +56,7 @@ def build_training(cfg: Config, dist: DistInfo, graphed: bool = False) -> tuple[
         torch.amp.GradScaler(dist.device.type, enabled=fp16),
         torch.amp.GradScaler(dist.device.type, enabled=fp16),
     )
+    ada.initial_state(cfg.d_augment, state, dist.device)
     # torch.compile(net) wraps each net and leaves the bare ones (state-dict keys, the EMA
     # copy, evaluation) uncompiled. Their calls still share dynamo's cache of Module.__call__
     # (G, D and D frozen take 3 of its 8 entries), so the loop logs the graphs made

@@ -45,6 +45,7 @@ from dcgan.checkpoint.state import TrainState
 from dcgan.config.sections import Config
 from dcgan.models.networks import ema_decay, sample_latent, update_ema
 from dcgan.run.distributed import DistInfo
+from dcgan.training import ada
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ STAT_NAMES = (
 )  # fmt: skip
 
 
+def stat_names(cfg: Config) -> tuple[str, ...]:
+    """The names of this run's step statistics: STAT_NAMES, and d_augment's when it is on."""
+    return STAT_NAMES + ada.STAT_NAMES if cfg.d_augment.on else STAT_NAMES
+
+
 def gan_step(
     state: TrainState,
     g_train: nn.Module,
@@ -69,13 +75,17 @@ def gan_step(
     amp_dtype: torch.dtype | None,
     real_target: float = 1.0,
     average_grads: Callable[[nn.Module], None] | None = None,
+    d_augment: ada.DAugment | None = None,
 ) -> torch.Tensor:
     """One D update and one G update; returns the STAT_NAMES values as a tensor on the
     device. No host sync anywhere (the caller reads the statistics only at log steps), so
     the whole step can be captured as a CUDA graph (dcgan/training/step.py). ``real_target``:
     D's label for real images (below 1: one-sided label smoothing). ``average_grads``: what
-    averages a net's gradients over the ranks after its backward, where DDP does not."""
+    averages a net's gradients over the ranks after its backward, where DDP does not.
+    ``d_augment``: augments every batch D sees, real and fake, in both updates (a fresh draw
+    each time; G's gradient flows through it), and counts D's verdicts on real images for ADA."""
     D = state.discriminator
+    augment = d_augment.augment if d_augment is not None else _unchanged
     # G's pass goes through D without DDP (D is frozen there: nothing to all-reduce), compiled when D is.
     d_frozen = d_train.module if isinstance(d_train, DDP) else d_train
     # No autocast weight cache: a cast cached while a CUDA graph is captured would be freed with it.
@@ -88,13 +98,15 @@ def gan_step(
     state.opt_d.zero_grad(set_to_none=True)
     with d_train.no_sync() if isinstance(d_train, DDP) else contextlib.nullcontext():
         with amp:
-            out_real = d_train(real).view(-1).float()
+            out_real = d_train(augment(real)).view(-1).float()
         loss_d_real = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, real_target))
         state.scaler_d.scale(loss_d_real).backward()
+    if d_augment is not None:
+        d_augment.observe(out_real)
     z = sample_latent(n, nz, real.device)
     with amp:
         fake = g_train(z)
-        out_fake = d_train(fake.detach()).view(-1).float()
+        out_fake = d_train(augment(fake.detach())).view(-1).float()
     loss_d_fake = F.binary_cross_entropy_with_logits(out_fake, zeros)
     state.scaler_d.scale(loss_d_fake).backward()
     if average_grads is not None:
@@ -107,7 +119,7 @@ def gan_step(
     state.opt_g.zero_grad(set_to_none=True)
     D.requires_grad_(False)
     with amp:
-        out_g = d_frozen(fake).view(-1).float()
+        out_g = d_frozen(augment(fake)).view(-1).float()
     loss_g = F.binary_cross_entropy_with_logits(out_g, ones)
     state.scaler_g.scale(loss_g).backward()
     if average_grads is not None:
@@ -124,6 +136,10 @@ def gan_step(
             grad_norm_d, grad_norm_g,
             (~torch.isfinite(grad_norm_d)).float(), (~torch.isfinite(grad_norm_g)).float(),
         ])  # fmt: skip
+
+
+def _unchanged(images: torch.Tensor) -> torch.Tensor:
+    return images
 
 
 def gradient_norm(net: nn.Module, scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -154,6 +170,12 @@ def choose_graph(cfg: Config, device: torch.device) -> GraphChoice:
             False,
             f"{setting}: eager steps under fp16, whose grad scaler keeps per-step state on the host that a graph "
             "replay would not update (bf16 needs no scaler and is captured)",
+        )
+    if cfg.d_augment.on:
+        return GraphChoice(
+            False,
+            f"{setting}: eager steps with d_augment, whose draws are seeded on the host before each step and whose "
+            "ADA adjustments follow the host's step count, which a graph replay would not redo",
         )
     if t.compile and t.cuda_graph == "auto":
         return GraphChoice(False, f"{setting}: eager compiled steps (train.compile); cuda_graph=on captures them too")
@@ -202,6 +224,11 @@ class TrainStep:
         if self.average_grads is not None:
             broadcast_weights([state.generator, state.discriminator])
         self.graphed = graphed
+        self.d_augment = (
+            ada.DAugment(cfg.d_augment, state, cfg.train.seed, dist_info, cfg.train.batch_size)
+            if cfg.d_augment.on
+            else None
+        )
         self.eager_left = WARMUP_STEPS if graphed else 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_real: torch.Tensor | None = None
@@ -220,12 +247,18 @@ class TrainStep:
 
     def _step(self, real: torch.Tensor) -> None:
         s = self.state
+        if self.d_augment is not None:
+            self.d_augment.begin(s.step + 1)
         stats = gan_step(
-            s, self.g_train, self.d_train, real, self.nz, self.amp_dtype, self.real_target, self.average_grads
-        )
+            s, self.g_train, self.d_train, real, self.nz, self.amp_dtype, self.real_target, self.average_grads,
+            self.d_augment,
+        )  # fmt: skip
         if s.generator_ema is not None:
             self.steps_done += 1
             update_ema(s.generator_ema, s.generator, ema_decay(self.steps_done, self.decay))
+        if self.d_augment is not None:
+            self.d_augment.end(s.step + 1)
+            stats = torch.cat([stats, self.d_augment.stats()])
         self.stats_sum.add_(stats)
 
     def _warmup_step(self, real: torch.Tensor) -> None:
