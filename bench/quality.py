@@ -4,6 +4,8 @@
     python -m bench.quality --steps 4000 --plain-steps 8000 --eval-every 1000
     python -m bench.quality --only project model.ema_decay=0 # an ablation (a.b=value for both runs)
     python -m bench.quality --only project --nproc 2 train.batch_size=64 train.sync_bn=false  # DDP, no SyncBN
+    python -m bench.quality --small-data 1000 --jobs 2          # d_augment on 1,000 images (bench/README.md)
+    python -m bench.quality --small-data 0 --variants off,translation,ada,translation@ada   # on the 70k set
 
 (1) the project: ``python -m dcgan.train`` on the config (one process, its batch size;
 with --nproc N, torchrun with N processes of that batch each),
@@ -15,49 +17,72 @@ data stream, run for
 the classifier features of <shards>/features.pt (trained here first if missing),
 --num-samples generated images against its 10000 real ones, the same latents each time.
 Prints a table of FID / KID / precision / recall per step and the ratios at --steps.
+
+--small-data N is the d_augment study instead: the project alone, once per --variants
+(off; DiffAugment at p=1 with each subset of color, translation, cutout; ADA with all
+three and with translation), at the same steps and seed, --jobs at a time. With N > 0 the data is a fixed
+subset of N Fashion-MNIST training images (Debian's IDX files; the first N of a seed-0
+permutation), scored against the 10k test images with a classifier trained on those
+(dcgan.eval train-features --epochs 4); with N = 0, the config's own shards and features.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.plain_loop import PlainLoop, batches
 from dcgan.config.loading import load_config
 from dcgan.data.shardset import resolve_shards
 from dcgan.data.stream import Loader, ShardStream
+from dcgan.data.writing import read_idx
+from dcgan.models.d_augment import POLICIES
 from dcgan.quality.evaluator import DEFAULT_FEATURES_NAME, Evaluator, choose_extractor
 from dcgan.run.distributed import DistInfo
 
 SCORES = ("fid", "kid", "precision", "recall")
 
 
-def run_project(args, overrides: list[str], out_dir: Path) -> tuple[dict[int, dict], float]:
-    name = "project"
+def run_project(
+    args, overrides: list[str], out_dir: Path, name: str = "project", log: Path | None = None
+) -> tuple[dict[int, dict], float]:
+    """One ``dcgan.train`` run: its evaluations by step (with aug_p where logged) and its seconds.
+    With ``log``, its output goes there and it runs on one thread (for --jobs in parallel)."""
     launcher = (
         ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else []
     )
     cmd = [
-        sys.executable, *launcher, "-m", "dcgan.train", "--config", args.config, *overrides,
+        sys.executable, *launcher, "-m", "dcgan.train", "--config", args.config, "log.every=500", *overrides,
         f"train.out_dir={out_dir}", f"train.name={name}", f"train.steps={args.steps}",
         f"eval.every={args.eval_every}", f"eval.num_samples={args.num_samples}",
-        "train.resume=never", "train.overwrite=true", "wandb.mode=disabled", "log.every=500",
+        "train.resume=never", "train.overwrite=true", "wandb.mode=disabled",
     ]  # fmt: skip
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    if log is None:
+        subprocess.run(cmd, check=True)
+    else:
+        with log.open("w") as f:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode:
+                raise RuntimeError(f"{name} failed: see {log}")
     seconds = time.perf_counter() - t0
-    scores = {}
+    scores, aug_p = {}, None
     for line in (out_dir / name / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
+        aug_p = record.get("aug_p", aug_p)
         if "fid" in record:
-            scores[record["step"]] = {k: record[k] for k in SCORES}
+            scores[record["step"]] = {k: record[k] for k in SCORES} | {"aug_p": aug_p}
     return scores, seconds
 
 
@@ -104,6 +129,93 @@ def table(plain: dict[int, dict], project: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def augment_variants(names: list[str] | None = None) -> dict[str, list[str]]:
+    """The study's runs by name: off, DiffAugment at p=1 on each subset of the policies
+    (color, translation, color+translation, ...), ADA on all three (ada) and on translation
+    alone (the best at p=1 on 1,000 grey images); with ``names``, those, where SUBSET@ada
+    is ADA on that subset. Raises KeyError on a bad name."""
+    subsets = ["+".join(c) for n in range(1, len(POLICIES) + 1) for c in itertools.combinations(POLICIES, n)]
+    names = names or ["off", *subsets, "ada", "translation@ada"]
+    variants: dict[str, list[str]] = {}
+    for name in names:
+        subset, _, ada = ("+".join(POLICIES) + "@ada" if name == "ada" else name).partition("@")
+        if name == "off":
+            variants[name] = []
+        elif subset in subsets and ada in ("", "ada"):
+            variants[name] = [f"d_augment.policy={subset.replace('+', ',')}", f"d_augment.p={ada or 1}"]
+        else:
+            raise KeyError(f"unknown variant {name!r}: off, ada, a subset ({', '.join(subsets)}), or SUBSET@ada")
+    return variants
+
+
+def shard(source: Path, out: Path) -> None:
+    if not (out / "manifest.json").exists():
+        cmd = [sys.executable, "-m", "dcgan.shards", str(source), str(out), "--overwrite", "--workers", "2"]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+
+
+def small_data(n: int, root: Path) -> list[str]:
+    """Shards of a fixed ``n``-image subset of Fashion-MNIST's training set and of its 10k
+    test images (with their classifier features): the overrides that train on the one and
+    score against the other."""
+    root.mkdir(parents=True, exist_ok=True)
+    subset = root / f"train-{n}.npz"
+    if not subset.exists():
+        images = read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")
+        labels = read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")
+        keep = np.random.default_rng(0).permutation(len(images))[:n]
+        np.savez(subset, x=images[keep], y=labels[keep])
+    shard(subset, root / f"train-{n}")
+    shard(FASHION_MNIST / "t10k-images-idx3-ubyte.gz", root / "test")
+    features = root / "test" / DEFAULT_FEATURES_NAME
+    if not features.exists():
+        cmd = [sys.executable, "-m", "dcgan.eval", "train-features", "--shards", str(root / "test"), "--epochs", "4"]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+    return [f"data.shards={root / f'train-{n}'}", f"eval.features={features}"]
+
+
+def augment_study(args, overrides: list[str], out_dir: Path) -> int:
+    try:
+        variants = augment_variants(None if args.variants == "all" else args.variants.split(","))
+    except KeyError as e:
+        print(f"bench.quality: {e.args[0]}", file=sys.stderr)
+        return 2
+    chosen = list(variants)
+    data = small_data(args.small_data, out_dir / "data") if args.small_data else []
+    what = f"{args.small_data} Fashion-MNIST training images" if args.small_data else "the config's shards"
+    print(f"# {args.config} on {what}: {args.steps} steps, {args.jobs} runs at a time", flush=True)
+
+    def one(name: str) -> tuple[str, dict[int, dict], float]:
+        scores, seconds = run_project(
+            args, [*data, *overrides, *variants[name]], out_dir, name=name, log=out_dir / f"{name}.log"
+        )
+        print(f"{name}: " + ", ".join(f"step {s} FID {r['fid']:.3f}" for s, r in sorted(scores.items())), flush=True)
+        return name, scores, seconds
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = {name: (scores, seconds) for name, scores, seconds in pool.map(one, chosen)}
+    (out_dir / "study.json").write_text(
+        json.dumps({"config": args.config, "small_data": args.small_data, "overrides": overrides, "runs": runs}) + "\n"
+    )
+    off = runs.get("off", ({}, 0))[0].get(args.steps, {}).get("fid")
+    print(f"| variant (at step {args.steps}) | FID | KID | precision | recall | FID / off | aug_p | wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (scores, seconds) in runs.items():
+        r = scores[args.steps]
+        vs = f"{r['fid'] / off:.2f}" if off else ""
+        p = f"{r['aug_p']:.3f}" if r["aug_p"] is not None else ""
+        print(
+            f"| {name} | {r['fid']:.3f} | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} | {vs} | {p} "
+            f"| {seconds:.0f} |"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/fashion-mnist.yaml")
@@ -115,12 +227,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("plain", "project"), help="run one side only")
     parser.add_argument("--nproc", type=int, default=1, help="the project's processes (torchrun; DDP, SyncBN)")
     parser.add_argument(
+        "--small-data", type=int, metavar="N",
+        help="the d_augment study on N Fashion-MNIST training images (0: the config's shards)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        default="all",
+        help="the study's runs: all, or a comma list (off, color+cutout, ada, translation@ada ...)",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="the study's runs at a time (each on one thread)")
+    parser.add_argument(
         "overrides", nargs="*", help="a.b=value overrides for both runs (the plain loop keeps the seeds' Adam)"
     )
     args = parser.parse_args(argv)
     args.plain_steps = args.plain_steps or 2 * args.steps
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.small_data is not None:
+        return augment_study(args, args.overrides, out_dir)
 
     cfg = load_config(args.config, args.overrides)
     features = Path(cfg.eval.features or Path(cfg.data.shards) / DEFAULT_FEATURES_NAME)

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,35 @@ def test_bench_scripts_print_their_tables(tmp_path, digit_shards, real_images):
     scale = run_python("-m", "bench.plan_at_scale", "--ranks", "8", "--shards", "100", "--cache-samples", "10000")
     assert scale.returncode == 0, scale.stderr[-3000:]
     assert "read amplification      1." in scale.stdout and scale.stdout.count("on every rank: True") == 2
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed (scripts/setup.sh installs it as root)",
+)
+def test_the_small_data_study_trains_each_variant_on_the_same_subset(tmp_path):
+    # bench/quality.py --small-data: the d_augment table of bench/README.md, at toy size.
+    out = tmp_path / "study"
+    study = run_python(
+        "-m", "bench.quality", "--small-data", "64", "--steps", "4", "--eval-every", "4", "--num-samples", "500",
+        "--variants", "off,translation", "--out-dir", str(out), "train.batch_size=16", "data.workers=0", "log.every=2", timeout=600,
+    )  # fmt: skip
+    assert study.returncode == 0, study.stderr[-3000:]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in study.stdout.splitlines() if line.startswith("| ")}
+    assert {"off", "translation"} <= set(rows)
+    runs = json.loads((out / "study.json").read_text())["runs"]
+    assert set(runs) == {"off", "translation"}
+    fid = {name: scores["4"]["fid"] for name, (scores, _) in runs.items()}
+    assert fid["off"] != fid["translation"]  # the variant changed training, nothing else did
+    assert runs["translation"][0]["4"]["aug_p"] == 1.0 and runs["off"][0]["4"]["aug_p"] is None
+    subset = np.load(out / "data" / "train-64.npz")
+    assert (
+        subset["x"].shape == (64, 28, 28)
+        and json.loads((out / "data" / "train-64" / "manifest.json").read_text())["samples"] == 64
+    )
+    assert (out / "data" / "test" / "features.pt").exists()
+    bad = run_python("-m", "bench.quality", "--small-data", "64", "--variants", "off,blur", "--out-dir", str(out))
+    assert bad.returncode == 2 and "unknown variant 'blur'" in bad.stderr
 
 
 def test_the_gpu_script_runs_every_stage_on_the_cpu(tmp_path):
