@@ -216,6 +216,25 @@ def augment_study(args, overrides: list[str], out_dir: Path) -> int:
     return 0
 
 
+def classifier_features(cfg) -> Path:
+    """The config's classifier features file, trained first if missing."""
+    features = Path(cfg.eval.features or Path(cfg.data.shards) / DEFAULT_FEATURES_NAME)
+    if not features.exists():
+        cmd = [
+            sys.executable,
+            "-m",
+            "dcgan.eval",
+            "train-features",
+            "--shards",
+            cfg.data.shards,
+            "--out",
+            str(features),
+        ]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+    return features
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/fashion-mnist.yaml")
@@ -247,21 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return augment_study(args, args.overrides, out_dir)
 
     cfg = load_config(args.config, args.overrides)
-    features = Path(cfg.eval.features or Path(cfg.data.shards) / DEFAULT_FEATURES_NAME)
-    if not cfg.eval.inception and not features.exists():
-        cmd = [
-            sys.executable,
-            "-m",
-            "dcgan.eval",
-            "train-features",
-            "--shards",
-            cfg.data.shards,
-            "--out",
-            str(features),
-        ]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
-    common = [f"eval.features={features}"] if not cfg.eval.inception else []
+    common = [f"eval.features={classifier_features(cfg)}"] if not cfg.eval.inception else []
     common += [f"eval.num_samples={args.num_samples}"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
