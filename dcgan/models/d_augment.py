@@ -43,11 +43,13 @@ class DAugmentConfig:
     """Augmentation of every image D sees, real and fake, in the D and the G step (dcgan/models/d_augment.py)."""
 
     # A comma list of color, translation, cutout (the transforms, applied in this order);
-    # empty: off. color,translation,cutout is DiffAugment's policy.
+    # empty: off. color,translation,cutout is DiffAugment's policy; translation measured
+    # best on 1,000 grey images (bench/README.md#small-data-d_augment).
     policy: str = ""
     # The probability that a transform is applied to an image (each transform drawn on its
-    # own), or ada: tuned while training from D's outputs on real images, starting at 0.
-    p: float | Literal["ada"] = 1.0
+    # own), or ada: tuned while training from D's outputs on real images, starting at 0
+    # (measured better than p=1 on small sets, and p stays near 0 on large ones).
+    p: float | Literal["ada"] = "ada"
     # ADA's target for the mean sign of D's logits on real images (0: D cannot tell, 1: it
     # is sure of every real image): p rises while the mean is above it, falls below.
     ada_target: float = 0.6

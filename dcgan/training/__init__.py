@@ -1,1 +1,1 @@
-"""The algorithm: building the training parts, the GAN step (eager or a CUDA graph), the divergence guard and the loop."""
+"""The algorithm: building the training parts, the GAN step (eager or a CUDA graph), ADA, the divergence guard and the loop."""

@@ -182,3 +182,14 @@ def test_missing_shard_file_is_named(tmp_path, digit_shards):
     result = run_module("dcgan.train", "--config", str(config), f"data.shards={pattern}", timeout=120)
     assert result.returncode == 2
     assert f"data.shards: shard {digit_shards}/shard-000006.tar does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["pumpkins", "pokemon"])
+def test_the_commented_d_augment_line_of_a_small_set_config_turns_it_on(tmp_path, name):
+    # The reference setups keep their write-ups' settings; their header shows the one line
+    # that turns d_augment on. Uncommented, it must load and switch it on.
+    text = (REPO / f"configs/{name}.yaml").read_text()
+    assert "\nd_augment:" not in text  # off as the write-up has it
+    on = tmp_path / f"{name}.yaml"
+    on.write_text(text.replace("\n# d_augment:", "\nd_augment:"))
+    assert load_config(on).d_augment.on and not load_config(REPO / f"configs/{name}.yaml").d_augment.on
