@@ -151,11 +151,22 @@ def augment_variants(names: list[str] | None = None) -> dict[str, list[str]]:
     return variants
 
 
+def run_shown(cmd: list[str]) -> None:
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
 def shard(source: Path, out: Path) -> None:
     if not (out / "manifest.json").exists():
-        cmd = [sys.executable, "-m", "dcgan.shards", str(source), str(out), "--overwrite", "--workers", "2"]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
+        run_shown([sys.executable, "-m", "dcgan.shards", str(source), str(out), "--overwrite", "--workers", "2"])
+
+
+def classifier_features(shards: str, features: Path, epochs: int | None = None) -> Path:
+    """``features``, the classifier features of ``shards``, trained first if missing."""
+    if not features.exists():
+        cmd = [sys.executable, "-m", "dcgan.eval", "train-features", "--shards", shards, "--out", str(features)]
+        run_shown(cmd + (["--epochs", str(epochs)] if epochs else []))
+    return features
 
 
 def small_data(n: int, root: Path) -> list[str]:
@@ -171,11 +182,7 @@ def small_data(n: int, root: Path) -> list[str]:
         np.savez(subset, x=images[keep], y=labels[keep])
     shard(subset, root / f"train-{n}")
     shard(FASHION_MNIST / "t10k-images-idx3-ubyte.gz", root / "test")
-    features = root / "test" / DEFAULT_FEATURES_NAME
-    if not features.exists():
-        cmd = [sys.executable, "-m", "dcgan.eval", "train-features", "--shards", str(root / "test"), "--epochs", "4"]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
+    features = classifier_features(str(root / "test"), root / "test" / DEFAULT_FEATURES_NAME, epochs=4)
     return [f"data.shards={root / f'train-{n}'}", f"eval.features={features}"]
 
 
@@ -216,25 +223,6 @@ def augment_study(args, overrides: list[str], out_dir: Path) -> int:
     return 0
 
 
-def classifier_features(cfg) -> Path:
-    """The config's classifier features file, trained first if missing."""
-    features = Path(cfg.eval.features or Path(cfg.data.shards) / DEFAULT_FEATURES_NAME)
-    if not features.exists():
-        cmd = [
-            sys.executable,
-            "-m",
-            "dcgan.eval",
-            "train-features",
-            "--shards",
-            cfg.data.shards,
-            "--out",
-            str(features),
-        ]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
-    return features
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/fashion-mnist.yaml")
@@ -266,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         return augment_study(args, args.overrides, out_dir)
 
     cfg = load_config(args.config, args.overrides)
-    common = [f"eval.features={classifier_features(cfg)}"] if not cfg.eval.inception else []
+    features = Path(cfg.eval.features or Path(cfg.data.shards) / DEFAULT_FEATURES_NAME)
+    common = [f"eval.features={classifier_features(cfg.data.shards, features)}"] if not cfg.eval.inception else []
     common += [f"eval.num_samples={args.num_samples}"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(

@@ -58,7 +58,7 @@ class DAugmentConfig:
     ada_kimg: float = 100.0
 
     def __post_init__(self) -> None:
-        words = [w.strip() for w in self.policy.split(",")] if self.policy.strip() else []
+        words = self.transforms
         for word in words:
             check_field(word in POLICIES, "policy", f"{word!r} is not one of {', '.join(POLICIES)} (a comma list)")
         check_field(len(set(words)) == len(words), "policy", f"names a transform twice: {self.policy!r}")
