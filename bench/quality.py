@@ -34,8 +34,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +54,35 @@ from dcgan.run.distributed import DistInfo
 SCORES = ("fid", "kid", "precision", "recall")
 
 
+class StudyRuns:
+    """The study's training processes, run --jobs at a time: the first failure stops them
+    all (SIGTERM: each saves and exits within seconds) and starts no more."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.procs: list[subprocess.Popen] = []
+        self.stopping = False
+
+    def start(self, cmd: list[str], **popen) -> subprocess.Popen:
+        with self.lock:
+            if self.stopping:
+                raise RuntimeError("not started: another run failed")
+            self.procs.append(subprocess.Popen(cmd, **popen))
+            return self.procs[-1]
+
+    def stop_all(self) -> None:
+        with self.lock:
+            self.stopping = True
+            for proc in self.procs:
+                proc.terminate()
+
+
 def run_project(
-    args, overrides: list[str], out_dir: Path, name: str = "project", log: Path | None = None
+    args, overrides: list[str], out_dir: Path, name: str = "project", log: Path | None = None, runs=None
 ) -> tuple[dict[int, dict], float]:
     """One ``dcgan.train`` run: its evaluations by step (with aug_p where logged) and its seconds.
-    With ``log``, its output goes there and it runs on one thread (for --jobs in parallel)."""
+    With ``log`` and ``runs`` (a StudyRuns), its output goes to ``log`` and it runs on one
+    thread, started by ``runs`` (for --jobs in parallel)."""
     launcher = (
         ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"] if args.nproc > 1 else []
     )
@@ -73,9 +98,9 @@ def run_project(
         subprocess.run(cmd, check=True)
     else:
         with log.open("w") as f:
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode:
-                raise RuntimeError(f"{name} failed: see {log}")
+            proc = runs.start(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if proc.wait():
+                raise RuntimeError(f"{name} failed (exit {proc.returncode}): see {log}")
     seconds = time.perf_counter() - t0
     scores, aug_p = {}, None
     for line in (out_dir / name / "metrics.jsonl").read_text().splitlines():
@@ -197,22 +222,36 @@ def augment_study(args, overrides: list[str], out_dir: Path) -> int:
     what = f"{args.small_data} Fashion-MNIST training images" if args.small_data else "the config's shards"
     print(f"# {args.config} on {what}: {args.steps} steps, {args.jobs} runs at a time", flush=True)
 
+    runs = StudyRuns()
+
     def one(name: str) -> tuple[str, dict[int, dict], float]:
-        scores, seconds = run_project(
-            args, [*data, *overrides, *variants[name]], out_dir, name=name, log=out_dir / f"{name}.log"
-        )
+        try:
+            scores, seconds = run_project(
+                args, [*data, *overrides, *variants[name]], out_dir, name=name, log=out_dir / f"{name}.log", runs=runs
+            )
+        except BaseException:
+            runs.stop_all()  # before this worker is free to start the next run
+            raise
         print(f"{name}: " + ", ".join(f"step {s} FID {r['fid']:.3f}" for s, r in sorted(scores.items())), flush=True)
         return name, scores, seconds
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = {name: (scores, seconds) for name, scores, seconds in pool.map(one, chosen)}
+        futures = [pool.submit(one, name) for name in chosen]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f.exception() for f in futures if f.done() and f.exception()), None)
+        if failed is not None:
+            for future in futures:
+                future.cancel()
+            raise failed
+    results = {name: (scores, seconds) for name, scores, seconds in (f.result() for f in futures)}
     (out_dir / "study.json").write_text(
-        json.dumps({"config": args.config, "small_data": args.small_data, "overrides": overrides, "runs": runs}) + "\n"
+        json.dumps({"config": args.config, "small_data": args.small_data, "overrides": overrides, "runs": results})
+        + "\n"
     )
-    off = runs.get("off", ({}, 0))[0].get(args.steps, {}).get("fid")
+    off = results.get("off", ({}, 0))[0].get(args.steps, {}).get("fid")
     print(f"| variant (at step {args.steps}) | FID | KID | precision | recall | FID / off | aug_p | wall s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (scores, seconds) in runs.items():
+    for name, (scores, seconds) in results.items():
         r = scores[args.steps]
         vs = f"{r['fid'] / off:.2f}" if off else ""
         p = f"{r['aug_p']:.3f}" if r["aug_p"] is not None else ""
