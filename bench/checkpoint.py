@@ -34,7 +34,7 @@ from dcgan.checkpoint import files as checkpoint
 from dcgan.config.loading import load_config
 from dcgan.run.distributed import DistInfo
 from dcgan.training.setup import build_training
-from dcgan.training.step import AMP_DTYPES, gan_step
+from dcgan.training.step import StepSettings, gan_step
 
 
 def checkpoint_cost(config: str, repeats: int, out_dir: Path) -> None:
@@ -42,7 +42,7 @@ def checkpoint_cost(config: str, repeats: int, out_dir: Path) -> None:
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     state, G, D = build_training(cfg, dist)
     real = torch.rand(8, cfg.model.channels, cfg.model.image_size, cfg.model.image_size) * 2 - 1
-    gan_step(state, G, D, real, cfg.model.nz, AMP_DTYPES[cfg.train.precision])  # Adam moments now exist
+    gan_step(state, G, D, real, StepSettings.of(cfg))  # Adam moments now exist
     sd = state.state_dict(cfg.to_dict(), [checkpoint.capture_rng_state(dist.device)], 1)
 
     saves, verifies, loads = [], [], []

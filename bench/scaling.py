@@ -34,7 +34,7 @@ from bench.throughput import bench_overrides, int_list, timed_steps
 from dcgan.config.loading import load_config
 from dcgan.run.distributed import DistInfo
 from dcgan.training.setup import NO_FORWARD_BUFFER_SYNC, build_training, memory_format
-from dcgan.training.step import AMP_DTYPES, gan_step
+from dcgan.training.step import AMP_DTYPES, StepSettings, gan_step
 
 
 def trainer_rate(args, overrides: list[str], nproc: int, threads: int, out_dir: Path) -> tuple[float, list[float]]:
@@ -78,7 +78,7 @@ def ddp_overhead(args, overrides: list[str]) -> None:
             runs = {"bare": [], "DDP": []}
             for _ in range(args.repeats):
                 for name, (g, d) in {"bare": (g_bare, d_bare), "DDP": (g_ddp, d_ddp)}.items():
-                    step = lambda r, g=g, d=d: gan_step(state, g, d, r, cfg.model.nz, amp_dtype)  # noqa: E731
+                    step = lambda r, g=g, d=d: gan_step(state, g, d, r, StepSettings(cfg.model.nz, amp_dtype))  # noqa: E731
                     runs[name].append(timed_steps(step, itertools.repeat(real), 3, args.log_every, sync))
             bare, wrapped = statistics.median(runs["bare"]), statistics.median(runs["DDP"])
             print(f"one process, batch in memory: bare {bare:.1f} img/s, under DDP {wrapped:.1f} img/s "

@@ -48,7 +48,7 @@ from dcgan.data.stream import Loader, ShardStream
 from dcgan.run.distributed import DistInfo
 from dcgan.shards import main as shards_main
 from dcgan.training.setup import build_training, memory_format, set_tf32
-from dcgan.training.step import AMP_DTYPES, gan_step
+from dcgan.training.step import AMP_DTYPES, StepSettings, gan_step
 
 BENCH_DATA = Path("data")  # where the photo-patch shards are written
 
@@ -121,7 +121,7 @@ def trainer_step(cfg: Config, dist: DistInfo) -> Callable[[torch.Tensor], torch.
     amp_dtype, real_target = AMP_DTYPES[cfg.train.precision], 1.0 - cfg.optim.label_smoothing
 
     def step(real: torch.Tensor) -> torch.Tensor:
-        return gan_step(state, g_train, d_train, real, cfg.model.nz, amp_dtype, real_target)
+        return gan_step(state, g_train, d_train, real, StepSettings(cfg.model.nz, amp_dtype, real_target))
 
     return step
 

@@ -8,6 +8,8 @@
 3. The gradient average a CUDA graph runs instead of DDP (train_step.average_gradients)
    trains the nets as DDP does.
 4. ADA's statistic is the mean over both ranks' real images, and both ranks apply the same p.
+5. Gradient penalties (wgan's and R1, through DDP and SyncBN) on two ranks give D the
+   gradients of one process on the whole batch.
 Prints "ddp checks passed" on rank 0; any failure raises (non-zero exit).
 """
 
@@ -15,14 +17,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dcgan.checkpoint.state import TrainState
 from dcgan.config.sections import Config, DataConfig, TrainConfig
 from dcgan.models.d_augment import DAugmentConfig
-from dcgan.models.networks import ModelConfig
+from dcgan.models.losses import LossConfig
+from dcgan.models.networks import ModelConfig, build_models
 from dcgan.run import distributed
-from dcgan.training import ada
-from dcgan.training.setup import build_training
-from dcgan.training.step import average_gradients, gan_step
+from dcgan.training import ada, penalties
+from dcgan.training.setup import NO_FORWARD_BUFFER_SYNC, build_training
+from dcgan.training.step import StepSettings, average_gradients, gan_step
 from dcgan.training.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
 
 
@@ -79,7 +84,7 @@ def check_one_all_reduce_per_network(info: distributed.DistInfo) -> None:
     d_train.register_comm_hook(None, counting("D"))
     torch.manual_seed(100 + info.rank)  # each rank its own real batch and latents
     for _ in range(3):
-        gan_step(state, g_train, d_train, torch.rand(6, 1, 28, 28) * 2 - 1, cfg.model.nz, None)
+        gan_step(state, g_train, d_train, torch.rand(6, 1, 28, 28) * 2 - 1, StepSettings(cfg.model.nz))
     assert calls == {"G": 3, "D": 3}, calls  # one bucket each, one all-reduce per step
     for net in (state.generator, state.discriminator):
         flat = torch.cat([p.detach().flatten() for p in net.parameters()])
@@ -99,7 +104,7 @@ def check_graph_gradient_average(info: distributed.DistInfo) -> None:
             g_train, d_train = g_train.module, d_train.module  # the bare (SyncBN) nets, as a graph runs them
         torch.manual_seed(100 + info.rank)
         for _ in range(3):
-            gan_step(state, g_train, d_train, torch.rand(6, 1, 28, 28) * 2 - 1, TINY.model.nz, None, 1.0, average)
+            gan_step(state, g_train, d_train, torch.rand(6, 1, 28, 28) * 2 - 1, StepSettings(TINY.model.nz), average)
         trained.append(torch.cat([p.detach().flatten() for net in (state.generator, state.discriminator)
                                   for p in net.parameters()]))  # fmt: skip
     torch.testing.assert_close(trained[1], trained[0], rtol=1e-5, atol=1e-6)
@@ -133,6 +138,43 @@ def check_ada_over_ranks(info: distributed.DistInfo) -> None:
     assert state.d_real_sign.item() == 1.0 and state.aug_p.item() == 1.0
 
 
+class FixedFakes(nn.Module):
+    """A stand-in G whose "fakes" are its parameter: the same images whatever the latents."""
+
+    def __init__(self, fakes: torch.Tensor):
+        super().__init__()
+        self.fakes = nn.Parameter(fakes.clone())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fakes
+
+
+def check_penalties_over_ranks(info: distributed.DistInfo) -> None:
+    """wgan's gradient penalty and R1 on two ranks of 6 images (DDP, SyncBN) give D the
+    gradients, and the update, of one process on the 12 (plain batch norm)."""
+    cfg = Config(model=TINY.model, loss=LossConfig(kind="wgan", r1_gamma=2.0, r1_every=1))
+    torch.manual_seed(5)  # the same images and mixing weights on both ranks, and in the reference
+    real, fake, mix = torch.rand(12, 1, 28, 28) * 2 - 1, torch.rand(12, 1, 28, 28) * 2 - 1, torch.rand(12, 1, 1, 1)
+    half = slice(6 * info.rank, 6 * info.rank + 6)
+    trained = []
+    for world in (2, 1):
+        torch.manual_seed(0)
+        D = build_models(cfg)[1]
+        if world == 2:
+            D = DDP(convert_sync_batchnorm(D, info.device), **NO_FORWARD_BUFFER_SYNC)
+        bare = D.module if world == 2 else D
+        G = FixedFakes(fake[half] if world == 2 else fake)
+        state = TrainState(G, bare, None, torch.optim.Adam(G.parameters()), torch.optim.Adam(bare.parameters()),
+                           torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False))  # fmt: skip
+        penalties.mixing_weights = lambda n, like, e=(mix[half] if world == 2 else mix): e
+        stats = gan_step(state, G, D, real[half] if world == 2 else real, StepSettings.of(cfg), r1_due=True)
+        assert stats[-1] > 0  # a penalty was added
+        trained.append([torch.cat([p.grad.flatten() for p in bare.parameters()]),
+                        torch.cat([p.detach().flatten() for p in bare.parameters()])])  # fmt: skip
+    torch.testing.assert_close(trained[0][0], trained[1][0], rtol=1e-4, atol=1e-6)  # D's gradients
+    torch.testing.assert_close(trained[0][1], trained[1][1], rtol=1e-5, atol=1e-6)  # D after its update
+
+
 def main() -> None:
     info = distributed.setup("cpu")
     try:
@@ -140,6 +182,7 @@ def main() -> None:
         check_one_all_reduce_per_network(info)
         check_graph_gradient_average(info)
         check_ada_over_ranks(info)
+        check_penalties_over_ranks(info)
         if info.is_main:
             print("ddp checks passed")
     finally:

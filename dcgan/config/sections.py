@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from dcgan.base.checks import check_field
 from dcgan.models.d_augment import DAugmentConfig
+from dcgan.models.losses import LossConfig
 from dcgan.models.networks import ModelConfig
 
 _CATCHABLE_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
@@ -157,9 +158,13 @@ class OptimConfig:
     # fp16 no host sync for the overflow check. false: torch's default implementation
     # (foreach on CUDA, a per-parameter loop on the CPU). bench/throughput.py --ablate.
     fused: bool = True
+    # D updates per G update, each on a batch of its own (WGAN-GP used 5): a step reads
+    # d_steps batches, and an epoch's last batches that cannot fill a step are skipped.
+    d_steps: int = 1
 
     def __post_init__(self) -> None:
         check_field(0 <= self.label_smoothing < 0.5, "label_smoothing", "must lie in [0, 0.5)")
+        check_field(self.d_steps >= 1, "d_steps", f"must be >= 1 (D updates per G update), not {self.d_steps}")
 
 
 @dataclass
@@ -350,7 +355,8 @@ class Config:
     model: ModelConfig = field(
         default_factory=ModelConfig
     )  # Which reference net (dcgan/models/networks.py), at which widths
-    optim: OptimConfig = field(default_factory=OptimConfig)  # The optimisers and the loss
+    optim: OptimConfig = field(default_factory=OptimConfig)  # The optimisers
+    loss: LossConfig = field(default_factory=LossConfig)  # What D and G minimise, and D's gradient penalties
     d_augment: DAugmentConfig = field(
         default_factory=DAugmentConfig
     )  # Augmentation of every image D sees (DiffAugment, ADA), for small data sets
@@ -359,6 +365,15 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases, from rank 0
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # Checkpoints in <run folder>/checkpoints/
     eval: EvalConfig = field(default_factory=EvalConfig)  # Sample quality (FID, KID, precision/recall) while training
+
+    def __post_init__(self) -> None:
+        """Checks that span sections."""
+        check_field(
+            self.optim.label_smoothing == 0 or self.loss.kind in ("bce", "lsgan"),
+            "optim.label_smoothing",
+            f"{self.optim.label_smoothing:g} smooths the real target of bce and lsgan; loss.kind={self.loss.kind} has "
+            "no target to smooth (set optim.label_smoothing=0)",
+        )
 
     @property
     def run_dir(self) -> Path:

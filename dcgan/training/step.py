@@ -32,95 +32,99 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcgan.checkpoint.state import TrainState
 from dcgan.config.sections import Config
+from dcgan.models import losses
+from dcgan.models.losses import LossConfig
 from dcgan.models.networks import ema_decay, sample_latent, update_ema
 from dcgan.run.distributed import DistInfo
-from dcgan.training import ada
+from dcgan.training import ada, penalties
 
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # What gan_step measures each step (averaged over log.every steps): losses, D's mean
-# output on real data and on fakes before (d_fake) and after (d_fake_after) the D update,
+# output on real data and on fakes before (d_fake) and after (d_fake_after) the D update
+# (for loss.kind=bce the mean probability of "real", for the others the mean raw score),
 # the gradient norms (unscaled under fp16), and whether the step's update was skipped
 # because a gradient was not finite (fp16's grad scaler does that by design; averaged:
-# the fraction of steps skipped).
+# the fraction of steps skipped). With optim.d_steps > 1, D's values are the mean over
+# the step's D updates.
 STAT_NAMES = (
     "loss_d_real", "loss_d_fake", "loss_g", "d_real", "d_fake", "d_fake_after", "grad_norm_d", "grad_norm_g",
     "skipped_d", "skipped_g",
 )  # fmt: skip
+# With a gradient penalty (loss.kind=wgan, loss.r1_gamma): the penalty added to D's loss,
+# per step (a lazy R1 term counts with its weight on the steps it is due, 0 on the others).
+PENALTY_STAT_NAMES = ("loss_d_penalty",)
 
 
 def stat_names(cfg: Config) -> tuple[str, ...]:
-    """The names of this run's step statistics: STAT_NAMES, and d_augment's when it is on."""
-    return STAT_NAMES + ada.STAT_NAMES if cfg.d_augment.on else STAT_NAMES
+    """The names of this run's step statistics: STAT_NAMES, then the penalty's and d_augment's when they are on."""
+    return (
+        STAT_NAMES + (PENALTY_STAT_NAMES if cfg.loss.penalised else ()) + (ada.STAT_NAMES if cfg.d_augment.on else ())
+    )
+
+
+class StepSettings(NamedTuple):
+    """How gan_step trains, from the run's config (``StepSettings.of``)."""
+
+    nz: int
+    amp_dtype: torch.dtype | None = None
+    real_target: float = 1.0  # D's label for real images (below 1: one-sided label smoothing; bce and lsgan)
+    loss: LossConfig = LossConfig()
+
+    @classmethod
+    def of(cls, cfg: Config) -> StepSettings:
+        return cls(cfg.model.nz, AMP_DTYPES[cfg.train.precision], 1.0 - cfg.optim.label_smoothing, cfg.loss)
 
 
 def gan_step(
     state: TrainState,
     g_train: nn.Module,
     d_train: nn.Module,
-    real: torch.Tensor,
-    nz: int,
-    amp_dtype: torch.dtype | None,
-    real_target: float = 1.0,
+    reals: torch.Tensor | Sequence[torch.Tensor],
+    how: StepSettings,
     average_grads: Callable[[nn.Module], None] | None = None,
     d_augment: ada.DAugment | None = None,
+    r1_due: bool = False,
 ) -> torch.Tensor:
-    """One D update and one G update; returns the STAT_NAMES values as a tensor on the
-    device. No host sync anywhere (the caller reads the statistics only at log steps), so
-    the whole step can be captured as a CUDA graph (dcgan/training/step.py). ``real_target``:
-    D's label for real images (below 1: one-sided label smoothing). ``average_grads``: what
-    averages a net's gradients over the ranks after its backward, where DDP does not.
-    ``d_augment``: augments every batch D sees, real and fake, in both updates (a fresh draw
-    each time; G's gradient flows through it), and counts D's verdicts on real images for ADA."""
+    """One D update per real batch in ``reals`` (a batch, or optim.d_steps of them), then one
+    G update; returns the step's statistics (``stat_names`` without d_augment's) as a tensor
+    on the device. No host sync anywhere (the caller reads the statistics only at log steps),
+    so the whole step can be captured as a CUDA graph (dcgan/training/step.py).
+    ``average_grads``: what averages a net's gradients over the ranks after its backward,
+    where DDP does not. ``d_augment``: augments every batch D sees, real and fake, in both
+    updates (a fresh draw each time; G's gradient flows through it), and counts D's verdicts
+    on real images for ADA. ``r1_due``: this step adds the lazy R1 term (``LossConfig.r1_due``)."""
+    reals = [reals] if isinstance(reals, torch.Tensor) else list(reals)
     D = state.discriminator
     augment = d_augment.augment if d_augment is not None else _unchanged
-    # G's pass goes through D without DDP (D is frozen there: nothing to all-reduce), compiled when D is.
-    d_frozen = d_train.module if isinstance(d_train, DDP) else d_train
     # No autocast weight cache: a cast cached while a CUDA graph is captured would be freed with it.
-    amp = torch.autocast(real.device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False)
-    n = real.shape[0]
-    ones = torch.ones(n, device=real.device)
-    zeros = torch.zeros(n, device=real.device)
+    amp = torch.autocast(reals[0].device.type, dtype=how.amp_dtype, enabled=how.amp_dtype is not None,
+                         cache_enabled=False)  # fmt: skip
+    d_stats = []
+    for real in reals:  # G's update judges the last D update's fakes (the others' graphs are freed)
+        fake, stats = _d_update(state, g_train, d_train, real, how, amp, augment, average_grads, d_augment, r1_due)
+        d_stats.append(stats)
+    d_stats = torch.stack(d_stats).mean(0)
 
-    # D on real, then on fake: two backward passes, one gradient all-reduce (the second).
-    state.opt_d.zero_grad(set_to_none=True)
-    with d_train.no_sync() if isinstance(d_train, DDP) else contextlib.nullcontext():
-        with amp:
-            out_real = d_train(augment(real)).view(-1).float()
-        loss_d_real = F.binary_cross_entropy_with_logits(out_real, torch.full_like(out_real, real_target))
-        state.scaler_d.scale(loss_d_real).backward()
-    if d_augment is not None:
-        d_augment.observe(out_real)
-    z = sample_latent(n, nz, real.device)
-    with amp:
-        fake = g_train(z)
-        out_fake = d_train(augment(fake.detach())).view(-1).float()
-    loss_d_fake = F.binary_cross_entropy_with_logits(out_fake, zeros)
-    state.scaler_d.scale(loss_d_fake).backward()
-    if average_grads is not None:
-        average_grads(D)
-    grad_norm_d = gradient_norm(D, state.scaler_d, state.opt_d)
-    state.scaler_d.step(state.opt_d)
-    state.scaler_d.update()
-
-    # G through the frozen D: no D gradients, no D all-reduce (and no stale-gradient mix-up in the next D step).
+    # G through the frozen D: no D gradients, no D all-reduce (and no stale-gradient mix-up
+    # in the next D step). Without DDP, and compiled when D is.
+    d_frozen = d_train.module if isinstance(d_train, DDP) else d_train
     state.opt_g.zero_grad(set_to_none=True)
     D.requires_grad_(False)
     with amp:
         out_g = d_frozen(augment(fake)).view(-1).float()
-    loss_g = F.binary_cross_entropy_with_logits(out_g, ones)
+    loss_g = losses.g_loss(how.loss.kind, out_g)
     state.scaler_g.scale(loss_g).backward()
     if average_grads is not None:
         average_grads(state.generator)
@@ -130,12 +134,52 @@ def gan_step(
     D.requires_grad_(True)
 
     with torch.no_grad():
-        return torch.stack([
-            loss_d_real, loss_d_fake, loss_g,
-            out_real.sigmoid().mean(), out_fake.sigmoid().mean(), out_g.sigmoid().mean(),
-            grad_norm_d, grad_norm_g,
-            (~torch.isfinite(grad_norm_d)).float(), (~torch.isfinite(grad_norm_g)).float(),
+        loss_d_real, loss_d_fake, d_real, d_fake, grad_norm_d, skipped_d, penalty = d_stats
+        stats = [
+            loss_d_real, loss_d_fake, loss_g, d_real, d_fake, losses.output_summary(how.loss.kind, out_g),
+            grad_norm_d, grad_norm_g, skipped_d, (~torch.isfinite(grad_norm_g)).float(),
+        ]  # fmt: skip
+        return torch.stack(stats + ([penalty] if how.loss.penalised else []))
+
+
+class DUpdate(NamedTuple):
+    fake: torch.Tensor  # the fakes D judged (with G's graph, for G's update)
+    stats: torch.Tensor  # loss_d_real, loss_d_fake, d_real, d_fake, grad_norm_d, skipped_d, penalty
+
+
+def _d_update(state, g_train, d_train, real, how: StepSettings, amp, augment, average_grads, d_augment, r1_due):
+    """One D update: D on real images, then on fakes, plus any gradient penalty due: three
+    backward passes, one gradient all-reduce (the last, under DDP)."""
+    D, kind = state.discriminator, how.loss.kind
+    state.opt_d.zero_grad(set_to_none=True)
+    with d_train.no_sync() if isinstance(d_train, DDP) else contextlib.nullcontext():
+        with amp:
+            out_real = d_train(augment(real)).view(-1).float()
+        loss_d_real = losses.d_real_loss(kind, out_real, how.real_target)
+        state.scaler_d.scale(loss_d_real).backward()
+        z = sample_latent(real.shape[0], how.nz, real.device)
+        with amp:
+            fake = g_train(z)
+        penalty = penalties.penalty(D, real, fake, how.loss, r1_due, augment)
+        if penalty.requires_grad:  # a penalty was due
+            state.scaler_d.scale(penalty).backward()
+    if d_augment is not None:
+        d_augment.observe(out_real)
+    with amp:
+        out_fake = d_train(augment(fake.detach())).view(-1).float()
+    loss_d_fake = losses.d_fake_loss(kind, out_fake)
+    state.scaler_d.scale(loss_d_fake).backward()
+    if average_grads is not None:
+        average_grads(D)
+    grad_norm_d = gradient_norm(D, state.scaler_d, state.opt_d)
+    state.scaler_d.step(state.opt_d)
+    state.scaler_d.update()
+    with torch.no_grad():
+        stats = torch.stack([
+            loss_d_real, loss_d_fake, losses.output_summary(kind, out_real), losses.output_summary(kind, out_fake),
+            grad_norm_d, (~torch.isfinite(grad_norm_d)).float(), penalty.detach(),
         ])  # fmt: skip
+    return DUpdate(fake, stats)
 
 
 def _unchanged(images: torch.Tensor) -> torch.Tensor:
@@ -177,6 +221,12 @@ def choose_graph(cfg: Config, device: torch.device) -> GraphChoice:
             f"{setting}: eager steps with d_augment, whose draws are seeded on the host before each step and whose "
             "ADA adjustments follow the host's step count, which a graph replay would not redo",
         )
+    if cfg.loss.penalised or cfg.optim.d_steps > 1:
+        return GraphChoice(
+            False,
+            f"{setting}: eager steps with a gradient penalty or optim.d_steps > 1, whose steps differ "
+            "(a lazy penalty every few steps, several batches a step) from the one a graph would replay",
+        )
     if t.compile and t.cuda_graph == "auto":
         return GraphChoice(False, f"{setting}: eager compiled steps (train.compile); cuda_graph=on captures them too")
     return GraphChoice(True, f"{setting}: the whole step is one CUDA graph, captured after {WARMUP_STEPS} eager steps")
@@ -200,8 +250,9 @@ def broadcast_weights(nets: list[nn.Module]) -> None:
 
 
 class TrainStep:
-    """``step(real)``: one training step on a batch, everything on the device. The loop
-    calls it the same way whether it runs eagerly or replays a graph."""
+    """``step(reals)``: one training step on the step's real batches (``optim.d_steps`` of
+    them), everything on the device. The loop calls it the same way whether it runs eagerly
+    or replays a graph (which holds steps of one batch)."""
 
     def __init__(
         self,
@@ -214,8 +265,7 @@ class TrainStep:
         graphed: bool,
     ):
         self.state, self.g_train, self.d_train = state, g_train, d_train
-        self.nz, self.decay = cfg.model.nz, cfg.model.ema_decay
-        self.amp_dtype, self.real_target = AMP_DTYPES[cfg.train.precision], 1.0 - cfg.optim.label_smoothing
+        self.how, self.loss, self.decay = StepSettings.of(cfg), cfg.loss, cfg.model.ema_decay
         self.stats_sum = stats_sum  # the log interval's sum (Interval.stats): added to in place
         device = stats_sum.device
         # Steps done, for the EMA ramp (float64: it then rounds as the formula in Python floats).
@@ -224,34 +274,34 @@ class TrainStep:
         if self.average_grads is not None:
             broadcast_weights([state.generator, state.discriminator])
         self.graphed = graphed
+        images_per_step = cfg.train.batch_size * cfg.optim.d_steps
         self.d_augment = (
-            ada.DAugment(cfg.d_augment, state, cfg.train.seed, dist_info, cfg.train.batch_size)
-            if cfg.d_augment.on
-            else None
+            ada.DAugment(cfg.d_augment, state, cfg.train.seed, dist_info, images_per_step) if cfg.d_augment.on else None
         )
         self.eager_left = WARMUP_STEPS if graphed else 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_real: torch.Tensor | None = None
 
-    def __call__(self, real: torch.Tensor) -> None:
+    def __call__(self, reals: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        reals = (reals,) if isinstance(reals, torch.Tensor) else reals
         if self.graph is not None:
-            self.static_real.copy_(real)
+            self.static_real.copy_(reals[0])
             self.graph.replay()
         elif not self.graphed:
-            self._step(real)
+            self._step(reals)
         elif self.eager_left > 0:
-            self._warmup_step(real)
+            self._warmup_step(reals[0])
         else:
-            self._capture(real)
+            self._capture(reals[0])
             self.graph.replay()
 
-    def _step(self, real: torch.Tensor) -> None:
+    def _step(self, reals: torch.Tensor | Sequence[torch.Tensor]) -> None:
         s = self.state
         if self.d_augment is not None:
             self.d_augment.begin(s.step + 1)
         stats = gan_step(
-            s, self.g_train, self.d_train, real, self.nz, self.amp_dtype, self.real_target, self.average_grads,
-            self.d_augment,
+            s, self.g_train, self.d_train, reals, self.how, self.average_grads, self.d_augment,
+            self.loss.r1_due(s.step + 1),
         )  # fmt: skip
         if s.generator_ema is not None:
             self.steps_done += 1

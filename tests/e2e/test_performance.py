@@ -20,7 +20,7 @@ from dcgan.data.stream import Loader, ShardStream
 from dcgan.models.networks import build_models
 from dcgan.run.distributed import DistInfo
 from dcgan.training.setup import build_training, memory_format
-from dcgan.training.step import gan_step
+from dcgan.training.step import StepSettings, gan_step
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -37,7 +37,7 @@ def three_steps(cfg):
     stats = []
     for real, _ in list(loader.epoch(0))[:3]:
         assert real.is_contiguous(memory_format=memory_format(cfg))
-        stats.append(gan_step(state, g_train, d_train, real, cfg.model.nz, None))
+        stats.append(gan_step(state, g_train, d_train, real, StepSettings(cfg.model.nz)))
     return torch.stack(stats), state
 
 

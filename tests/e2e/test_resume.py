@@ -28,7 +28,7 @@ from dcgan.config.loading import load_config
 from dcgan.models.networks import build_models
 from dcgan.run.distributed import DistInfo
 from dcgan.training.setup import build_training
-from dcgan.training.step import gan_step
+from dcgan.training.step import StepSettings, gan_step
 from wandb_files import read_run
 
 STEPS, EVERY = 120, 40  # epochs of 32 steps (1 rank) or 16 (2 ranks): stops land mid-epoch
@@ -331,7 +331,7 @@ def stepped_state(channels_last: bool) -> tuple[dict, TrainState]:
     state, g_train, d_train = build_training(cfg, CPU)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     real = (torch.rand(4, 1, 28, 28) * 2 - 1).contiguous(memory_format=layout)
-    gan_step(state, g_train, d_train, real, cfg.model.nz, None)
+    gan_step(state, g_train, d_train, real, StepSettings(cfg.model.nz))
     return cfg.to_dict(), state
 
 

@@ -16,7 +16,7 @@ from dcgan.models.networks import ARCH_IMAGE_SIZE
 from dcgan.run.distributed import DistInfo
 from dcgan.training import ada
 from dcgan.training.setup import build_training
-from dcgan.training.step import gan_step
+from dcgan.training.step import StepSettings, gan_step
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 SUBSETS = [",".join(c) for r in (1, 2, 3) for c in itertools.combinations(POLICIES, r)]
@@ -96,7 +96,9 @@ def test_g_learns_through_the_augmentation_in_every_architecture(arch):
     augmenter = ada.DAugment(cfg.d_augment, state, 0, CPU, 4)
     augmenter.begin(1)
     before = [p.detach().clone() for p in state.generator.parameters()]
-    stats = gan_step(state, g_train, d_train, images(4, channels, size), cfg.model.nz, None, d_augment=augmenter)
+    stats = gan_step(
+        state, g_train, d_train, images(4, channels, size), StepSettings(cfg.model.nz), d_augment=augmenter
+    )
     assert torch.isfinite(stats).all()
     moved = [not torch.equal(a, b) for a, b in zip(before, state.generator.parameters())]
     assert all(moved), f"{arch}: G parameters left unchanged by a step through the augmentation"
