@@ -53,7 +53,8 @@ class RunPlan:
     def describe(self) -> str:
         """The plan for a person, one fact a line: what ``--dry-run`` prints."""
         cfg, t, shards, world = self.cfg, self.cfg.train, self.shards, self.world_size
-        per_epoch = steps_per_epoch(shards.total, world, t.batch_size)
+        d_steps = cfg.optim.d_steps
+        per_epoch = steps_per_epoch(shards.total, world, t.batch_size) // d_steps
         folder = cfg.run_dir.resolve()
         if folder.is_dir():
             held = len(RunFolder(folder).list_checkpoints())
@@ -72,7 +73,12 @@ class RunPlan:
             ("batch", f"{t.batch_size} per process, {t.batch_size * world} global"),
             ("data", f"{shards.total} samples{size} in {len(shards.urls)} shard(s) from {cfg.data.shards}"),
             ("counts from", shards.counted_by),
-            ("steps", f"{per_epoch} per epoch; train.steps={t.steps} takes {t.steps / per_epoch:.2f} epoch(s)"),
+            (
+                "steps",
+                f"{per_epoch} per epoch; train.steps={t.steps} takes {t.steps / per_epoch:.2f} epoch(s)"
+                + (f" ({d_steps} batches a step: optim.d_steps)" if d_steps > 1 else ""),
+            ),
+            ("loss", cfg.loss.describe()),
             ("data reader", self.cache.why),
             ("nets", describe_sizes(cfg)),
             ("resumes from", describe_resume(cfg)),
@@ -84,6 +90,15 @@ class RunPlan:
         return "\n".join([f"plan of run {t.name}:"] + [f"  {name:<{width}} : {value}" for name, value in rows])
 
 
+def check_d_steps(cfg: Config, batches_per_epoch: int) -> None:
+    """Each step reads optim.d_steps batches: an epoch must hold that many per process."""
+    if cfg.optim.d_steps > batches_per_epoch:
+        raise ConfigError(
+            f"optim.d_steps: {cfg.optim.d_steps} batches a step (one per D update), but an epoch holds only "
+            f"{batches_per_epoch} per process; lower optim.d_steps or train.batch_size"
+        )
+
+
 def plan_run(
     config: str, overrides: list[str], world_size: int, restart: int = 0, on_this_machine: bool = True
 ) -> RunPlan:
@@ -93,7 +108,7 @@ def plan_run(
     cfg = load_config(config, overrides)
     check_wandb_environment(cfg.wandb)
     shards = resolve_shards(cfg.data)
-    steps_per_epoch(shards.total, world_size, cfg.train.batch_size)  # the data fills a batch per process
+    check_d_steps(cfg, steps_per_epoch(shards.total, world_size, cfg.train.batch_size))  # and a batch per process
     extractor = choose_extractor(cfg.eval, cfg.data.shards, cfg.model) if cfg.eval.every else None
     room, device = UNMEASURED, None
     if on_this_machine:  # the device this process would take (DeviceError: no GPU fits), and its memory

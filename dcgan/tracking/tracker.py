@@ -137,7 +137,7 @@ class Tracker:
     def log_interval(self, step: int, state: TrainState, corrupt_samples: int, dist: DistInfo) -> None:
         """The interval's metrics line (rank 0; the one host sync of the interval), then a new interval."""
         if self.enabled:
-            values = interval_values(self.interval, state, self.cfg.train.batch_size, dist)
+            values = interval_values(self.interval, state, self.cfg.train.batch_size * self.cfg.optim.d_steps, dist)
             values.update(epoch=state.epoch, corrupt_samples=corrupt_samples)
             self.metrics(step, values, (
                 f"step {step}/{self.cfg.train.steps} | epoch {state.epoch} | "
@@ -315,12 +315,13 @@ class Tracker:
 
 
 def interval_values(interval: Interval, state: TrainState, batch_size: int, dist: DistInfo) -> dict[str, float]:
-    """The metrics of one log interval: the mean step statistics plus rates, learning rates and memory."""
+    """The metrics of one log interval: the mean step statistics plus rates, learning rates and memory.
+    ``batch_size``: real images per process per step (a batch per D update)."""
     seconds = time.perf_counter() - interval.started
     values = dict(zip(interval.stat_names, (interval.stats / interval.steps).tolist()))
     global_rate = interval.steps * batch_size * dist.world_size / seconds
     values.update(
-        loss_d=values["loss_d_real"] + values["loss_d_fake"],
+        loss_d=values["loss_d_real"] + values["loss_d_fake"] + values.get("loss_d_penalty", 0.0),
         lr_g=state.opt_g.param_groups[0]["lr"],
         lr_d=state.opt_d.param_groups[0]["lr"],
         img_per_s=global_rate,

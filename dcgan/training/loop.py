@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -122,10 +122,11 @@ def train_loop(run: TrainingRun, stop: StopRequest, where: Where) -> int:
         where.at("step", state.step + 1)
         # closing: an exception in the loop shuts the epoch's DataLoader workers down at once
         with contextlib.closing(run.loader.epoch(state.epoch, state.batch_in_epoch)) as batches:
-            for real, _ in tracker.interval.timed(batches):
+            batches_left = run.loader.steps_per_epoch - state.batch_in_epoch
+            for reals in batches_of_steps(tracker.interval.timed(batches), cfg.optim.d_steps, batches_left):
                 if state.step == 0:
-                    tracker.real_grid(real[: cfg.log.num_samples])
-                run.train_step(real)  # D's update, G's, the EMA's; the statistics summed on the device
+                    tracker.real_grid(reals[0][: cfg.log.num_samples])
+                run.train_step(reals)  # D's updates, G's, the EMA's; the statistics summed on the device
                 step = advance(state, cfg, dist)
                 tracker.advance(step)
 
@@ -153,19 +154,36 @@ def train_loop(run: TrainingRun, stop: StopRequest, where: Where) -> int:
                 if ending is not None:
                     break
                 where.at("step", step + 1)
-        if (ending is None or ending.status != "diverged") and state.batch_in_epoch >= run.loader.steps_per_epoch:
+        if (ending is None or ending.status != "diverged") and epoch_over(state, run.loader, cfg):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     stop.disarm()
     where.at("shutdown")
     return finish_attempt(run, ending, started)
 
 
+def batches_of_steps(batches: Iterator, d_steps: int, batches_left: int) -> Iterator[list[torch.Tensor]]:
+    """The real batches of each step: ``d_steps`` at a time (one per D update), as many
+    steps as the epoch's ``batches_left`` fill; the rest of the epoch is not read."""
+    for _ in range(batches_left // d_steps):
+        yield [next(batches)[0] for _ in range(d_steps)]
+
+
+def epoch_over(state: TrainState, loader: BatchSource, cfg: Config) -> bool:
+    """Whether the epoch has no batches left for another step."""
+    return state.batch_in_epoch + cfg.optim.d_steps > loader.steps_per_epoch
+
+
 def advance(state: TrainState, cfg: Config, dist: DistInfo) -> int:
     """Count a step done: step, position in the epoch, samples."""
     state.step += 1
-    state.batch_in_epoch += 1
-    state.samples_seen += cfg.train.batch_size * dist.world_size
+    state.batch_in_epoch += cfg.optim.d_steps
+    state.samples_seen += images_per_step(cfg, dist)
     return state.step
+
+
+def images_per_step(cfg: Config, dist: DistInfo) -> int:
+    """Real images one step reads, all ranks together: a batch per process per D update."""
+    return cfg.train.batch_size * dist.world_size * cfg.optim.d_steps
 
 
 def evaluate(run: TrainingRun, step: int, where: Where) -> Ending | None:
@@ -193,6 +211,7 @@ def build_run(
     settings = [
         graph.why,
         *([cfg.d_augment.describe()] if cfg.d_augment.on else []),
+        cfg.loss.describe() + (f", {cfg.optim.d_steps} D updates per G update" if cfg.optim.d_steps > 1 else ""),
     ]  # how the step runs (start-up lines)
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -216,7 +235,7 @@ def build_run(
     state.wandb_run_id = tracker.start(
         state.step, t.steps, state.wandb_run_id if same_run else None, cfg.to_dict(), state.lineage[-1][0]
     )
-    if state.batch_in_epoch >= loader.steps_per_epoch:
+    if epoch_over(state, loader, cfg):
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     fixed_noise = sample_latent(cfg.log.num_samples, cfg.model.nz, generator=torch.Generator().manual_seed(t.seed))
     evaluator = None
@@ -276,7 +295,7 @@ def log_start(run: TrainingRun, plan: RunPlan, settings: list[str]) -> None:
         t.name, cfg.model.arch, dist.world_size, dist.device.type, process_group,
         t.batch_size, dist.world_size, t.precision,
         ", channels_last" if t.channels_last else "", ", torch.compile" if t.compile else "", t.steps,
-        run.loader.steps_per_epoch, shards.total, len(shards.urls), shards.counted_by,
+        run.loader.steps_per_epoch // cfg.optim.d_steps, shards.total, len(shards.urls), shards.counted_by,
         sum(p.numel() for p in run.state.generator.parameters()) / 1e6,
         sum(p.numel() for p in run.state.discriminator.parameters()) / 1e6,
         cfg.model.ema_decay or "off",
@@ -288,7 +307,7 @@ def finish_attempt(run: TrainingRun, ending: Ending, started: tuple[int, float, 
     ``started``: the step, clock and train seconds at the start of the loop."""
     cfg, state, dist = run.cfg, run.state, run.dist
     wall, done = time.perf_counter() - started[1], state.step - started[0]
-    global_batch = cfg.train.batch_size * dist.world_size
+    global_batch = images_per_step(cfg, dist)
     if ending.status == "diverged" and dist.is_main:
         newest, _ = files.latest_valid(RunFolder.of(cfg).checkpoints)
         log.error(
