@@ -349,7 +349,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)  # Where the training images come from and how they are read
     model: ModelConfig = field(
         default_factory=ModelConfig
-    )  # Which reference net (dcgan/models/networks.py), at which widths
+    )  # Which reference net (dcgan/models/networks.py), at which widths and image size
     optim: OptimConfig = field(default_factory=OptimConfig)  # The optimisers and the loss
     d_augment: DAugmentConfig = field(
         default_factory=DAugmentConfig
