@@ -354,7 +354,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)  # Where the training images come from and how they are read
     model: ModelConfig = field(
         default_factory=ModelConfig
-    )  # Which reference net (dcgan/models/networks.py), at which widths
+    )  # Which reference net (dcgan/models/networks.py), at which widths and image size
     optim: OptimConfig = field(default_factory=OptimConfig)  # The optimisers
     loss: LossConfig = field(default_factory=LossConfig)  # What D and G minimise, and D's gradient penalties
     d_augment: DAugmentConfig = field(

@@ -1,10 +1,25 @@
 """The five reference DCGANs (configs/*.yaml), each a pair of plain ``nn.Sequential`` layer lists.
 
-Every list keeps its seed's layers, widths, kernel/stride/padding, bias flags and
-norm/activation order. One change for all: the discriminator ends in a logit (no
-Sigmoid) and training uses BCE-with-logits, which is the seeds' Sigmoid + BCELoss maths in
+At its seed's image size every list keeps its seed's layers, widths, kernel/stride/padding,
+bias flags and norm/activation order. One change for all: the discriminator ends in a logit
+(no Sigmoid) and training uses BCE-with-logits, which is the seeds' Sigmoid + BCELoss maths in
 a form autocast accepts. Generators take ``z`` of shape (B, nz, 1, 1) and return images
 in [-1, 1] of shape (B, channels, S, S).
+
+Image sizes. The 28x28 seeds (mnist, kmnist) make 28x28 images only, as their write-ups
+made them. The 64x64 seeds (celeba, pokemon, pumpkins) make S x S images for S = 32, 64,
+128 or 256, by the DCGAN rule: G is a 4x4 projection of ``z`` followed by stride-2 blocks
+that double the size up to S/2, then the output layer; D mirrors it, stride-2 blocks from
+S down to 4x4, then the 4x4 logit conv. So a net has log2(S) - 2 hidden blocks, and their
+widths are counted from the image end: the block next to the image (G's last, D's first)
+has the 64x64 net's width there, and each block further towards 4x4 has the 64x64 net's
+next width, or its widest once those run out. For celeba and pumpkins G and celeba D that
+is "the width doubles per block towards 4x4, capped at the 64x64 net's widest" (celeba
+G ngf .. 8ngf, pumpkins G 4ngf .. 32ngf, D ndf .. 8ndf); pumpkins D keeps its seed's
+ndf, ndf, 2ndf, 4ndf (capped at 4ndf). At 64 the nets are the seeds' layer for layer; at
+128 and 256 blocks of the widest width are added next to 4x4; at 32 the block nearest
+4x4 goes. Each seed's quirks hold at every size: celeba and pumpkins D have no batch norm
+in the block next to the image, pokemon D has it in every block, pokemon uses celeba's G.
 
 Init is the seeds' DCGAN init: conv and transposed-conv weights ~ N(0, 0.02), batch-norm
 weights ~ N(1, 0.02) and biases 0. As in the seeds, conv biases (MNIST's D is the only
@@ -36,62 +51,76 @@ def _lrelu() -> nn.LeakyReLU:
     return nn.LeakyReLU(0.2, inplace=True)
 
 
+# ------------------------------------------------------------------ the 64x64 seeds' family
+DCGAN_SIZES = (32, 64, 128, 256)  # the image sizes the 64x64 seeds' family makes
+
+
+def block_widths(seed_widths: tuple[int, ...], size: int) -> list[int]:
+    """The hidden blocks' widths (in base widths) of a net making ``size`` x ``size``
+    images, listed from the image end: ``seed_widths`` (the 64x64 net's, from the image
+    end) cut short at 32, or followed by its last (widest) width at 128 and 256."""
+    if size not in DCGAN_SIZES:
+        raise ValueError(f"the DCGAN family makes {', '.join(map(str, DCGAN_SIZES))}px images, not {size}")
+    blocks = (size // 4).bit_length() - 1  # log2(size / 4): 4 at 64
+    return [seed_widths[min(i, len(seed_widths) - 1)] for i in range(blocks)]
+
+
+def dcgan_generator(nz: int, nc: int, widths: list[int]) -> nn.Sequential:
+    """z (B, nz, 1, 1) -> 4x4 -> ... -> (B, nc, S, S); ``widths`` are the hidden blocks'
+    channels from the image end (the last is the 4x4 projection's)."""
+    inward = widths[::-1]
+    layers: list[nn.Module] = [_up(nz, inward[0], 4, 1, 0), nn.BatchNorm2d(inward[0]), nn.ReLU(True)]  # 4x4
+    for cin, cout in zip(inward, inward[1:]):  # each doubles the size
+        layers += [_up(cin, cout), nn.BatchNorm2d(cout), nn.ReLU(True)]
+    return nn.Sequential(*layers, _up(inward[-1], nc), nn.Tanh())
+
+
+def dcgan_discriminator(nc: int, widths: list[int], first_bn: bool) -> nn.Sequential:
+    """(B, nc, S, S) -> ... -> 4x4 -> one logit per image (B, 1, 1, 1); ``widths`` are the
+    hidden blocks' channels from the image end; ``first_bn``: batch norm in the first block."""
+    layers: list[nn.Module] = []
+    cin = nc
+    for i, cout in enumerate(widths):  # each halves the size
+        layers += [_down(cin, cout), *([nn.BatchNorm2d(cout)] if i or first_bn else []), _lrelu()]
+        cin = cout
+    return nn.Sequential(*layers, _down(cin, 1, 4, 1, 0))  # 1x1 logit
+
+
 # 001 CelebA: Radford et al. / pytorch examples. 003 Pokemon (d2l) uses the same generator.
-def celeba_generator(nz: int, ngf: int, nc: int) -> nn.Sequential:
-    return nn.Sequential(
-        _up(nz, ngf * 8, 4, 1, 0), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),  # 4x4
-        _up(ngf * 8, ngf * 4), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),  # 8x8
-        _up(ngf * 4, ngf * 2), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),  # 16x16
-        _up(ngf * 2, ngf), nn.BatchNorm2d(ngf), nn.ReLU(True),  # 32x32
-        _up(ngf, nc), nn.Tanh(),  # 64x64
-    )  # fmt: skip
+# At 64: G 8ngf (4x4), 4ngf, 2ngf, ngf (32x32) -> nc; D ndf (32x32), 2ndf, 4ndf, 8ndf (4x4).
+def celeba_generator(nz: int, ngf: int, nc: int, size: int = 64) -> nn.Sequential:
+    return dcgan_generator(nz, nc, [ngf * w for w in block_widths((1, 2, 4, 8), size)])
 
 
-def celeba_discriminator(ndf: int, nc: int) -> nn.Sequential:
-    return nn.Sequential(
-        _down(nc, ndf), _lrelu(),  # 32x32
-        _down(ndf, ndf * 2), nn.BatchNorm2d(ndf * 2), _lrelu(),  # 16x16
-        _down(ndf * 2, ndf * 4), nn.BatchNorm2d(ndf * 4), _lrelu(),  # 8x8
-        _down(ndf * 4, ndf * 8), nn.BatchNorm2d(ndf * 8), _lrelu(),  # 4x4
-        _down(ndf * 8, 1, 4, 1, 0),  # 1x1 logit
-    )  # fmt: skip
+def celeba_discriminator(ndf: int, nc: int, size: int = 64) -> nn.Sequential:
+    return dcgan_discriminator(nc, [ndf * w for w in block_widths((1, 2, 4, 8), size)], first_bn=False)
 
 
 # 003 Pokemon: batch norm in every D block, the first one too.
-def pokemon_discriminator(ndf: int, nc: int) -> nn.Sequential:
-    return nn.Sequential(
-        _down(nc, ndf), nn.BatchNorm2d(ndf), _lrelu(),  # 32x32
-        _down(ndf, ndf * 2), nn.BatchNorm2d(ndf * 2), _lrelu(),  # 16x16
-        _down(ndf * 2, ndf * 4), nn.BatchNorm2d(ndf * 4), _lrelu(),  # 8x8
-        _down(ndf * 4, ndf * 8), nn.BatchNorm2d(ndf * 8), _lrelu(),  # 4x4
-        _down(ndf * 8, 1, 4, 1, 0),  # 1x1 logit
-    )  # fmt: skip
+def pokemon_discriminator(ndf: int, nc: int, size: int = 64) -> nn.Sequential:
+    return dcgan_discriminator(nc, [ndf * w for w in block_widths((1, 2, 4, 8), size)], first_bn=True)
 
 
-# 000 Pumpkins: G widths ngf*32 .. ngf*4; D widths ndf, ndf, 2ndf, 4ndf.
-def pumpkins_generator(nz: int, ngf: int, nc: int) -> nn.Sequential:
-    return nn.Sequential(
-        _up(nz, ngf * 32, 4, 1, 0), nn.BatchNorm2d(ngf * 32), nn.ReLU(True),  # 4x4
-        _up(ngf * 32, ngf * 16), nn.BatchNorm2d(ngf * 16), nn.ReLU(True),  # 8x8
-        _up(ngf * 16, ngf * 8), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),  # 16x16
-        _up(ngf * 8, ngf * 4), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),  # 32x32
-        _up(ngf * 4, nc), nn.Tanh(),  # 64x64
-    )  # fmt: skip
+# 000 Pumpkins: at 64 G widths 32ngf (4x4), 16ngf, 8ngf, 4ngf (32x32); D widths ndf (32x32),
+# ndf, 2ndf, 4ndf (4x4).
+def pumpkins_generator(nz: int, ngf: int, nc: int, size: int = 64) -> nn.Sequential:
+    return dcgan_generator(nz, nc, [ngf * w for w in block_widths((4, 8, 16, 32), size)])
 
 
-def pumpkins_discriminator(ndf: int, nc: int) -> nn.Sequential:
-    return nn.Sequential(
-        _down(nc, ndf), _lrelu(),  # 32x32
-        _down(ndf, ndf), nn.BatchNorm2d(ndf), _lrelu(),  # 16x16
-        _down(ndf, ndf * 2), nn.BatchNorm2d(ndf * 2), _lrelu(),  # 8x8
-        _down(ndf * 2, ndf * 4), nn.BatchNorm2d(ndf * 4), _lrelu(),  # 4x4
-        _down(ndf * 4, 1, 4, 1, 0),  # 1x1 logit
-    )  # fmt: skip
+def pumpkins_discriminator(ndf: int, nc: int, size: int = 64) -> nn.Sequential:
+    return dcgan_discriminator(nc, [ndf * w for w in block_widths((1, 1, 2, 4), size)], first_bn=False)
+
+
+# ------------------------------------------------------------------ the 28x28 seeds
+def _only_28(size: int) -> None:
+    if size != 28:
+        raise ValueError(f"this seed's layer list makes 28x28 images, not {size}")
 
 
 # 002 MNIST (pyimagesearch): transposed conv -> ReLU -> BN; D is two biased convs and two
 # fully connected layers (hidden 512 at ndf=32, so 16 * ndf).
-def mnist_generator(nz: int, ngf: int, nc: int) -> nn.Sequential:
+def mnist_generator(nz: int, ngf: int, nc: int, size: int = 28) -> nn.Sequential:
+    _only_28(size)
     return nn.Sequential(
         _up(nz, ngf * 4, 4, 2, 0), nn.ReLU(), nn.BatchNorm2d(ngf * 4),  # 4x4
         _up(ngf * 4, ngf * 2, 3, 2, 1), nn.ReLU(), nn.BatchNorm2d(ngf * 2),  # 7x7
@@ -100,7 +129,8 @@ def mnist_generator(nz: int, ngf: int, nc: int) -> nn.Sequential:
     )  # fmt: skip
 
 
-def mnist_discriminator(ndf: int, nc: int) -> nn.Sequential:
+def mnist_discriminator(ndf: int, nc: int, size: int = 28) -> nn.Sequential:
+    _only_28(size)
     return nn.Sequential(
         nn.Conv2d(nc, ndf, 4, 2, 1), _lrelu(),  # 14x14
         nn.Conv2d(ndf, ndf * 2, 4, 2, 1), _lrelu(),  # 7x7
@@ -112,7 +142,8 @@ def mnist_discriminator(ndf: int, nc: int) -> nn.Sequential:
 
 # 004 Kuzushiji-MNIST (R torch): widths from the image size (ngf = ndf = 28 -> 112, 56, 28)
 # and a padding-2 transposed conv for 8x8 -> 14x14.
-def kmnist_generator(nz: int, ngf: int, nc: int) -> nn.Sequential:
+def kmnist_generator(nz: int, ngf: int, nc: int, size: int = 28) -> nn.Sequential:
+    _only_28(size)
     return nn.Sequential(
         _up(nz, ngf * 4, 4, 1, 0), nn.BatchNorm2d(ngf * 4), nn.ReLU(),  # 4x4
         _up(ngf * 4, ngf * 2), nn.BatchNorm2d(ngf * 2), nn.ReLU(),  # 8x8
@@ -121,7 +152,8 @@ def kmnist_generator(nz: int, ngf: int, nc: int) -> nn.Sequential:
     )  # fmt: skip
 
 
-def kmnist_discriminator(ndf: int, nc: int) -> nn.Sequential:
+def kmnist_discriminator(ndf: int, nc: int, size: int = 28) -> nn.Sequential:
+    _only_28(size)
     return nn.Sequential(
         _down(nc, ndf), _lrelu(),  # 14x14
         _down(ndf, ndf * 2), nn.BatchNorm2d(ndf * 2), _lrelu(),  # 7x7
@@ -130,23 +162,40 @@ def kmnist_discriminator(ndf: int, nc: int) -> nn.Sequential:
     )  # fmt: skip
 
 
-# arch -> (generator(nz, ngf, nc), discriminator(ndf, nc), native image size)
-ARCHS: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module], int]] = {
-    "celeba": (celeba_generator, celeba_discriminator, 64),
-    "pumpkins": (pumpkins_generator, pumpkins_discriminator, 64),
-    "mnist": (mnist_generator, mnist_discriminator, 28),
-    "pokemon": (celeba_generator, pokemon_discriminator, 64),
-    "kmnist": (kmnist_generator, kmnist_discriminator, 28),
+@dataclass(frozen=True)
+class Arch:
+    generator: Callable[..., nn.Module]  # (nz, ngf, nc, size) -> G
+    discriminator: Callable[..., nn.Module]  # (ndf, nc, size) -> D
+    sizes: tuple[int, ...]  # the image sizes it makes
+    seed_size: int  # its seed's (and configs/*.yaml's) image size
+
+
+ARCHS: dict[str, Arch] = {
+    "celeba": Arch(celeba_generator, celeba_discriminator, DCGAN_SIZES, 64),
+    "pumpkins": Arch(pumpkins_generator, pumpkins_discriminator, DCGAN_SIZES, 64),
+    "mnist": Arch(mnist_generator, mnist_discriminator, (28,), 28),
+    "pokemon": Arch(celeba_generator, pokemon_discriminator, DCGAN_SIZES, 64),
+    "kmnist": Arch(kmnist_generator, kmnist_discriminator, (28,), 28),
 }
-ARCH_IMAGE_SIZE = {arch: size for arch, (_, _, size) in ARCHS.items()}
+ARCH_IMAGE_SIZE = {arch: a.seed_size for arch, a in ARCHS.items()}  # each seed's image size
+ARCH_IMAGE_SIZES = {arch: a.sizes for arch, a in ARCHS.items()}  # every size each arch makes
+
+
+def size_list(sizes: tuple[int, ...]) -> str:
+    """(32, 64, 128) -> '32x32, 64x64 or 128x128'."""
+    names = [f"{s}x{s}" for s in sizes]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 @dataclass
 class ModelConfig:
-    """Which reference architecture, at which widths (the layer lists above)."""
+    """Which reference architecture, at which widths and image size (the layer lists above)."""
 
     arch: str = "celeba"  # celeba | pumpkins | mnist | pokemon | kmnist
-    image_size: int = 64  # must be the arch's native size (64 for RGB seeds, 28 for digits)
+    # Square image size. celeba, pokemon and pumpkins: 32, 64, 128 or 256 (blocks added or
+    # removed by the DCGAN rule, the extra ones at the widest width; 64 is the seed's net);
+    # mnist and kmnist: 28 only.
+    image_size: int = 64
     channels: int = 3  # image channels (1 grey, 3 RGB); decoded images are converted to it
     nz: int = 100  # latent size
     ngf: int = 64  # generator base width
@@ -159,11 +208,11 @@ class ModelConfig:
         for name in ("image_size", "channels", "nz", "ngf", "ndf"):
             check_field(getattr(self, name) >= 1, name, "must be >= 1")
         check_field(0 <= self.ema_decay < 1, "ema_decay", "must lie in [0, 1) (0 disables the EMA generator)")
-        check_field(self.arch in ARCH_IMAGE_SIZE, "arch", f"{self.arch!r} is not one of {', '.join(ARCH_IMAGE_SIZE)}")
-        native = ARCH_IMAGE_SIZE[self.arch]
+        check_field(self.arch in ARCHS, "arch", f"{self.arch!r} is not one of {', '.join(ARCHS)}")
+        sizes = ARCHS[self.arch].sizes
         check_field(
-            self.image_size == native, "image_size",
-            f"arch {self.arch!r} makes {native}x{native} images (its seed's layer list); {self.image_size} is impossible",
+            self.image_size in sizes, "image_size",
+            f"arch {self.arch!r} makes {size_list(sizes)} images; {self.image_size} is impossible",
         )  # fmt: skip
 
 
@@ -181,12 +230,15 @@ def dcgan_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def make_nets(m: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """(G, D) for ``m``, as PyTorch initialises them, on the current default device."""
+    arch = ARCHS[m.arch]
+    return arch.generator(m.nz, m.ngf, m.channels, m.image_size), arch.discriminator(m.ndf, m.channels, m.image_size)
+
+
 def build_models(cfg: ModelConfig | HasModel) -> tuple[nn.Module, nn.Module]:
     """(G, D) for ``cfg.model`` (or a ModelConfig), DCGAN-initialised, on the CPU."""
-    m = getattr(cfg, "model", cfg)
-    make_g, make_d, _ = ARCHS[m.arch]
-    generator = make_g(m.nz, m.ngf, m.channels)
-    discriminator = make_d(m.ndf, m.channels)
+    generator, discriminator = make_nets(getattr(cfg, "model", cfg))
     dcgan_init_(generator)
     dcgan_init_(discriminator)
     return generator, discriminator
@@ -199,8 +251,7 @@ def checkpoint_bytes(cfg: ModelConfig | HasModel) -> tuple[int, int, int]:
     parameter tensor, the RNG states (about 10 kB) and about 250 bytes of zip entry per tensor."""
     m = getattr(cfg, "model", cfg)
     with torch.device("meta"):
-        make_g, make_d, _ = ARCHS[m.arch]
-        nets = make_g(m.nz, m.ngf, m.channels), make_d(m.ndf, m.channels)
+        nets = make_nets(m)
     copies = (2 if m.ema_decay else 1, 1)  # G (and its EMA), D
     params = [list(net.parameters()) for net in nets]
     tensors = [[*p, *net.buffers()] for p, net in zip(params, nets)]

@@ -81,6 +81,30 @@ def test_single_process_run_and_resume(tmp_path, digit_shards):
     assert refused.returncode == 2 and "already holds 2 checkpoint(s)" in refused.stderr
 
 
+def test_a_64x64_arch_trains_at_128(tmp_path, digit_shards):
+    """celeba made at 128x128 RGB (a block added next to 4x4) from the 28x28 grey shards,
+    which the reader resizes and converts: --dry-run and the start line show its parameter
+    counts, and it trains, saves grids and checkpoints that load into the config's nets."""
+    model = {"arch": "celeba", "image_size": 128, "channels": 3, "nz": 8, "ngf": 4, "ndf": 4}
+    config = write_config(
+        tmp_path / "big.yaml", digit_shards, model=model, train={"steps": 2, "batch_size": 2},
+        log={"every": 1, "samples_every": 2, "num_samples": 2}, checkpoint={"every": 2, "keep": 1},
+    )  # fmt: skip
+    G, D = build_models(load_config(config))
+    g_m, d_m = (sum(p.numel() for p in net.parameters()) / 1e6 for net in (G, D))
+    counts = f"G {g_m:.2f}M and D {d_m:.2f}M parameters"
+    plan = run_module("dcgan.train", "--config", str(config), "--dry-run", timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert counts in plan.stdout + plan.stderr
+    result = run_module("dcgan.train", "--config", str(config), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "arch celeba, 1 process(es) on cpu, batch 2 x 1" in result.stderr
+    assert f"G {g_m:.2f}M params, D {d_m:.2f}M params" in result.stderr
+    state = check_run_folder(tmp_path / "runs" / "big", 2, grid_side=2 * (2 + 2 * 130))  # 2 of 128 px, enlarged 2x
+    assert state["generator"]["0.weight"].shape == (8, 32, 4, 4)  # z -> 8ngf at 4x4, as at 64
+    assert G(torch.randn(2, 8, 1, 1)).shape == (2, 3, 128, 128)
+
+
 def test_torchrun_two_processes_with_syncbn(tmp_path, digit_shards):
     config = write_config(tmp_path / "ddp.yaml", digit_shards, data={"workers": 2})
     result = run_module("dcgan.train", "--config", str(config), nproc=2, timeout=300)
