@@ -104,8 +104,9 @@ class Generator(nn.Sequential):
         if seeds is not None:
             if n is not None or seed is not None:
                 raise ValueError("give seeds, or n (and seed), not both")
+            seeds = check_seeds(seeds)
             self.last_seed = None
-            return seed_latents(check_seeds(seeds), self.nz, psi)
+            return seed_latents(seeds, self.nz, psi)
         if n is None or n < 1:
             raise ValueError(f"n must be >= 1 (or give seeds), got {n}")
         if seed is None:
