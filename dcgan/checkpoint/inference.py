@@ -3,6 +3,7 @@
     from dcgan import load_generator
     G = load_generator("runs/fashion-mnist")        # best.pt if the run has one, else its newest checkpoint
     images = G.sample(16, seed=0)                    # uint8 (16, C, H, W), the same for the same seed
+    images = G.sample(seeds="0-99", truncation=0.7)  # one image per seed (dcgan.generate --seeds's PNGs)
     G.config.model, G.step                           # how it was trained, and when it was saved
 
 The checkpoint is read with ``torch.load(weights_only=True)`` onto the CPU, whatever
@@ -16,6 +17,7 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -25,7 +27,8 @@ from dcgan.base.images import to_uint8
 from dcgan.checkpoint import files
 from dcgan.config.loading import build_section
 from dcgan.config.sections import Config
-from dcgan.models.networks import ModelConfig, sample_latent
+from dcgan.models.latents import check_seeds, check_truncation, draw, seed_latents
+from dcgan.models.networks import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,8 @@ class Generator(nn.Sequential):
     checkpoint's config no longer builds with this code), ``model_config`` (its
     ``ModelConfig`` either way), ``step`` (the step it was saved at), ``path`` (the
     checkpoint file), ``weights`` ("ema" or "raw": what was loaded, after any fallback),
-    ``last_seed`` (the seed of the latest ``sample()``)."""
+    ``last_seed`` (the seed of the latest ``sample()`` or ``latents()``; None after one
+    with ``seeds=``)."""
 
     def __init__(self, net: nn.Sequential, config: Config | ModelConfig, step: int, path: Path, weights: str):
         super().__init__(*net)  # the same layers under the same names: "0.weight", ...
@@ -76,35 +80,70 @@ class Generator(nn.Sequential):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def latents(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """``n`` latents (n, nz, 1, 1) on the CPU from a local ``torch.Generator`` seeded with
-        ``seed`` (None: a fresh seed from the OS, kept in ``last_seed``); the global RNG is
-        never drawn from. The same seed gives the same latents as ``dcgan.generate --seed``."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+    def latents(
+        self,
+        n: int | None = None,
+        seed: int | None = None,
+        *,
+        seeds: Iterable[int] | str | None = None,
+        truncation: float | None = None,
+    ) -> torch.Tensor:
+        """Latents (n, nz, 1, 1) on the CPU, as ``dcgan.generate`` draws them, from local
+        ``torch.Generator``s: the global RNG is never drawn from.
+
+        ``n`` and ``seed``: n latents from one generator seeded with ``seed`` (None: a fresh
+        seed from the OS, kept in ``last_seed``), ``dcgan.generate -n N --seed S``'s.
+        ``seeds`` instead (ints, or a string like "0-99", "3,7,11", "0-9,20-29"): one latent
+        per seed, in that order, each from its own generator, so seed s's latent is the same
+        whatever the other seeds (and is ``latents(1, seed=s)``'s); ``dcgan.generate --seeds``'s.
+        ``last_seed`` becomes None. ``truncation`` psi: each coordinate N(0, 1) truncated to
+        [-psi, psi], out-of-range ones drawn again (BigGAN's truncation trick;
+        ``dcgan/models/latents.py``); None (default): the untruncated latents, as before.
+        ValueError for a bad n, seeds or truncation, or for seeds given with n or seed."""
+        psi = check_truncation(truncation)
+        if seeds is not None:
+            if n is not None or seed is not None:
+                raise ValueError("give seeds, or n (and seed), not both")
+            seeds = check_seeds(seeds)
+            self.last_seed = None
+            return seed_latents(seeds, self.nz, psi)
+        if n is None or n < 1:
+            raise ValueError(f"n must be >= 1 (or give seeds), got {n}")
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1  # never touches torch's global generator
         self.last_seed = seed
-        return sample_latent(n, self.nz, generator=torch.Generator().manual_seed(seed))
+        return draw(n, self.nz, torch.Generator().manual_seed(seed), psi)
 
     @torch.no_grad()
     def sample(
-        self, n: int, seed: int | None = None, device: torch.device | str | None = None, batch_size: int = 256
+        self,
+        n: int | None = None,
+        seed: int | None = None,
+        device: torch.device | str | None = None,
+        batch_size: int = 256,
+        *,
+        seeds: Iterable[int] | str | None = None,
+        truncation: float | None = None,
     ) -> torch.Tensor:
-        """``n`` images as uint8 (n, C, H, W) in [0, 255], quantised as a saved PNG would be.
+        """Images as uint8 (n, C, H, W) in [0, 255], quantised as a saved PNG would be: those
+        of ``latents(n, seed, seeds=..., truncation=...)``, which say how each is seeded.
 
-        ``seed``: the same seed gives the same images (latents from a local generator, see
-        ``latents``); None draws a fresh one (``last_seed`` says which). ``device``: where to
-        run (the generator moves there, in place); None: where it is. The images are
-        returned on that device. Runs in eval mode, ``batch_size`` latents at a time."""
+        ``G.sample(16, seed=0)``: 16 images from seed 0 (None draws a fresh seed,
+        ``last_seed`` says which). ``G.sample(seeds="0-99", truncation=0.7)``: one image per
+        seed, each the same whatever the other seeds; the PNGs of ``dcgan.generate --seeds
+        0-99 --truncation 0.7``. ``device``: where to run (the generator moves there, in
+        place); None: where it is. The images are returned on that device. Runs in eval
+        mode (batch norm uses its running statistics, so an image does not depend on the
+        others in its batch, but for float rounding, ~1e-7), ``batch_size`` latents at a time. Keyword-only arguments keep
+        room for more (class labels, once conditional models come)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        z = self.latents(n, seed)
+        z = self.latents(n, seed, seeds=seeds, truncation=truncation)
         if device is not None:
             self.to(device)
         self.eval()
         where = self.device
-        return torch.cat([to_uint8(self(z[i : i + batch_size].to(where))) for i in range(0, n, batch_size)])
+        return torch.cat([to_uint8(self(z[i : i + batch_size].to(where))) for i in range(0, len(z), batch_size)])
 
 
 def load_generator(

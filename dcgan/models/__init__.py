@@ -1,1 +1,1 @@
-"""The reference nets and their ``ModelConfig``, and the transforms of what D sees (``d_augment``); they know nothing of a run."""
+"""The reference nets and their ``ModelConfig``, and the transforms of what D sees (``d_augment``), the latents generation draws (``latents``); they know nothing of a run."""

@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import REPO, run_module, write_config
 from dcgan import load_generator
+from dcgan.base.images import save_grid, to_uint8_grid
 from dcgan.checkpoint import files as checkpoint
 from dcgan.checkpoint.inference import Generator
 from dcgan.config.sections import Config
@@ -95,6 +96,76 @@ def test_sample_matches_dcgan_generate(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr
     pngs = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(4)])
     assert np.array_equal(pngs, load_generator(tiny_run).sample(4, seed=5)[:, 0].numpy())
+
+
+def generate(tiny_run, out, *args: str) -> None:
+    result = run_module("dcgan.generate", "--checkpoint", str(tiny_run), *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+
+
+def pngs(folder, names) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(folder / name)) for name in names])
+
+
+def test_seeds_give_each_image_its_own_seed(tiny_run, tmp_path):
+    """--seeds 0-9: seed0000.png ... seed0009.png, and seed s's PNG is the same bytes
+    whatever the other seeds, their order or the batch size (and -n 1 --seed s's)."""
+    generate(tiny_run, tmp_path / "all", "--seeds", "0-9")
+    generate(tiny_run, tmp_path / "two", "--seeds", "9,5", "--batch-size", "1")
+    generate(tiny_run, tmp_path / "one", "-n", "1", "--seed", "5")
+    names = [f"seed{s:04d}.png" for s in range(10)]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == names
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["seed0005.png", "seed0009.png"]
+    five = (tmp_path / "all" / "seed0005.png").read_bytes()
+    assert (tmp_path / "two" / "seed0005.png").read_bytes() == five == (tmp_path / "one" / "000000.png").read_bytes()
+    assert (tmp_path / "two" / "seed0009.png").read_bytes() == (tmp_path / "all" / "seed0009.png").read_bytes()
+    assert (tmp_path / "all" / "seed0006.png").read_bytes() != five
+
+    G = load_generator(tiny_run)
+    assert np.array_equal(pngs(tmp_path / "all", names), G.sample(seeds="0-9")[:, 0].numpy())
+    assert torch.equal(G.sample(seeds=[9, 5], batch_size=1), G.sample(seeds=range(10))[[9, 5]])
+    assert torch.equal(G.sample(seeds=[5]), G.sample(1, seed=5)) and G.last_seed == 5
+    G.latents(seeds=[5])
+    assert G.last_seed is None  # no one seed for the batch
+    with pytest.raises(ValueError, match="not both"):
+        G.sample(4, seeds=[1])
+    with pytest.raises(ValueError, match="backwards"):
+        G.latents(seeds="5-2")
+
+
+def test_a_grid_of_seeds_is_in_seed_order(tiny_run, tmp_path):
+    generate(tiny_run, tmp_path / "g", "--seeds", "9,5,7", "--grid")
+    assert [p.name for p in (tmp_path / "g").iterdir()] == ["grid.png"]
+    G = load_generator(tiny_run)
+    with torch.no_grad():
+        images = G(G.latents(seeds=[9, 5, 7]))
+    save_grid(to_uint8_grid(images, nrow=2), tmp_path / "expected.png")  # nrow about sqrt(3)
+    assert np.array_equal(pngs(tmp_path, ["g/grid.png"]), pngs(tmp_path, ["expected.png"]))
+    save_grid(to_uint8_grid(images[[1, 0, 2]], nrow=2), tmp_path / "reordered.png")
+    assert not np.array_equal(pngs(tmp_path, ["g/grid.png"]), pngs(tmp_path, ["reordered.png"]))
+
+
+def test_truncation_keeps_latents_inside_psi_and_python_gives_the_pngs(tiny_run, tmp_path):
+    generate(tiny_run, tmp_path / "s", "--seeds", "0-3", "--truncation", "0.5", "--interpolate", "4")
+    generate(tiny_run, tmp_path / "n", "-n", "4", "--seed", "5", "--truncation", "0.5")
+    G = load_generator(tiny_run)
+    truncated = G.sample(seeds=range(4), truncation=0.5)
+    assert np.array_equal(pngs(tmp_path / "s", [f"seed{s:04d}.png" for s in range(4)]), truncated[:, 0].numpy())
+    n_mode = G.sample(4, seed=5, truncation=0.5)
+    assert np.array_equal(pngs(tmp_path / "n", [f"{i:06d}.png" for i in range(4)]), n_mode[:, 0].numpy())
+    assert not torch.equal(truncated, G.sample(seeds=range(4)))  # the truncated latents make other images
+    assert not torch.equal(n_mode, G.sample(4, seed=5))
+
+    z, plain = G.latents(seeds=range(4), truncation=0.5), G.latents(seeds=range(4))
+    assert z.abs().max() <= 0.5 < plain.abs().max()
+    assert torch.equal(G.latents(4, seed=5, truncation=0.5), G.latents(4, seed=5, truncation=0.5))
+    assert G.latents(4, seed=5, truncation=0.5).abs().max() <= 0.5
+    with pytest.raises(ValueError, match="finite number > 0"):
+        G.sample(4, seed=5, truncation=0)
+
+    walk = Image.open(tmp_path / "s" / "interpolation.png")  # 3 walks (0->1, 1->2, 2->3) of 4 steps
+    factor = walk.size[0] // (2 + 4 * 30)
+    assert walk.size == (factor * (2 + 4 * 30), factor * (2 + 3 * 30))
 
 
 def test_bad_paths_and_weights_are_named(tiny_run, tmp_path):

@@ -17,6 +17,7 @@ from conftest import REPO, run_module, run_python, write_config
 from dcgan.config.keys import describe_keys, field_comments
 from dcgan.config.loading import load_config
 from dcgan.config.sections import Config
+from dcgan.generate import main as generate_main
 from dcgan.models.networks import build_models
 from dcgan.run import failure
 
@@ -235,6 +236,45 @@ def test_every_command_flag_says_what_it_does(command):
     assert not missing, f"{' '.join(command)} --help: no text for {missing}"
     description = result.stdout.split("\n\n")[1]  # after the usage lines
     assert description.rstrip().endswith("."), f"{' '.join(command)} --help: {description!r}"
+
+
+# --------------------------------------------------------------------------- dcgan.generate's arguments
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--seeds", "5-2"], "argument --seeds: seed range 5-2 runs backwards: write 2-5"),
+        (["--seeds", "a"], "argument --seeds: 'a' in seed list 'a': seeds are whole numbers 0.."),
+        (["--seeds=-3"], "argument --seeds: -3 in seed list '-3': seeds are 0 or more"),
+        (["--seeds", ""], "argument --seeds: no seeds given: write them like 0-99, 3,7,11 or 0-9,20-29"),
+        (["--seeds", "0-9,"], "argument --seeds: an empty item in seed list '0-9,'"),
+        (["--seeds", "0-9", "-n", "4"], "--seeds names the images itself: leave out -n/--num"),
+        (["--seeds", "0-9", "--seed", "1"], "--seeds names the images itself: leave out --seed"),
+        (["--seeds", "0-9", "--interpolate", "4", "--strips", "2"], "--seeds names the images itself: leave out --strips"),
+        (["--seeds", "3", "--interpolate", "4"], "--interpolate with --seeds walks from seed to seed: give at least 2"),
+        (["--truncation", "0"], "argument --truncation: '0' is not a finite number > 0 (like 0.7)"),
+        (["--truncation=-1"], "argument --truncation: '-1' is not a finite number > 0"),
+        (["--truncation", "nan"], "argument --truncation: 'nan' is not a finite number > 0"),
+        (["--truncation", "inf"], "argument --truncation: 'inf' is not a finite number > 0"),
+        (["--truncation", "big"], "argument --truncation: 'big' is not a finite number > 0"),
+    ],
+)  # fmt: skip
+def test_generate_refuses_bad_seeds_and_truncation_in_one_line(args, says, tmp_path, capsys):
+    """Checked before the checkpoint is read: argparse's usage, then one error line, exit 2."""
+    with pytest.raises(SystemExit) as stopped:
+        generate_main(["--checkpoint", str(tmp_path / "none.pt"), *args])
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"python -m dcgan.generate: error: {says}"), last
+
+
+def test_generate_bad_seeds_exit_2_from_the_shell(tmp_path):
+    result = run_module("dcgan.generate", "--checkpoint", str(tmp_path / "none.pt"), "--seeds", "5-2", timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        "python -m dcgan.generate: error: argument --seeds: seed range 5-2 runs backwards: write 2-5"
+    )
 
 
 # --------------------------------------------------------------------------- torchrun's report
