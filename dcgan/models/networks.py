@@ -203,6 +203,10 @@ class ModelConfig:
     # Decay of the moving average of G's weights (the EMA generator used for sample
     # grids); it ramps up as min(decay, (1 + step) / (10 + step)). 0 disables it.
     ema_decay: float = 0.999
+    # Spectral norm (Miyato et al. 2018) on every conv and linear layer of D: each weight
+    # divided by its largest singular value (one power iteration per forward), which keeps
+    # D 1-Lipschitz per layer. D's batch norm layers stay as its arch has them.
+    spectral_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "nz", "ngf", "ndf"):
@@ -238,10 +242,22 @@ def make_nets(m: ModelConfig) -> tuple[nn.Module, nn.Module]:
 
 def build_models(cfg: ModelConfig | HasModel) -> tuple[nn.Module, nn.Module]:
     """(G, D) for ``cfg.model`` (or a ModelConfig), DCGAN-initialised, on the CPU."""
-    generator, discriminator = make_nets(getattr(cfg, "model", cfg))
+    m = getattr(cfg, "model", cfg)
+    generator, discriminator = make_nets(m)
     dcgan_init_(generator)
     dcgan_init_(discriminator)
+    if m.spectral_norm:  # after the init: the init draws the weight that spectral norm then divides
+        spectral_norm_(discriminator)
     return generator, discriminator
+
+
+def spectral_norm_(net: nn.Module) -> None:
+    """Spectral norm on each conv and linear layer of ``net`` (torch's parametrization: the
+    state dict holds ``<layer>.parametrizations.weight.original`` and the power iteration's
+    vectors ``_u`` and ``_v``, which checkpoints carry for an exact resume)."""
+    for layer in list(net.modules()):
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.utils.parametrizations.spectral_norm(layer)
 
 
 def checkpoint_bytes(cfg: ModelConfig | HasModel) -> tuple[int, int, int]:
@@ -252,6 +268,8 @@ def checkpoint_bytes(cfg: ModelConfig | HasModel) -> tuple[int, int, int]:
     m = getattr(cfg, "model", cfg)
     with torch.device("meta"):
         nets = make_nets(m)
+        if m.spectral_norm:
+            spectral_norm_(nets[1])
     copies = (2 if m.ema_decay else 1, 1)  # G (and its EMA), D
     params = [list(net.parameters()) for net in nets]
     tensors = [[*p, *net.buffers()] for p, net in zip(params, nets)]

@@ -1,5 +1,5 @@
 """The losses and penalties under real processes: a wgan run with its gradient penalty,
-lazy R1 and three D updates a step, stopped by a signal between two checkpoints, resumes
+lazy R1, spectral norm on D and three D updates a step, stopped by a signal between two checkpoints, resumes
 bitwise equal to the uninterrupted run (one process, and two ranks under torchrun), and
 each metrics line carries the penalty. The epochs' last batches that cannot fill a step are
 skipped on both. The losses themselves: tests/unit/test_losses.py."""
@@ -20,6 +20,7 @@ PENALISED = {
     "log": {"every": 1, "samples_every": 1000},
     "checkpoint": {"every": EVERY, "keep": 10},
     "optim": {"d_steps": 3},
+    "model": {"arch": "kmnist", "image_size": 28, "channels": 1, "nz": 16, "ngf": 8, "ndf": 8, "spectral_norm": True},
     # R1 every 4 steps, so that a stop lands between two R1 steps.
     "loss": {"kind": "wgan", "gp_weight": 10.0, "r1_gamma": 0.5, "r1_every": 4},
 }

@@ -151,3 +151,24 @@ def test_every_architecture_takes_a_gradient_penalty():
         real = torch.rand(3, channels, size, size) * 2 - 1
         stats = gan_step(state, g_train, d_train, real, StepSettings.of(cfg), r1_due=True)
         assert torch.isfinite(stats).all() and stats[-1] > 0, arch
+
+
+def test_spectral_norm_divides_each_d_weight_by_its_largest_singular_value():
+    cfg = tiny_config("model.spectral_norm=true", "loss.kind=hinge")
+    state, g_train, d_train = build_training(cfg, CPU)
+    layers = [m for m in state.discriminator.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert layers and all(nn.utils.parametrize.is_parametrized(m, "weight") for m in layers)
+    assert not any(nn.utils.parametrize.is_parametrized(m) for m in state.generator.modules())
+    for _ in range(20):  # each D forward is one power iteration
+        gan_step(state, g_train, d_train, images(4), StepSettings.of(cfg))
+    for m in layers:
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)
+        assert sigma.item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_spectral_norm_cannot_change_on_resume(tmp_path):
+    from dcgan.checkpoint.resume import check_model_unchanged
+
+    saved = tiny_config().to_dict()["model"]
+    with pytest.raises(ConfigError, match="model.spectral_norm False -> True"):
+        check_model_unchanged(saved, tiny_config("model.spectral_norm=true"), tmp_path / "step_00000010.pt")
