@@ -6,6 +6,7 @@
     python -m bench.quality --only project --nproc 2 train.batch_size=64 train.sync_bn=false  # DDP, no SyncBN
     python -m bench.quality --small-data 1000 --jobs 2          # d_augment on 1,000 images (bench/README.md)
     python -m bench.quality --small-data 0 --variants off,translation,ada,translation@ada   # on the 70k set
+    python -m bench.quality --losses --jobs 2                  # each loss.kind, with and without spectral norm
 
 (1) the project: ``python -m dcgan.train`` on the config (one process, its batch size;
 with --nproc N, torchrun with N processes of that batch each),
@@ -24,6 +25,10 @@ three and with translation), at the same steps and seed, --jobs at a time. With 
 subset of N Fashion-MNIST training images (Debian's IDX files; the first N of a seed-0
 permutation), scored against the 10k test images with a classifier trained on those
 (dcgan.eval train-features --epochs 4); with N = 0, the config's own shards and features.
+
+--losses is the losses study: the project alone on the config's shards, once per
+--variants (bce, hinge, lsgan, wgan, and bce and hinge with spectral norm on D; KIND+r1
+adds lazy R1), the same way; each run's img/s is its cost.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from dcgan.data.shardset import resolve_shards
 from dcgan.data.stream import Loader, ShardStream
 from dcgan.data.writing import read_idx
 from dcgan.models.d_augment import POLICIES
+from dcgan.models.losses import KINDS
 from dcgan.quality.evaluator import DEFAULT_FEATURES_NAME, Evaluator, choose_extractor
 from dcgan.run.distributed import DistInfo
 
@@ -211,23 +217,57 @@ def small_data(n: int, root: Path) -> list[str]:
     return [f"data.shards={root / f'train-{n}'}", f"eval.features={features}"]
 
 
+def loss_variants(names: list[str] | None = None) -> dict[str, list[str]]:
+    """The losses study's runs by name: KIND[+sn][+r1], KIND one of loss.kind's (+sn: spectral
+    norm on D; +r1: lazy R1 with gamma 0.1). hinge and wgan have no target to smooth, so they
+    run without the config's label smoothing. Raises KeyError on a bad name."""
+    names = names or ["bce", "hinge", "lsgan", "wgan", "bce+sn", "hinge+sn"]
+    variants: dict[str, list[str]] = {}
+    for name in names:
+        kind, *extras = name.split("+")
+        if kind not in KINDS or not set(extras) <= {"sn", "r1"} or len(set(extras)) != len(extras):
+            raise KeyError(f"unknown variant {name!r}: KIND[+sn][+r1], KIND one of {', '.join(KINDS)}")
+        variants[name] = [f"loss.kind={kind}"]
+        variants[name] += ["optim.label_smoothing=0"] if kind in ("hinge", "wgan") else []
+        variants[name] += ["model.spectral_norm=true"] if "sn" in extras else []
+        variants[name] += ["loss.r1_gamma=0.1"] if "r1" in extras else []
+    return variants
+
+
 def augment_study(args, overrides: list[str], out_dir: Path) -> int:
     try:
         variants = augment_variants(None if args.variants == "all" else args.variants.split(","))
     except KeyError as e:
         print(f"bench.quality: {e.args[0]}", file=sys.stderr)
         return 2
-    chosen = list(variants)
     data = small_data(args.small_data, out_dir / "data") if args.small_data else []
     what = f"{args.small_data} Fashion-MNIST training images" if args.small_data else "the config's shards"
-    print(f"# {args.config} on {what}: {args.steps} steps, {args.jobs} runs at a time", flush=True)
+    return study(args, variants, data + overrides, what, out_dir, {"small_data": args.small_data})
 
+
+def losses_study(args, overrides: list[str], out_dir: Path) -> int:
+    try:
+        variants = loss_variants(None if args.variants == "all" else args.variants.split(","))
+    except KeyError as e:
+        print(f"bench.quality: {e.args[0]}", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, overrides)
+    features = Path(cfg.eval.features or Path(cfg.data.shards) / DEFAULT_FEATURES_NAME)
+    common = [f"eval.features={classifier_features(cfg.data.shards, features)}"] if not cfg.eval.inception else []
+    return study(args, variants, common + overrides, "the config's shards", out_dir, {"losses": True})
+
+
+def study(args, variants: dict[str, list[str]], common: list[str], what: str, out_dir: Path, facts: dict) -> int:
+    """Each variant trained by ``dcgan.train`` at the same steps and seed, --jobs at a time,
+    then one table: the scores at --steps, relative to the first variant, and the training
+    rate of each (img/s on one thread, from the metrics lines, evaluations left out)."""
+    print(f"# {args.config} on {what}: {args.steps} steps, {args.jobs} runs at a time", flush=True)
     runs = StudyRuns()
 
     def one(name: str) -> tuple[str, dict[int, dict], float]:
         try:
             scores, seconds = run_project(
-                args, [*data, *overrides, *variants[name]], out_dir, name=name, log=out_dir / f"{name}.log", runs=runs
+                args, [*common, *variants[name]], out_dir, name=name, log=out_dir / f"{name}.log", runs=runs
             )
         except BaseException:
             runs.stop_all()  # before this worker is free to start the next run
@@ -236,7 +276,7 @@ def augment_study(args, overrides: list[str], out_dir: Path) -> int:
         return name, scores, seconds
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(one, name) for name in chosen]
+        futures = [pool.submit(one, name) for name in variants]
         wait(futures, return_when=FIRST_EXCEPTION)
         failed = next((f.exception() for f in futures if f.done() and f.exception()), None)
         if failed is not None:
@@ -245,21 +285,29 @@ def augment_study(args, overrides: list[str], out_dir: Path) -> int:
             raise failed
     results = {name: (scores, seconds) for name, scores, seconds in (f.result() for f in futures)}
     (out_dir / "study.json").write_text(
-        json.dumps({"config": args.config, "small_data": args.small_data, "overrides": overrides, "runs": results})
-        + "\n"
+        json.dumps({"config": args.config, **facts, "overrides": common, "runs": results}) + "\n"
     )
-    off = results.get("off", ({}, 0))[0].get(args.steps, {}).get("fid")
-    print(f"| variant (at step {args.steps}) | FID | KID | precision | recall | FID / off | aug_p | wall s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    first = next(iter(results))
+    base = results[first][0].get(args.steps, {}).get("fid")
+    print(
+        f"| variant (at step {args.steps}) | FID | KID | precision | recall | FID / {first} | aug_p | img/s | wall s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (scores, seconds) in results.items():
         r = scores[args.steps]
-        vs = f"{r['fid'] / off:.2f}" if off else ""
+        vs = f"{r['fid'] / base:.2f}" if base else ""
         p = f"{r['aug_p']:.3f}" if r["aug_p"] is not None else ""
         print(
             f"| {name} | {r['fid']:.3f} | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} | {vs} | {p} "
-            f"| {seconds:.0f} |"
+            f"| {training_rate(out_dir / name):.0f} | {seconds:.0f} |"
         )
     return 0
+
+
+def training_rate(run_dir: Path) -> float:
+    """The median img/s of a run's metrics lines (each a log interval's training alone)."""
+    rates = [r["img_per_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if "img_per_s" in r]
+    return float(np.median(rates)) if rates else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,9 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the d_augment study on N Fashion-MNIST training images (0: the config's shards)",
     )  # fmt: skip
     parser.add_argument(
+        "--losses", action="store_true", help="the losses study: each loss.kind, with and without spectral norm"
+    )
+    parser.add_argument(
         "--variants",
         default="all",
-        help="the study's runs: all, or a comma list (off, color+cutout, ada, translation@ada ...)",
+        help="the study's runs: all, or a comma list (--small-data: off, color+cutout, ada, translation@ada ...; "
+        "--losses: bce, hinge+sn, wgan+r1 ...)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="the study's runs at a time (each on one thread)")
     parser.add_argument(
@@ -289,8 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     args.plain_steps = args.plain_steps or 2 * args.steps
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.small_data is not None and args.losses:
+        parser.error("--small-data and --losses are two studies: one at a time")
     if args.small_data is not None:
         return augment_study(args, args.overrides, out_dir)
+    if args.losses:
+        return losses_study(args, args.overrides, out_dir)
 
     cfg = load_config(args.config, args.overrides)
     features = Path(cfg.eval.features or Path(cfg.data.shards) / DEFAULT_FEATURES_NAME)
