@@ -99,6 +99,30 @@ def check_d_steps(cfg: Config, batches_per_epoch: int) -> None:
         )
 
 
+def settle_classes(cfg: Config, shards: ShardSet) -> Config:
+    """A conditional model's class count from the shards' manifest (a copy of ``cfg`` with
+    model.num_classes set); ConfigError when the shards carry no classes, or more than it was given."""
+    m = cfg.model
+    if not m.conditional:
+        return cfg
+    if not shards.classes:
+        raise ConfigError(
+            f"model.conditional: the shards of data.shards={cfg.data.shards} carry no classes ({shards.counted_by} "
+            "lists none); write them with `python -m dcgan.shards` from class folders or labelled IDX files, or set "
+            "model.conditional=false"
+        )
+    if m.num_classes and m.num_classes < len(shards.classes):
+        raise ConfigError(
+            f"model.num_classes: {m.num_classes}, but the shards hold {len(shards.classes)} classes "
+            f"({', '.join(shards.classes[:5])}{', ...' if len(shards.classes) > 5 else ''}); set it to 0 (as many as the shards)"
+        )
+    if m.num_classes:
+        return cfg
+    settled = copy.deepcopy(cfg)
+    settled.model.num_classes = len(shards.classes)
+    return settled
+
+
 def plan_run(
     config: str, overrides: list[str], world_size: int, restart: int = 0, on_this_machine: bool = True
 ) -> RunPlan:
@@ -109,6 +133,7 @@ def plan_run(
     check_wandb_environment(cfg.wandb)
     shards = resolve_shards(cfg.data)
     check_d_steps(cfg, steps_per_epoch(shards.total, world_size, cfg.train.batch_size))  # and a batch per process
+    cfg = settle_classes(cfg, shards)
     extractor = choose_extractor(cfg.eval, cfg.data.shards, cfg.model) if cfg.eval.every else None
     room, device = UNMEASURED, None
     if on_this_machine:  # the device this process would take (DeviceError: no GPU fits), and its memory

@@ -33,7 +33,7 @@ from dcgan.run.folder import KEPT_ON_OVERWRITE, RunFolder
 log = logging.getLogger(__name__)
 
 # Model settings that shape the nets' tensors: a checkpoint cannot be loaded with others.
-FIXED_ON_RESUME = ("arch", "image_size", "channels", "nz", "ngf", "ndf", "spectral_norm")
+FIXED_ON_RESUME = ("arch", "image_size", "channels", "nz", "ngf", "ndf", "spectral_norm", "conditional", "num_classes")
 
 
 def check_model_unchanged(saved_model: dict[str, Any] | None, cfg: Config, path: Path) -> None:

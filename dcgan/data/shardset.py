@@ -104,6 +104,8 @@ class ShardSet:
     # shard file name -> (bytes, mtime_ns, digest) as the manifest recorded them (shard_content)
     recorded: Mapping[str, tuple[int, int, str]] | None = field(default=None, compare=False, repr=False)
     image_sizes: Mapping[str, int] | None = field(default=None, compare=False, repr=False)  # "WxH" -> images
+    # The class names the samples' labels index (the manifest's "classes"), when it lists them.
+    classes: tuple[str, ...] | None = field(default=None, compare=False)
 
     @property
     def total(self) -> int:
@@ -437,8 +439,14 @@ def _from_manifest(path: Path) -> ShardSet:
     fix = fix_phrase(path.parent)
     return ShardSet(
         urls, tuple(counts), str(path), fix, manifest.get("image_size"), manifest.get("channels"),
-        recorded_content(manifest), recorded_sizes(manifest),
+        recorded_content(manifest), recorded_sizes(manifest), recorded_classes(manifest),
     )  # fmt: skip
+
+
+def recorded_classes(manifest: dict[str, Any]) -> tuple[str, ...] | None:
+    """The manifest's class names, when it lists some."""
+    classes = manifest.get("classes")
+    return tuple(map(str, classes)) if isinstance(classes, list) and classes else None
 
 
 def recorded_content(manifest: dict[str, Any]) -> dict[str, tuple[int, int, str]]:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from dcgan.base.checks import check_field
+from dcgan.models.conditional import ConditionalGenerator, ProjectionDiscriminator
 
 
 def _up(cin: int, cout: int, k: int = 4, s: int = 2, p: int = 1) -> nn.ConvTranspose2d:
@@ -203,16 +204,28 @@ class ModelConfig:
     # Decay of the moving average of G's weights (the EMA generator used for sample
     # grids); it ramps up as min(decay, (1 + step) / (10 + step)). 0 disables it.
     ema_decay: float = 0.999
-    # Spectral norm (Miyato et al. 2018) on every conv and linear layer of D: each weight
+    # Spectral norm (Miyato et al. 2018) on every conv and linear layer of D (and a
+    # conditional D's class embedding): each weight
     # divided by its largest singular value (one power iteration per forward), which keeps
     # D 1-Lipschitz per layer. D's batch norm layers stay as its arch has them.
     spectral_norm: bool = False
+    # Class-conditional G and D (dcgan/models/conditional.py): trained on the shards' labels
+    # (their manifest's classes), G given a class with z, D a projection of the class.
+    conditional: bool = False
+    # Classes of a conditional model; 0: as many as the shards' manifest lists (set at start).
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("image_size", "channels", "nz", "ngf", "ndf"):
             check_field(getattr(self, name) >= 1, name, "must be >= 1")
         check_field(0 <= self.ema_decay < 1, "ema_decay", "must lie in [0, 1) (0 disables the EMA generator)")
         check_field(self.arch in ARCHS, "arch", f"{self.arch!r} is not one of {', '.join(ARCHS)}")
+        check_field(self.num_classes >= 0, "num_classes", "must be >= 0 (0: the shards' classes)")
+        check_field(
+            self.conditional or self.num_classes == 0,
+            "num_classes",
+            "is for a conditional model: set model.conditional=true",
+        )
         sizes = ARCHS[self.arch].sizes
         check_field(
             self.image_size in sizes, "image_size",
@@ -235,9 +248,18 @@ def dcgan_init_(module: nn.Module) -> None:
 
 
 def make_nets(m: ModelConfig) -> tuple[nn.Module, nn.Module]:
-    """(G, D) for ``m``, as PyTorch initialises them, on the current default device."""
+    """(G, D) for ``m``, as PyTorch initialises them, on the current default device; a
+    conditional model's are wrapped (dcgan/models/conditional.py), G taking z and the class's embedding."""
     arch = ARCHS[m.arch]
-    return arch.generator(m.nz, m.ngf, m.channels, m.image_size), arch.discriminator(m.ndf, m.channels, m.image_size)
+    if not m.conditional:
+        return arch.generator(m.nz, m.ngf, m.channels, m.image_size), arch.discriminator(
+            m.ndf, m.channels, m.image_size
+        )
+    if m.num_classes < 1:
+        raise ValueError("model.num_classes is 0: a conditional run sets it from the shards' classes at start")
+    generator = ConditionalGenerator(arch.generator(2 * m.nz, m.ngf, m.channels, m.image_size), m.num_classes, m.nz)
+    discriminator = ProjectionDiscriminator(arch.discriminator(m.ndf, m.channels, m.image_size), m.num_classes)
+    return generator, discriminator
 
 
 def build_models(cfg: ModelConfig | HasModel) -> tuple[nn.Module, nn.Module]:
@@ -252,11 +274,11 @@ def build_models(cfg: ModelConfig | HasModel) -> tuple[nn.Module, nn.Module]:
 
 
 def spectral_norm_(net: nn.Module) -> None:
-    """Spectral norm on each conv and linear layer of ``net`` (torch's parametrization: the
+    """Spectral norm on each conv, linear and embedding layer of ``net`` (torch's parametrization: the
     state dict holds ``<layer>.parametrizations.weight.original`` and the power iteration's
     vectors ``_u`` and ``_v``, which checkpoints carry for an exact resume)."""
     for layer in list(net.modules()):
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+        if isinstance(layer, (nn.Conv2d, nn.Linear, nn.Embedding)):  # the embedding: a projection D's class vectors
             nn.utils.parametrizations.spectral_norm(layer)
 
 

@@ -185,20 +185,26 @@ class Evaluator:
         return torch.cat(parts) if parts is not None else None
 
     @torch.no_grad()
-    def evaluate(self, sample: Callable[[torch.Tensor], torch.Tensor], nz: int) -> dict[str, float]:
+    def evaluate(
+        self, sample: Callable[..., torch.Tensor], nz: int, num_classes: int = 0, label: int | None = None
+    ) -> dict[str, float]:
         """Scores of ``sample`` (latents (B, nz, 1, 1) on the device -> images in [-1, 1]).
         Every rank must call this; every rank gets the same dict. The caller's RNG state
-        is left as it was (training resumes bit-exactly whether or not it evaluated)."""
+        is left as it was (training resumes bit-exactly whether or not it evaluated).
+        ``num_classes``: a conditional G's, called as ``sample(z, labels)`` with the classes
+        drawn evenly at random (the same draw every evaluation), or all ``label``."""
         t0 = time.perf_counter()
         n, bs = self.cfg.num_samples, self.cfg.batch_size
         latents = sample_latent(n, nz, generator=torch.Generator().manual_seed(self.cfg.seed))
+        labels = evaluation_labels(n, num_classes, self.cfg.seed, label)
         mine = slice_of(n, self.dist)
         feats, pixels = [], PixelStats()
         devices = [self.dist.device] if self.dist.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             for i in range(mine.start, mine.stop, bs):
                 z = latents[i : min(i + bs, mine.stop)].to(self.dist.device)
-                images = to_uint8(sample(z))
+                cond = () if labels is None else (labels[i : min(i + bs, mine.stop)].to(self.dist.device),)
+                images = to_uint8(sample(z, *cond))
                 pixels.add(images)
                 feats.append(self.extractor(images).float().cpu())
         mine_feats = torch.cat(feats) if feats else torch.empty(0, self.extractor.num_features)
@@ -226,12 +232,13 @@ class Evaluator:
         return step % self.cfg.every == 0 or step == last_step
 
     def evaluate_at(
-        self, step: int, sample: Callable[[torch.Tensor], torch.Tensor], nz: int, state
+        self, step: int, sample: Callable[..., torch.Tensor], nz: int, state, num_classes: int = 0
     ) -> tuple[dict, bool]:
         """Collective, while training: the scores at ``step`` and whether they are the best
         FID so far, which ``state`` (the run's TrainState) then records. Degenerate samples
-        are never the best, whatever their FID."""
-        scores = self.evaluate(sample, nz)
+        are never the best, whatever their FID. A conditional G (``num_classes``) is scored
+        over the mix of its classes."""
+        scores = self.evaluate(sample, nz, num_classes)
         improved = not scores.get("degenerate") and (state.best_fid is None or scores["fid"] < state.best_fid)
         if improved:
             state.best_fid, state.best_fid_step = scores["fid"], step
@@ -258,16 +265,26 @@ def score_protocol(
     return protocol
 
 
-def eval_mode_sampler(generator: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """G(z) with running BN statistics, no grad: no batch dependence and no SyncBN
-    collective, so one rank alone may call it (the sample grids)."""
+def evaluation_labels(n: int, num_classes: int, seed: int, label: int | None = None) -> torch.Tensor | None:
+    """The classes of an evaluation's ``n`` images for a conditional G: all ``label``, or
+    drawn evenly at random from their own seeded generator; None for an unconditional G."""
+    if not num_classes:
+        return None
+    if label is not None:
+        return torch.full((n,), label, dtype=torch.int64)
+    return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+
+
+def eval_mode_sampler(generator: nn.Module) -> Callable[..., torch.Tensor]:
+    """G(z) (a conditional G: G(z, labels)) with running BN statistics, no grad: no batch
+    dependence and no SyncBN collective, so one rank alone may call it (the sample grids)."""
 
     @torch.no_grad()
-    def sample(z: torch.Tensor) -> torch.Tensor:
+    def sample(z: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         was_training = generator.training
         generator.eval()
         try:
-            return generator(z)
+            return generator(z, *cond)
         finally:
             generator.train(was_training)
 

@@ -149,11 +149,15 @@ class Tracker:
         self.interval.reset()
 
     def sample_grid_if_due(
-        self, step: int, sample: Callable[[torch.Tensor], torch.Tensor], noise: torch.Tensor
+        self, step: int, sample: Callable[..., torch.Tensor], noise: torch.Tensor, labels: torch.Tensor | None = None
     ) -> None:
-        """G(fixed noise) every log.samples_every steps and at the end (rank 0)."""
+        """G(fixed noise) every log.samples_every steps and at the end (rank 0); a conditional
+        G's with ``labels``, one row per class."""
         if self.enabled and (step % self.cfg.log.samples_every == 0 or step == self.cfg.train.steps):
-            self.sample_grid(step, sample(noise))
+            if labels is None:
+                self.sample_grid(step, sample(noise))
+            else:
+                self.sample_grid(step, sample(noise, labels), nrow=int((labels == labels[0]).sum()))
 
     def scores(self, step: int, scores: dict[str, float], state: TrainState, improved: bool) -> None:
         """An evaluation's line and metrics (state: after the evaluator updated the best FID)."""
@@ -184,9 +188,9 @@ class Tracker:
         """A grid of real training images, once at the start of a run (``samples/real.png``)."""
         self._grid(images, "real", self.folder.real_grid, step=0)
 
-    def sample_grid(self, step: int, images: torch.Tensor) -> None:
+    def sample_grid(self, step: int, images: torch.Tensor, nrow: int = 8) -> None:
         """G(fixed noise) at ``step``: ``samples/step_<step>.png``, W&B "samples"; redraws losses.png."""
-        self._grid(images, "samples", self.folder.sample(step), step)
+        self._grid(images, "samples", self.folder.sample(step), step, nrow)
         self._in_background("losses.png", plot_losses, self.metrics_path, self.folder.losses_plot)
 
     def finish(self, exit_code: int, preempted: bool, facts: dict[str, Any]) -> None:
@@ -238,10 +242,10 @@ class Tracker:
             self._write_failed(self.folder.provenance.name, e)
         return attempt
 
-    def _grid(self, images: torch.Tensor, key: str, path: Path, step: int) -> None:
+    def _grid(self, images: torch.Tensor, key: str, path: Path, step: int, nrow: int = 8) -> None:
         if not self.enabled:
             return
-        grid = enlarged(to_uint8_grid(images, nrow=8))
+        grid = enlarged(to_uint8_grid(images, nrow=nrow))
         self._in_background("sample grids", save_png, grid, path)
         if step > self.wandb_has_through:
             self.wandb.image(key, grid, step, caption=f"step {step}")

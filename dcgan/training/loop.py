@@ -30,6 +30,7 @@ from dcgan.config.sections import Config
 from dcgan.data.cache import CachedLoader, agree_on_cache
 from dcgan.data.shardset import ShardSet
 from dcgan.data.stream import BatchSource, Loader, ShardStream, derive_seed
+from dcgan.models.conditional import grid_labels
 from dcgan.models.networks import sample_latent
 from dcgan.preflight import RunPlan
 from dcgan.quality.evaluator import Evaluator, eval_mode_sampler
@@ -65,6 +66,7 @@ class TrainingRun:
     evaluator: Evaluator | None
     sample: Callable[[torch.Tensor], torch.Tensor]  # the EMA generator (G without one), in eval mode
     fixed_noise: torch.Tensor  # the latents of every sample grid
+    fixed_labels: torch.Tensor | None  # a conditional model's grid classes: one row per class
     resumed_from: resume.Resume | None
 
     @property
@@ -123,10 +125,10 @@ def train_loop(run: TrainingRun, stop: StopRequest, where: Where) -> int:
         # closing: an exception in the loop shuts the epoch's DataLoader workers down at once
         with contextlib.closing(run.loader.epoch(state.epoch, state.batch_in_epoch)) as batches:
             batches_left = run.loader.steps_per_epoch - state.batch_in_epoch
-            for reals in batches_of_steps(tracker.interval.timed(batches), cfg.optim.d_steps, batches_left):
+            for reals, labels in batches_of_steps(tracker.interval.timed(batches), cfg.optim.d_steps, batches_left):
                 if state.step == 0:
                     tracker.real_grid(reals[0][: cfg.log.num_samples])
-                run.train_step(reals)  # D's updates, G's, the EMA's; the statistics summed on the device
+                run.train_step(reals, labels)  # D's updates, G's, the EMA's; the statistics summed on the device
                 step = advance(state, cfg, dist)
                 tracker.advance(step)
 
@@ -142,7 +144,7 @@ def train_loop(run: TrainingRun, stop: StopRequest, where: Where) -> int:
                     if diverged is not None:
                         ending = Ending("diverged", diverged)
                         break
-                tracker.sample_grid_if_due(step, run.sample, run.fixed_noise)
+                tracker.sample_grid_if_due(step, run.sample, run.fixed_noise, run.fixed_labels)
                 if run.evaluator is not None and run.evaluator.due(step, cfg.train.steps):
                     ending = evaluate(run, step, where)
                     if ending is not None:
@@ -161,11 +163,12 @@ def train_loop(run: TrainingRun, stop: StopRequest, where: Where) -> int:
     return finish_attempt(run, ending, started)
 
 
-def batches_of_steps(batches: Iterator, d_steps: int, batches_left: int) -> Iterator[list[torch.Tensor]]:
-    """The real batches of each step: ``d_steps`` at a time (one per D update), as many
-    steps as the epoch's ``batches_left`` fill; the rest of the epoch is not read."""
+def batches_of_steps(batches: Iterator, d_steps: int, batches_left: int) -> Iterator[tuple[list, list]]:
+    """The real batches of each step and their labels: ``d_steps`` at a time (one per D
+    update), as many steps as the epoch's ``batches_left`` fill; the rest of the epoch is not read."""
     for _ in range(batches_left // d_steps):
-        yield [next(batches)[0] for _ in range(d_steps)]
+        images, labels = zip(*(next(batches) for _ in range(d_steps)))
+        yield list(images), list(labels)
 
 
 def epoch_over(state: TrainState, loader: BatchSource, cfg: Config) -> bool:
@@ -193,7 +196,8 @@ def evaluate(run: TrainingRun, step: int, where: Where) -> Ending | None:
         return Ending("diverged", f"the weights hold NaN or infinite values at the evaluation of step {step}")
     where.at("evaluation at step", step)
     t_eval = time.perf_counter()
-    scores, improved = run.evaluator.evaluate_at(step, run.sample, run.cfg.model.nz, run.state)
+    m = run.cfg.model
+    scores, improved = run.evaluator.evaluate_at(step, run.sample, m.nz, run.state, m.num_classes)
     run.tracker.scores(step, scores, run.state, improved)
     if improved and run.cfg.eval.best_checkpoint:
         run.checkpointer.save_best(run.state)
@@ -237,7 +241,9 @@ def build_run(
     )
     if epoch_over(state, loader, cfg):
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    fixed_noise = sample_latent(cfg.log.num_samples, cfg.model.nz, generator=torch.Generator().manual_seed(t.seed))
+    fixed_labels = grid_labels(cfg.model.num_classes, cfg.log.num_samples) if cfg.model.conditional else None
+    grid_size = cfg.log.num_samples if fixed_labels is None else len(fixed_labels)
+    fixed_noise = sample_latent(grid_size, cfg.model.nz, generator=torch.Generator().manual_seed(t.seed))
     evaluator = None
     if plan.extractor is not None:  # every rank takes part in each evaluation (dcgan/eval.py)
         where.at("building the evaluator")
@@ -247,7 +253,7 @@ def build_run(
     run = TrainingRun(
         cfg, dist, shards, state, train_step, loader, tracker, checkpointer, evaluator,
         eval_mode_sampler(state.generator_ema if state.generator_ema is not None else state.generator),
-        fixed_noise.to(dist.device), resume_from,
+        fixed_noise.to(dist.device), fixed_labels if fixed_labels is None else fixed_labels.to(dist.device), resume_from,
     )  # fmt: skip
     log_start(run, plan, settings)
     return run

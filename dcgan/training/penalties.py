@@ -55,16 +55,18 @@ def penalty(
     loss: LossConfig,
     r1_due: bool,
     augment: Callable[[torch.Tensor], torch.Tensor],
+    cond: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
     """The gradient penalties due in this D update, as one term of D's loss (a 0 with no
-    graph when none is). ``augment``: what D's inputs go through (d_augment), differentiably."""
+    graph when none is). ``augment``: what D's inputs go through (d_augment), differentiably;
+    ``cond``: a conditional D's (labels,), else ()."""
     total = torch.zeros((), device=real.device)
     if not (loss.gradient_penalty or r1_due):
         return total
     with twice_differentiable(D) as d_twice:
 
         def d_forward(x: torch.Tensor) -> torch.Tensor:
-            return d_twice(augment(x)).view(-1).float()
+            return d_twice(augment(x), *cond).view(-1).float()
 
         if loss.gradient_penalty:
             total = total + loss.gp_weight * wgan_gradient_penalty(d_forward, real, fake)

@@ -96,6 +96,7 @@ def gan_step(
     average_grads: Callable[[nn.Module], None] | None = None,
     d_augment: ada.DAugment | None = None,
     r1_due: bool = False,
+    labels: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One D update per real batch in ``reals`` (a batch, or optim.d_steps of them), then one
     G update; returns the step's statistics (``stat_names`` without d_augment's) as a tensor
@@ -104,16 +105,21 @@ def gan_step(
     ``average_grads``: what averages a net's gradients over the ranks after its backward,
     where DDP does not. ``d_augment``: augments every batch D sees, real and fake, in both
     updates (a fresh draw each time; G's gradient flows through it), and counts D's verdicts
-    on real images for ADA. ``r1_due``: this step adds the lazy R1 term (``LossConfig.r1_due``)."""
+    on real images for ADA. ``r1_due``: this step adds the lazy R1 term (``LossConfig.r1_due``).
+    ``labels``: a conditional model's class labels of each real batch; its fakes are made
+    of the same classes (the data's class mix), and D judges each image with its class."""
     reals = [reals] if isinstance(reals, torch.Tensor) else list(reals)
+    conds = [()] * len(reals) if labels is None else [(y,) for y in labels]
     D = state.discriminator
     augment = d_augment.augment if d_augment is not None else _unchanged
     # No autocast weight cache: a cast cached while a CUDA graph is captured would be freed with it.
     amp = torch.autocast(reals[0].device.type, dtype=how.amp_dtype, enabled=how.amp_dtype is not None,
                          cache_enabled=False)  # fmt: skip
     d_stats = []
-    for real in reals:  # G's update judges the last D update's fakes (the others' graphs are freed)
-        fake, stats = _d_update(state, g_train, d_train, real, how, amp, augment, average_grads, d_augment, r1_due)
+    for real, cond in zip(reals, conds):  # G's update judges the last D update's fakes (the others' graphs are freed)
+        fake, stats = _d_update(
+            state, g_train, d_train, real, cond, how, amp, augment, average_grads, d_augment, r1_due
+        )
         d_stats.append(stats)
     d_stats = torch.stack(d_stats).mean(0)
 
@@ -123,7 +129,7 @@ def gan_step(
     state.opt_g.zero_grad(set_to_none=True)
     D.requires_grad_(False)
     with amp:
-        out_g = d_frozen(augment(fake)).view(-1).float()
+        out_g = d_frozen(augment(fake), *cond).view(-1).float()
     loss_g = losses.g_loss(how.loss.kind, out_g)
     state.scaler_g.scale(loss_g).backward()
     if average_grads is not None:
@@ -147,26 +153,27 @@ class DUpdate(NamedTuple):
     stats: torch.Tensor  # loss_d_real, loss_d_fake, d_real, d_fake, grad_norm_d, skipped_d, penalty
 
 
-def _d_update(state, g_train, d_train, real, how: StepSettings, amp, augment, average_grads, d_augment, r1_due):
+def _d_update(state, g_train, d_train, real, cond, how: StepSettings, amp, augment, average_grads, d_augment, r1_due):
     """One D update: D on real images, then on fakes, plus any gradient penalty due: three
-    backward passes, one gradient all-reduce (the last, under DDP)."""
+    backward passes, one gradient all-reduce (the last, under DDP). ``cond``: () or the
+    batch's (labels,), the extra input of a conditional G and D."""
     D, kind = state.discriminator, how.loss.kind
     state.opt_d.zero_grad(set_to_none=True)
     with d_train.no_sync() if isinstance(d_train, DDP) else contextlib.nullcontext():
         with amp:
-            out_real = d_train(augment(real)).view(-1).float()
+            out_real = d_train(augment(real), *cond).view(-1).float()
         loss_d_real = losses.d_real_loss(kind, out_real, how.real_target)
         state.scaler_d.scale(loss_d_real).backward()
         z = sample_latent(real.shape[0], how.nz, real.device)
         with amp:
-            fake = g_train(z)
-        penalty = penalties.penalty(D, real, fake, how.loss, r1_due, augment)
+            fake = g_train(z, *cond)
+        penalty = penalties.penalty(D, real, fake, how.loss, r1_due, augment, cond)
         if penalty.requires_grad:  # a penalty was due
             state.scaler_d.scale(penalty).backward()
     if d_augment is not None:
         d_augment.observe(out_real)
     with amp:
-        out_fake = d_train(augment(fake.detach())).view(-1).float()
+        out_fake = d_train(augment(fake.detach()), *cond).view(-1).float()
     loss_d_fake = losses.d_fake_loss(kind, out_fake)
     state.scaler_d.scale(loss_d_fake).backward()
     if average_grads is not None:
@@ -221,6 +228,8 @@ def choose_graph(cfg: Config, device: torch.device) -> GraphChoice:
             f"{setting}: eager steps with d_augment, whose draws are seeded on the host before each step and whose "
             "ADA adjustments follow the host's step count, which a graph replay would not redo",
         )
+    if cfg.model.conditional:
+        return GraphChoice(False, f"{setting}: eager steps for a conditional model (its labels are no graph input)")
     if cfg.loss.penalised or cfg.optim.d_steps > 1:
         return GraphChoice(
             False,
@@ -266,6 +275,7 @@ class TrainStep:
     ):
         self.state, self.g_train, self.d_train = state, g_train, d_train
         self.how, self.loss, self.decay = StepSettings.of(cfg), cfg.loss, cfg.model.ema_decay
+        self.conditional = cfg.model.conditional  # eager steps (choose_graph), with the batches' labels
         self.stats_sum = stats_sum  # the log interval's sum (Interval.stats): added to in place
         device = stats_sum.device
         # Steps done, for the EMA ramp (float64: it then rounds as the formula in Python floats).
@@ -282,9 +292,14 @@ class TrainStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_real: torch.Tensor | None = None
 
-    def __call__(self, reals: torch.Tensor | Sequence[torch.Tensor]) -> None:
+    def __call__(
+        self, reals: torch.Tensor | Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None = None
+    ) -> None:
+        """``labels``: each batch's class labels (a conditional model's only; others ignore them)."""
         reals = (reals,) if isinstance(reals, torch.Tensor) else reals
-        if self.graph is not None:
+        if self.conditional:
+            self._step(reals, labels)
+        elif self.graph is not None:
             self.static_real.copy_(reals[0])
             self.graph.replay()
         elif not self.graphed:
@@ -295,13 +310,13 @@ class TrainStep:
             self._capture(reals[0])
             self.graph.replay()
 
-    def _step(self, reals: torch.Tensor | Sequence[torch.Tensor]) -> None:
+    def _step(self, reals: torch.Tensor | Sequence[torch.Tensor], labels: Sequence[torch.Tensor] | None = None) -> None:
         s = self.state
         if self.d_augment is not None:
             self.d_augment.begin(s.step + 1)
         stats = gan_step(
             s, self.g_train, self.d_train, reals, self.how, self.average_grads, self.d_augment,
-            self.loss.r1_due(s.step + 1),
+            self.loss.r1_due(s.step + 1), labels,
         )  # fmt: skip
         if s.generator_ema is not None:
             self.steps_done += 1

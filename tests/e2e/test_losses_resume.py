@@ -1,8 +1,10 @@
-"""The losses and penalties under real processes: a wgan run with its gradient penalty,
-lazy R1, spectral norm on D and three D updates a step, stopped by a signal between two checkpoints, resumes
-bitwise equal to the uninterrupted run (one process, and two ranks under torchrun), and
-each metrics line carries the penalty. The epochs' last batches that cannot fill a step are
-skipped on both. The losses themselves: tests/unit/test_losses.py."""
+"""The losses, penalties and conditional nets under real processes: a conditional wgan run
+with its gradient penalty, lazy R1, spectral norm on D, DiffAugment and three D updates a
+step, stopped by a signal between two checkpoints, resumes bitwise equal to the
+uninterrupted run (one process reading the shards, and two ranks under torchrun drawing
+from the cache), and each metrics line carries the penalty. The epochs' last batches that
+cannot fill a step are skipped on both. The losses themselves: tests/unit/test_losses.py;
+the conditional nets: tests/unit/test_conditional.py."""
 
 import json
 import os
@@ -20,7 +22,17 @@ PENALISED = {
     "log": {"every": 1, "samples_every": 1000},
     "checkpoint": {"every": EVERY, "keep": 10},
     "optim": {"d_steps": 3},
-    "model": {"arch": "kmnist", "image_size": 28, "channels": 1, "nz": 16, "ngf": 8, "ndf": 8, "spectral_norm": True},
+    "model": {
+        "arch": "kmnist",
+        "image_size": 28,
+        "channels": 1,
+        "nz": 16,
+        "ngf": 8,
+        "ndf": 8,
+        "spectral_norm": True,
+        "conditional": True,
+    },
+    "d_augment": {"policy": "translation", "p": 0.5},
     # R1 every 4 steps, so that a stop lands between two R1 steps.
     "loss": {"kind": "wgan", "gp_weight": 10.0, "r1_gamma": 0.5, "r1_every": 4},
 }
@@ -35,11 +47,15 @@ def logged(run_dir) -> list[tuple]:
 def reference(request, tmp_path_factory, digit_shards):
     """(nproc, config, final state of the uninterrupted run)."""
     nproc = request.param
-    config = write_config(tmp_path_factory.mktemp("penalised") / "penalised.yaml", digit_shards, **PENALISED)
+    # The labels' two paths: the shard reader in one process, the cache on two ranks.
+    data = {"shards": str(digit_shards), "workers": 1, "shuffle_buffer": 64, "cache": "on" if nproc else "off"}
+    config = write_config(tmp_path_factory.mktemp("penalised") / "penalised.yaml", digit_shards, **PENALISED, data=data)
     result = run_module("dcgan.train", "--config", str(config), "train.name=reference", nproc=nproc)
     assert result.returncode == 0, result.stderr
     assert "loss.kind=wgan, gradient penalty 10 every step, R1 gamma 0.5 every 4 steps, 3 D updates" in result.stderr
-    return nproc, config, final_state(config.parent / "runs" / "reference", STEPS)
+    state = final_state(config.parent / "runs" / "reference", STEPS)
+    assert state["config"]["model"]["num_classes"] == 10  # the shards' classes, set at start
+    return nproc, config, state
 
 
 def test_three_batches_a_step_and_the_epoch_tail_skipped(reference):
