@@ -168,6 +168,18 @@ def test_truncation_keeps_latents_inside_psi_and_python_gives_the_pngs(tiny_run,
     assert walk.size == (factor * (2 + 4 * 30), factor * (2 + 3 * 30))
 
 
+def test_an_unconditional_generator_takes_no_labels(tiny_run):
+    """Labels for an unconditional model: a ValueError. A conditional model's classes:
+    tests/e2e/test_conditional_tools.py."""
+    G = load_generator(tiny_run)
+    assert not G.conditional and G.num_classes == 0 and G.labels(4, seed=0) is None
+    for call in (lambda: G.sample(4, seed=0, labels=1), lambda: G.labels(seeds=[1], labels=[1])):
+        with pytest.raises(ValueError, match=r"holds an unconditional generator \(model.conditional=false\)"):
+            call()
+    with pytest.raises(ValueError, match="takes no labels"):
+        G(G.latents(1, seed=0), torch.tensor([0]))
+
+
 def test_bad_paths_and_weights_are_named(tiny_run, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="missing.pt: no such checkpoint"):
         load_generator(tmp_path / "missing.pt")

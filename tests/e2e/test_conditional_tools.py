@@ -1,0 +1,75 @@
+"""A class-conditional checkpoint from Python: ``G.sample(labels=...)``, on a real tiny
+conditional run (``model.conditional=true``, the digit shards' 10 classes). The nets
+themselves: tests/unit/test_conditional.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_module, write_config
+from dcgan import load_generator
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory, digit_shards):
+    """A 4-step conditional run on the digit shards (10 classes), checkpoints at 2 and 4."""
+    tmp = tmp_path_factory.mktemp("conditional")
+    config = write_config(
+        tmp / "cond.yaml", digit_shards, train={"steps": 4}, checkpoint={"every": 2, "keep": 5},
+        model={"conditional": True},
+    )  # fmt: skip
+    result = run_module("dcgan.train", "--config", str(config), "wandb.mode=disabled", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "runs" / "cond"
+
+
+def test_sample_takes_a_class_one_per_image_or_draws_them_from_the_seed(cond_run):
+    G = load_generator(cond_run)
+    assert G.conditional and G.num_classes == 10 and "embed.weight" in G.state_dict()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    three = G.sample(8, seed=0, labels=3)
+    assert three.dtype == torch.uint8 and three.shape == (8, 1, 28, 28)
+    assert torch.equal(three, G.sample(8, seed=0, labels=3))  # seeded
+    assert not torch.equal(three, G.sample(8, seed=0, labels=4))  # the same latents, another class
+    each = torch.tensor([3, 4] * 4)
+    mixed = G.sample(8, seed=0, labels=each)
+    assert torch.equal(mixed[::2], three[::2]) and torch.equal(mixed, G.sample(8, seed=0, labels=each.tolist()))
+    assert torch.equal(G.sample(8, seed=0, labels=np.int64(3)), three)
+    assert torch.equal(G.sample(8, seed=0, labels=3, batch_size=3), three)  # eval mode: batching changes nothing
+
+    drawn = G.labels(8, seed=0)  # no labels: uniform classes from the seed, not from the latents' generator
+    assert torch.equal(G.sample(8, seed=0), G.sample(8, seed=0, labels=drawn)) and drawn.dtype == torch.int64
+    assert torch.equal(drawn, G.labels(8, seed=0)) and not torch.equal(drawn, G.labels(8, seed=1))
+    assert set(G.labels(200, seed=0).tolist()) == set(range(10))
+    assert torch.equal(G.latents(8, seed=0), G.latents(8, seed=0))  # the classes leave the latents alone
+    # Per seed: seed s's class, like its latent, whatever the other seeds; and sample(1, seed=s)'s.
+    assert torch.equal(G.labels(seeds=[9, 5]), G.labels(seeds=range(10))[[9, 5]])
+    assert torch.equal(G.sample(seeds=[5]), G.sample(1, seed=5))
+    assert torch.equal(G.sample(seeds=[9, 5], labels=2), G.sample(seeds=range(10), labels=2)[[9, 5]])
+    fresh = G.sample(8)
+    assert torch.equal(G.sample(8, seed=G.last_seed), fresh)  # seed=None: one fresh seed for latents and classes
+    assert torch.equal(torch.get_rng_state(), before)  # no draw from torch's global generator
+    with torch.no_grad():
+        assert G(G.latents(2, seed=0), torch.tensor([3, 3])).shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (10, r"class 10 is not one of this generator's 10 classes: labels lie in 0\.\.9"),
+        (-1, r"class -1 is not one of"),
+        ([1, 2, 3], "labels gives 3 classes for 8 images"),
+        (2.0, r"labels must be class indices \(ints\), got 2.0"),
+        (True, r"labels must be class indices \(ints\), got True"),
+        ("3", r"labels must be class indices \(ints\), got '3'"),
+        (torch.zeros(8), "labels must be class indices, got a torch.float32 tensor"),
+    ],
+)
+def test_bad_labels_are_named_in_one_line(cond_run, labels, message):
+    G = load_generator(cond_run)
+    with pytest.raises(ValueError, match=message) as e:
+        G.sample(8, seed=0, labels=labels)
+    assert "\n" not in str(e.value)
