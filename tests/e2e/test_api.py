@@ -168,9 +168,9 @@ def test_truncation_keeps_latents_inside_psi_and_python_gives_the_pngs(tiny_run,
     assert walk.size == (factor * (2 + 4 * 30), factor * (2 + 3 * 30))
 
 
-def test_an_unconditional_generator_takes_no_labels(tiny_run):
-    """Labels for an unconditional model: a ValueError. A conditional model's classes:
-    tests/e2e/test_conditional_tools.py."""
+def test_an_unconditional_generator_takes_no_labels_and_no_class(tiny_run, tmp_path):
+    """Labels for an unconditional model: a ValueError from Python, one line and exit 2 from
+    dcgan.generate --class. A conditional model's classes: tests/e2e/test_conditional_tools.py."""
     G = load_generator(tiny_run)
     assert not G.conditional and G.num_classes == 0 and G.labels(4, seed=0) is None
     for call in (lambda: G.sample(4, seed=0, labels=1), lambda: G.labels(seeds=[1], labels=[1])):
@@ -178,6 +178,13 @@ def test_an_unconditional_generator_takes_no_labels(tiny_run):
             call()
     with pytest.raises(ValueError, match="takes no labels"):
         G(G.latents(1, seed=0), torch.tensor([0]))
+    result = run_module("dcgan.generate", "--checkpoint", str(tiny_run), "--class", "3", "--out", str(tmp_path / "no"))
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("python -m dcgan.generate: error: --class: ") and line.endswith(
+        "step_00000004.pt holds an unconditional model (model.conditional=false): it has no classes"
+    )
+    assert not (tmp_path / "no").exists()
 
 
 def test_bad_paths_and_weights_are_named(tiny_run, tmp_path):

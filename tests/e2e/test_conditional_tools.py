@@ -1,4 +1,5 @@
-"""A class-conditional checkpoint from Python: ``G.sample(labels=...)``, on a real tiny
+"""A class-conditional checkpoint from Python and the commands: ``G.sample(labels=...)``,
+``dcgan.generate --class``, and ``dcgan.eval``'s intra-class FID, on a real tiny
 conditional run (``model.conditional=true``, the digit shards' 10 classes). The nets
 themselves: tests/unit/test_conditional.py."""
 
@@ -7,9 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from test_api import generate, pngs
 
 from conftest import run_module, write_config
 from dcgan import load_generator
+from dcgan.base.images import save_grid, to_uint8_grid
+from dcgan.generate import parse_args
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +78,49 @@ def test_bad_labels_are_named_in_one_line(cond_run, labels, message):
     with pytest.raises(ValueError, match=message) as e:
         G.sample(8, seed=0, labels=labels)
     assert "\n" not in str(e.value)
+
+
+def test_generate_class_k_writes_g_sample_labels_k(cond_run, tmp_path):
+    generate(cond_run, tmp_path / "n", "-n", "5", "--seed", "2", "--class", "7")
+    generate(cond_run, tmp_path / "s", "--seeds", "3,1", "--class", "7", "--truncation", "0.7", "--batch-size", "1")
+    generate(cond_run, tmp_path / "r", "-n", "5", "--seed", "2")  # no --class: G.sample's random classes
+    G = load_generator(cond_run)
+    names = [f"{i:06d}.png" for i in range(5)]
+    assert np.array_equal(pngs(tmp_path / "n", names), G.sample(5, seed=2, labels=7)[:, 0].numpy())
+    assert np.array_equal(pngs(tmp_path / "r", names), G.sample(5, seed=2)[:, 0].numpy())
+    seeded = G.sample(seeds=[3, 1], labels=7, truncation=0.7)[:, 0].numpy()
+    assert np.array_equal(pngs(tmp_path / "s", ["seed0003.png", "seed0001.png"]), seeded)
+
+
+def test_class_all_makes_a_row_per_class_each_with_the_same_latents(cond_run, tmp_path):
+    generate(cond_run, tmp_path / "g", "--class", "all", "--grid", "-n", "3", "--seed", "1", "--interpolate", "4")
+    G = load_generator(cond_run)
+    z = G.latents(3, seed=1)
+    with torch.no_grad():  # row k: class k; column j: latent j in every row
+        rows = torch.cat([G(z, torch.full((3,), k)) for k in range(10)])
+    save_grid(to_uint8_grid(rows, nrow=3), tmp_path / "expected.png")
+    assert np.array_equal(pngs(tmp_path, ["g/grid.png"]), pngs(tmp_path, ["expected.png"]))
+    walks = Image.open(tmp_path / "g" / "interpolation.png")  # the 4 default walks in each of the 10 classes
+    factor = walks.size[0] // (2 + 4 * 30)
+    assert walks.size == (factor * (2 + 4 * 30), factor * (2 + 10 * 4 * 30))
+
+    generate(cond_run, tmp_path / "f", "--class", "all", "--seeds", "4,2")  # without --grid: a folder per class
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [f"class{k}" for k in range(10)]
+    assert sorted(p.name for p in (tmp_path / "f" / "class6").iterdir()) == ["seed0002.png", "seed0004.png"]
+    six = G.sample(seeds=[4, 2], labels=6)[:, 0].numpy()
+    assert np.array_equal(pngs(tmp_path / "f" / "class6", ["seed0004.png", "seed0002.png"]), six)
+
+
+def test_a_class_the_model_lacks_is_refused_in_one_line(cond_run, tmp_path, capsys):
+    """(An unconditional checkpoint's --class: tests/e2e/test_api.py.)"""
+    result = run_module("dcgan.generate", "--checkpoint", str(cond_run), "--class", "10", "--out", str(tmp_path / "no"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "python -m dcgan.generate: error: --class 10: the model has 10 classes, 0..9"
+    assert not (tmp_path / "no").exists()
+    for args, message in (
+        (["--class", "all", "--nrow", "4"], "--class all makes one grid row per class"),
+        (["--class", "two"], "argument --class: 'two' is not a class index (0, 1, ...) or all"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--checkpoint", str(cond_run), *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err
