@@ -4,6 +4,20 @@
   python -m dcgan.eval train-features --shards data/fashion-mnist   # -> data/fashion-mnist/features.pt
   # FID, KID, precision/recall of a checkpoint (alone or under torchrun, any world size)
   python -m dcgan.eval --checkpoint runs/fashion-mnist/checkpoints/best.pt [--features F | --inception W]
+  # a class-conditional checkpoint: also the intra-class FID, 1000 images of each class
+  python -m dcgan.eval --checkpoint runs/cond --per-class 1000
+
+A conditional checkpoint (``model.conditional``) is scored as any other over the mix of
+its classes (drawn uniformly from --seed), and also by its intra-class FID: for each class
+k, ``--per-class`` images of class k (default --num-samples // classes; the same --seed
+latents for every class) against the real images labelled k among the first --num-real of
+the shards (--shards, default the checkpoint's data.shards), read with their labels and
+their features extracted by the same extractor (a features file holds no labels; with
+--inception these are the real set already read). ``intra_fid`` is the mean of the
+classes' FIDs; ``intra_class`` in the JSON holds each class's FID, real and generated
+counts. A class with under 2 real images there is left out of the mean (FID None,
+``skipped``, and a warning): raise --num-real. With few images a class FID is biased
+upward: compare intra-class FIDs at the same counts only. ``--per-class 0``: none.
 
 The command only; the evaluator it runs (also every ``eval.every`` steps of training) is
 dcgan/quality/evaluator.py.
@@ -29,7 +43,14 @@ from dcgan.config.sections import DataConfig, EvalConfig
 from dcgan.data.shardset import first_image_size, resolve_shards
 from dcgan.data.stream import read_images
 from dcgan.models.networks import ModelConfig
-from dcgan.quality.evaluator import DEFAULT_FEATURES_NAME, Evaluator, choose_extractor, eval_mode_sampler, log
+from dcgan.quality.evaluator import (
+    DEFAULT_FEATURES_NAME,
+    Evaluator,
+    choose_extractor,
+    eval_mode_sampler,
+    log,
+    shard_classes,
+)
 from dcgan.quality.features import (
     FeaturesError,
     save_classifier,
@@ -44,7 +65,8 @@ from dcgan.run import distributed
 def score_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dcgan.eval",
-        description="FID, KID and precision/recall (k=3) of a checkpoint's generator. "
+        description="FID, KID and precision/recall (k=3) of a checkpoint's generator, and a class-conditional "
+        "one's intra-class FID (--per-class). "
         "`python -m dcgan.eval train-features --help` makes the offline features file.",
     )
     parser.add_argument("--checkpoint", required=True, help="a step_*.pt or best.pt, or a run folder (its newest)")
@@ -55,6 +77,11 @@ def score_main(argv: list[str]) -> int:
     parser.add_argument("--num-real", type=int, default=10000, help="real images (default 10000)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0, help="seed of the latents")
+    parser.add_argument(
+        "--per-class", type=int, metavar="N",
+        help="a conditional checkpoint's intra-class FID: N generated images of each class (default: --num-samples "
+        "// classes; 0: no intra-class FID)",
+    )  # fmt: skip
     parser.add_argument(
         "--weights", choices=(*WEIGHTS, *OLD_WEIGHTS), default="ema",
         help="ema: the EMA generator (default); raw: G itself ('g' is the deprecated spelling of raw)",
@@ -77,12 +104,16 @@ def score_main(argv: list[str]) -> int:
         "command line", "--",
     )  # fmt: skip
     choice = choose_extractor(ecfg, shards, model)
+    per_class = intra_class_count(args.per_class, ecfg.num_samples, model, shards, path)
     dist = distributed.setup(args.device)
     try:
         generator = generator.to(dist.device)
+        data = DataConfig(shards=shards)
         # FeaturesError: the same file on every rank, so every rank says so (main) and exits alike.
-        evaluator = Evaluator.build(choice, ecfg, DataConfig(shards=shards), model, dist)
-        scores = evaluator.evaluate(eval_mode_sampler(generator), model.nz)
+        evaluator = Evaluator.build(choice, ecfg, data, model, dist)
+        sample = eval_mode_sampler(generator)
+        scores = evaluator.evaluate(sample, model.nz, model.num_classes)  # a conditional G: over the class mix
+        intra = intra_class_scores(evaluator, sample, model, data, per_class) if per_class else None
         if dist.is_main:
             report = {
                 "checkpoint": str(path),
@@ -94,6 +125,8 @@ def score_main(argv: list[str]) -> int:
                 "world_size": dist.world_size,
                 **scores,
             }
+            if intra is not None:
+                report["intra_fid"], report["intra_class"] = intra.pop("intra_fid"), intra
             log.info("%s at step %d: %s", path, sd["step"], format_scores(scores))
             print(json.dumps(report, indent=1))
             if args.out:
@@ -102,6 +135,58 @@ def score_main(argv: list[str]) -> int:
         return EXIT_OK
     finally:
         distributed.teardown()
+
+
+def intra_class_count(per_class: int | None, num_samples: int, model: ModelConfig, shards: str, path: Path) -> int:
+    """Generated images a class for the intra-class FID (``--per-class``), 0 for none: an
+    unconditional model has none. ConfigError for a count under 2, or shards whose manifest
+    lists another number of classes than the model was trained on."""
+    if not model.conditional:
+        if per_class:
+            raise ConfigError(f"--per-class: {path} holds an unconditional model: it has no intra-class FID")
+        return 0
+    if per_class is not None and per_class < 0:
+        raise ConfigError(f"--per-class: {per_class} is not 0 (no intra-class FID) or a count >= 2")
+    count = num_samples // model.num_classes if per_class is None else per_class
+    if per_class != 0 and count < 2:
+        raise ConfigError(
+            f"--per-class: the intra-class FID needs 2 or more images a class, got {count} (--num-samples "
+            f"{num_samples} over {model.num_classes} classes); give --per-class N, or --per-class 0 for none"
+        )
+    listed = shard_classes(shards)
+    if count and listed is not None and listed[1] != model.num_classes:
+        raise ConfigError(
+            f"--shards: {listed[0]} lists {listed[1]} classes; the checkpoint's conditional model has "
+            f"{model.num_classes}: its intra-class FID needs the shards it was trained on"
+        )
+    return count
+
+
+def intra_class_scores(evaluator: Evaluator, sample, model: ModelConfig, data: DataConfig, per_class: int) -> dict:
+    """Collective: a conditional G's intra-class FID (``Evaluator.intra_class_fid``) against
+    the real images of each class among the first --num-real of the shards."""
+    real = evaluator.labelled_real(data, model)
+    labels = real[1]
+    if not (labels >= 0).any() or int(labels.max()) >= model.num_classes:  # the same on every rank
+        what = "carry no class labels" if not (labels >= 0).any() else f"carry class {int(labels.max())}"
+        raise ConfigError(
+            f"--shards: the first {len(labels)} images of {data.shards} {what}; the checkpoint's conditional "
+            f"model has {model.num_classes} classes (0..{model.num_classes - 1})"
+        )
+    intra = evaluator.intra_class_fid(sample, model.nz, model.num_classes, per_class, real)
+    intra["real_split"] = f"the first {len(labels)} images of {data.shards}, by their class labels"
+    if intra["skipped"]:
+        log.warning(
+            "intra-class FID: classes %s have under 2 real images among the first %d (FID needs 2): left out of "
+            "the mean; raise --num-real", intra["skipped"], len(labels),
+        )  # fmt: skip
+    if intra["intra_fid"] is not None:
+        low, high = min(c for c in intra["real"] if c >= 2), max(intra["real"])
+        log.info(
+            "intra-class FID %.3f: the mean over %d classes of %d generated images each against the class's "
+            "%d..%d real images", intra["intra_fid"], model.num_classes - len(intra["skipped"]), per_class, low, high,
+        )  # fmt: skip
+    return intra
 
 
 # --------------------------------------------------------------------------- CLI: train-features

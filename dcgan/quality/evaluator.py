@@ -13,6 +13,10 @@ chance, or that was made for other images or classes, is refused before anything
 images) carry ``degenerate: 1`` and never become the best. Every score record carries its
 ``protocol``: extractor, weights file and its sha256, resize, generated and real counts,
 and where the real images come from.
+
+A class-conditional G is scored over the mix of its classes (``evaluation_labels``); the
+intra-class FID (``intra_class_fid``, ``dcgan.eval``) scores each class's images against
+that class's real images (``labelled_real``), with the same split over ranks.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from dcgan.quality.features import (
     load_classifier,
     read_classifier_file,
 )
-from dcgan.quality.scores import PixelStats, degenerate_reason, describe_protocol, quality_scores
+from dcgan.quality.scores import PixelStats, degenerate_reason, describe_protocol, fid_score, quality_scores
 from dcgan.run import distributed
 from dcgan.run.distributed import DistInfo
 
@@ -128,6 +132,7 @@ class Evaluator:
     ):
         self.extractor = extractor.to(dist.device).eval()
         self.real_features = real_features  # (N, D) on the CPU; only rank 0 scores with it
+        self.real_labels: torch.Tensor | None = None  # their classes, on every rank, when read from the shards
         self.cfg, self.dist = ecfg, dist
         self.protocol = protocol  # what every score record says it was measured with (rank 0)
 
@@ -155,7 +160,9 @@ class Evaluator:
         extractor = InceptionFeatures(choice.path)
         evaluator = cls(extractor, torch.empty(0), ecfg, dist)
         t0 = time.perf_counter()
-        images, _ = read_images(resolve_shards(data), ecfg.num_real, model.channels, model.image_size)
+        images, evaluator.real_labels = read_images(
+            resolve_shards(data), ecfg.num_real, model.channels, model.image_size
+        )
         mine = slice_of(len(images), dist)
         feats = evaluator._features(images[mine.start : mine.stop])
         evaluator.real_features = evaluator._gather(feats)
@@ -194,21 +201,10 @@ class Evaluator:
         ``num_classes``: a conditional G's, called as ``sample(z, labels)`` with the classes
         drawn evenly at random (the same draw every evaluation), or all ``label``."""
         t0 = time.perf_counter()
-        n, bs = self.cfg.num_samples, self.cfg.batch_size
+        n = self.cfg.num_samples
         latents = sample_latent(n, nz, generator=torch.Generator().manual_seed(self.cfg.seed))
         labels = evaluation_labels(n, num_classes, self.cfg.seed, label)
-        mine = slice_of(n, self.dist)
-        feats, pixels = [], PixelStats()
-        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            for i in range(mine.start, mine.stop, bs):
-                z = latents[i : min(i + bs, mine.stop)].to(self.dist.device)
-                cond = () if labels is None else (labels[i : min(i + bs, mine.stop)].to(self.dist.device),)
-                images = to_uint8(sample(z, *cond))
-                pixels.add(images)
-                feats.append(self.extractor(images).float().cpu())
-        mine_feats = torch.cat(feats) if feats else torch.empty(0, self.extractor.num_features)
-        parts = distributed.gather_objects((mine_feats, pixels), self.dist)  # rank (= sample) order on rank 0
+        parts = distributed.gather_objects(self._generated(sample, latents, labels), self.dist)  # sample order
         result: tuple[dict | None, str | None] = (None, None)
         if self.dist.is_main:
             try:
@@ -225,6 +221,80 @@ class Evaluator:
         scores, error = distributed.broadcast_object(result, self.dist)
         if error is not None:
             raise RuntimeError(f"evaluation failed on rank 0: {error}")
+        return scores
+
+    def _generated(
+        self, sample: Callable[..., torch.Tensor], latents: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, PixelStats]:
+        """This rank's slice of the images of ``latents`` (and ``labels``, for a conditional
+        G): their features on the CPU and their pixel sums. The caller's RNG is left alone."""
+        n, bs = len(latents), self.cfg.batch_size
+        mine = slice_of(n, self.dist)
+        feats, pixels = [], PixelStats()
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for i in range(mine.start, mine.stop, bs):
+                z = latents[i : min(i + bs, mine.stop)].to(self.dist.device)
+                cond = () if labels is None else (labels[i : min(i + bs, mine.stop)].to(self.dist.device),)
+                images = to_uint8(sample(z, *cond))
+                pixels.add(images)
+                feats.append(self.extractor(images).float().cpu())
+        return (torch.cat(feats) if feats else torch.empty(0, self.extractor.num_features)), pixels
+
+    def labelled_real(self, data: DataConfig, model: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Collective: the features (rank 0; None elsewhere) and classes (every rank) of the
+        first eval.num_real real images of ``data``'s shards, for intra-class scores. With
+        Inception those are the real set already extracted; a classifier features file holds
+        no classes, so the images are read with their labels and their features extracted
+        here, split across the ranks."""
+        if self.real_labels is not None:
+            return self.real_features, self.real_labels
+        t0 = time.perf_counter()
+        images, labels = read_images(resolve_shards(data), self.cfg.num_real, model.channels, model.image_size)
+        mine = slice_of(len(images), self.dist)
+        features = self._gather(self._features(images[mine.start : mine.stop]))
+        log.info(
+            "intra-class real features: %d images of %s in %.1fs", len(images), data.shards, time.perf_counter() - t0
+        )
+        return features, labels
+
+    @torch.no_grad()
+    def intra_class_fid(
+        self,
+        sample: Callable[..., torch.Tensor],
+        nz: int,
+        num_classes: int,
+        per_class: int,
+        real: tuple[torch.Tensor | None, torch.Tensor],
+    ) -> dict:
+        """Collective: a conditional G's intra-class FID. For each class k, ``per_class``
+        images of class k (the same eval.seed latents for every class) are scored against
+        the real images of class k in ``real`` (``labelled_real``); ``intra_fid`` is the mean
+        of the classes' FIDs. A class with fewer than 2 real images is left out of the mean
+        (its FID None, listed in ``skipped``). Every rank gets the same dict."""
+        features, labels = real
+        counts = torch.bincount(labels[labels >= 0], minlength=num_classes)[:num_classes].tolist()
+        scored = [k for k in range(num_classes) if counts[k] >= 2]  # the same on every rank: labels are
+        latents = sample_latent(per_class, nz, generator=torch.Generator().manual_seed(self.cfg.seed))
+        mine = [self._generated(sample, latents, torch.full((per_class,), k))[0] for k in scored]
+        parts = distributed.gather_objects(mine, self.dist)  # [rank][class] -> features
+        result: tuple[dict | None, str | None] = (None, None)
+        if self.dist.is_main:
+            try:
+                fids: list[float | None] = [None] * num_classes
+                for j, k in enumerate(scored):
+                    fids[k] = fid_score(features[labels == k], torch.cat([p[j] for p in parts]))
+                mean = sum(fids[k] for k in scored) / len(scored) if scored else None
+                skipped = [k for k in range(num_classes) if k not in scored]
+                result = (
+                    {"intra_fid": mean, "fid": fids, "real": counts, "generated": per_class, "skipped": skipped},
+                    None,
+                )
+            except Exception as e:  # every rank must learn of it, or the others wait forever
+                result = (None, f"{type(e).__name__}: {e}")
+        scores, error = distributed.broadcast_object(result, self.dist)
+        if error is not None:
+            raise RuntimeError(f"intra-class FID failed on rank 0: {error}")
         return scores
 
     def due(self, step: int, last_step: int) -> bool:

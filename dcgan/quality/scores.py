@@ -78,6 +78,20 @@ def quality_scores(
     return {**scores, "precision": precision, "recall": recall}
 
 
+def fid_score(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID alone (``quality_scores``' torchmetrics FID): an intra-class FID's, on one class's
+    features. Needs at least 2 real and 2 generated samples (ValueError)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"FID needs at least 2 real and 2 generated samples, got {len(real)} and {len(fake)}")
+    real, fake = real.float().cpu(), fake.float().cpu()
+    fid = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    return float(fid.compute())
+
+
 # Degenerate samples, in grey levels of 0..255. A real image set spreads by tens of levels
 # per pixel across images (Fashion-MNIST: about 90) and within an image; 2 levels is what
 # rounding and a whisper of noise give a generator that makes one image.

@@ -5,6 +5,10 @@ themselves: tests/unit/test_conditional.py."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +17,13 @@ from test_api import generate, pngs
 
 from conftest import run_module, write_config
 from dcgan import load_generator
+from dcgan.base.checks import ConfigError
 from dcgan.base.images import save_grid, to_uint8_grid
+from dcgan.eval import intra_class_count
+from dcgan.eval import main as eval_main
 from dcgan.generate import parse_args
+from dcgan.models.networks import ModelConfig
+from dcgan.quality.features import Classifier, HeldOut, save_classifier
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +133,51 @@ def test_a_class_the_model_lacks_is_refused_in_one_line(cond_run, tmp_path, caps
         with pytest.raises(SystemExit) as e:
             parse_args(["--checkpoint", str(cond_run), *args])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def cond_features(tmp_path_factory, digit_shards):
+    """A features file for the digit shards' 10 classes: an untrained classifier, recorded as
+    accurate (its features are as good as any for checking what is scored against what)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("features") / "features.pt"
+    held_out = HeldOut(0.9, 0.1, 500)
+    save_classifier(path, Classifier(1, 28, 10).eval(), torch.randn(300, 128), held_out=held_out,
+                    shards=str(digit_shards), classes=10)  # fmt: skip
+    return path
+
+
+def test_eval_reports_intra_class_fid_alone_and_under_torchrun(cond_run, cond_features, tmp_path):
+    """Besides the scores over the class mix, each class's images against the real images
+    of that class among the first --num-real; classes with under 2 of them are left out of
+    the mean, and two ranks give what one does."""
+    args = ["--checkpoint", str(cond_run), "--features", str(cond_features), "--num-samples", "60"]
+    args += ["--num-real", "12", "--per-class", "6", "--batch-size", "4"]
+    one = run_module("dcgan.eval", *args, "--out", str(tmp_path / "one.json"), timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = run_module("dcgan.eval", *args, "--out", str(tmp_path / "two.json"), nproc=2, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    intra = a["intra_class"]
+    assert intra["generated"] == 6 and sum(intra["real"]) == 12 and len(intra["fid"]) == 10
+    assert intra["skipped"] == [k for k in range(10) if intra["real"][k] < 2] != list(range(10))
+    scored = [f for f in intra["fid"] if f is not None]
+    assert len(scored) == 10 - len(intra["skipped"]) and all(math.isfinite(f) for f in scored)
+    assert math.isfinite(a["fid"]) and a["intra_fid"] == pytest.approx(sum(scored) / len(scored))
+    assert "by their class labels" in intra["real_split"] and "intra-class FID" in one.stderr
+    assert "left out of the mean" in one.stderr
+    assert (b["world_size"], b["intra_class"]["skipped"]) == (2, intra["skipped"])
+    assert b["intra_fid"] == pytest.approx(a["intra_fid"], rel=1e-5)
+    assert [f for f in b["intra_class"]["fid"] if f is not None] == pytest.approx(scored, rel=1e-5)
+
+
+def test_intra_class_counts_that_cannot_work_are_one_line(cond_run, cond_features, capsys):
+    base = ["--checkpoint", str(cond_run), "--features", str(cond_features)]
+    assert eval_main([*base, "--per-class", "1"]) == 2
+    assert "--per-class: the intra-class FID needs 2 or more images a class, got 1" in capsys.readouterr().err
+    assert eval_main([*base, "--num-samples", "15"]) == 2  # 15 // 10 classes
+    assert "got 1 (--num-samples 15 over 10 classes)" in capsys.readouterr().err
+    model = ModelConfig(arch="kmnist", image_size=28, channels=1)
+    with pytest.raises(ConfigError, match="--per-class: x.pt holds an unconditional model"):
+        intra_class_count(5, 100, model, "shards", Path("x.pt"))
+    assert intra_class_count(None, 100, model, "shards", Path("x.pt")) == 0

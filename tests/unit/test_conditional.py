@@ -8,12 +8,15 @@ import torch
 
 from conftest import make_shards
 from dcgan.base.checks import ConfigError
+from dcgan.base.images import to_uint8
 from dcgan.config.loading import load_config
+from dcgan.config.sections import EvalConfig
 from dcgan.data.shardset import resolve_shards
 from dcgan.models.conditional import grid_labels
 from dcgan.models.networks import ARCH_IMAGE_SIZE, build_models
 from dcgan.preflight import settle_classes
-from dcgan.quality.evaluator import evaluation_labels
+from dcgan.quality.evaluator import Evaluator, evaluation_labels
+from dcgan.quality.scores import fid_score
 from dcgan.run.distributed import DistInfo
 from dcgan.training.setup import build_training
 from dcgan.training.step import StepSettings, gan_step
@@ -89,3 +92,32 @@ def test_the_grid_has_a_row_per_class_and_evaluations_draw_the_same_classes_each
     drawn = evaluation_labels(1000, 10, seed=0)
     assert torch.equal(drawn, evaluation_labels(1000, 10, seed=0)) and set(drawn.tolist()) == set(range(10))
     assert evaluation_labels(5, 10, 0, label=7).tolist() == [7] * 5 and evaluation_labels(5, 0, 0) is None
+
+
+class Pixels(torch.nn.Module):
+    """A stand-in extractor: a 4x4 image's 16 pixels are its features."""
+
+    num_features = 16
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().flatten(1)
+
+
+def test_intra_class_fid_scores_each_class_against_its_own_real_images():
+    """Class k's generated images against the real images labelled k only; a class with
+    under 2 real images is left out of the mean, the same split on every rank."""
+    evaluator = Evaluator(Pixels(), torch.empty(0), EvalConfig(num_samples=40, batch_size=7, seed=3), CPU)
+
+    def sample(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # class k: brighter with k
+        return torch.tanh(z.flatten(1) * 0.3 + labels[:, None] * 0.4 - 0.6).view(-1, 1, 4, 4)
+
+    gen = torch.Generator().manual_seed(0)
+    real_labels = torch.tensor([0] * 30 + [1] * 25 + [2] * 1 + [-1] * 4)  # class 2: one image; -1: unlabelled
+    real = torch.rand(len(real_labels), 16, generator=gen) * 60 + real_labels[:, None].clamp(min=0) * 50
+    intra = evaluator.intra_class_fid(sample, 16, 3, 12, (real, real_labels))
+    assert intra["real"] == [30, 25, 1] and intra["skipped"] == [2] and intra["generated"] == 12
+    z = torch.randn(12, 16, 1, 1, generator=torch.Generator().manual_seed(3))  # eval.seed's latents for each class
+    expected = [fid_score(real[real_labels == k], Pixels()(to_uint8(sample(z, torch.full((12,), k))))) for k in (0, 1)]
+    assert intra["fid"][:2] == pytest.approx(expected, rel=1e-5) and intra["fid"][2] is None
+    assert intra["intra_fid"] == pytest.approx(sum(expected) / 2, rel=1e-5)
+    assert expected[0] != pytest.approx(expected[1])
