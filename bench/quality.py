@@ -28,7 +28,8 @@ permutation), scored against the 10k test images with a classifier trained on th
 
 --losses is the losses study: the project alone on the config's shards, once per
 --variants (bce, hinge, lsgan, wgan, and bce and hinge with spectral norm on D; KIND+r1
-adds lazy R1), the same way; each run's img/s is its cost.
+adds lazy R1, KIND+cond makes G and D class-conditional), the same way; each run's img/s
+is its cost.
 """
 
 from __future__ import annotations
@@ -218,19 +219,20 @@ def small_data(n: int, root: Path) -> list[str]:
 
 
 def loss_variants(names: list[str] | None = None) -> dict[str, list[str]]:
-    """The losses study's runs by name: KIND[+sn][+r1], KIND one of loss.kind's (+sn: spectral
-    norm on D; +r1: lazy R1 with gamma 0.1). hinge and wgan have no target to smooth, so they
+    """The losses study's runs by name: KIND[+sn][+r1][+cond], KIND one of loss.kind's (+sn:
+    spectral norm on D; +r1: lazy R1 with gamma 0.1; +cond: class-conditional G and D). hinge and wgan have no target to smooth, so they
     run without the config's label smoothing. Raises KeyError on a bad name."""
     names = names or ["bce", "hinge", "lsgan", "wgan", "bce+sn", "hinge+sn"]
     variants: dict[str, list[str]] = {}
     for name in names:
         kind, *extras = name.split("+")
-        if kind not in KINDS or not set(extras) <= {"sn", "r1"} or len(set(extras)) != len(extras):
-            raise KeyError(f"unknown variant {name!r}: KIND[+sn][+r1], KIND one of {', '.join(KINDS)}")
+        if kind not in KINDS or not set(extras) <= {"sn", "r1", "cond"} or len(set(extras)) != len(extras):
+            raise KeyError(f"unknown variant {name!r}: KIND[+sn][+r1][+cond], KIND one of {', '.join(KINDS)}")
         variants[name] = [f"loss.kind={kind}"]
         variants[name] += ["optim.label_smoothing=0"] if kind in ("hinge", "wgan") else []
         variants[name] += ["model.spectral_norm=true"] if "sn" in extras else []
         variants[name] += ["loss.r1_gamma=0.1"] if "r1" in extras else []
+        variants[name] += ["model.conditional=true"] if "cond" in extras else []
     return variants
 
 

@@ -37,6 +37,7 @@ from dcgan.base.images import to_uint8
 from dcgan.config.sections import DataConfig, EvalConfig
 from dcgan.data.shardset import MANIFEST, resolve_shards
 from dcgan.data.stream import read_images
+from dcgan.models.conditional import random_labels
 from dcgan.models.networks import ModelConfig, sample_latent
 from dcgan.quality.features import (
     RESIZE_TF1,
@@ -337,12 +338,13 @@ def score_protocol(
 
 def evaluation_labels(n: int, num_classes: int, seed: int, label: int | None = None) -> torch.Tensor | None:
     """The classes of an evaluation's ``n`` images for a conditional G: all ``label``, or
-    drawn evenly at random from their own seeded generator; None for an unconditional G."""
+    drawn evenly at random as ``G.sample(n, seed=seed)`` draws them (``random_labels``);
+    None for an unconditional G."""
     if not num_classes:
         return None
     if label is not None:
         return torch.full((n,), label, dtype=torch.int64)
-    return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    return random_labels(n, num_classes, seed)
 
 
 def eval_mode_sampler(generator: nn.Module) -> Callable[..., torch.Tensor]:
