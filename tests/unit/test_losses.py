@@ -2,6 +2,8 @@
 on the CPU (dcgan/models/losses.py, dcgan/training/penalties.py). The penalty over two
 ranks against one process: tests/ddp_checks.py; exact resume: tests/e2e/test_losses_resume.py."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -172,3 +174,19 @@ def test_spectral_norm_cannot_change_on_resume(tmp_path):
     saved = tiny_config().to_dict()["model"]
     with pytest.raises(ConfigError, match="model.spectral_norm False -> True"):
         check_model_unchanged(saved, tiny_config("model.spectral_norm=true"), tmp_path / "step_00000010.pt")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_penalties_and_d_steps_train_under_mixed_precision(precision):
+    # The penalty's pass runs in float32 outside autocast; under fp16 the grad scaler scales it with D's loss.
+    cfg = tiny_config(f"train.precision={precision}", "loss.kind=wgan", "loss.r1_gamma=1", "optim.d_steps=2")
+    state, g_train, d_train = build_training(cfg, CPU)
+    names = stat_names(cfg)
+    updated = []
+    for _ in range(20):  # fp16's scaler starts at 2**16 and skips the steps that overflow, halving it each time
+        stats = dict(zip(names, gan_step(state, g_train, d_train, [images(4, 0), images(4, 1)],
+                                         StepSettings.of(cfg), r1_due=True).tolist()))  # fmt: skip
+        assert all(math.isfinite(stats[k]) for k in ("loss_d_real", "loss_d_fake", "loss_g", "loss_d_penalty"))
+        assert stats["loss_d_penalty"] > 0
+        updated.append(stats["skipped_d"] < 1 and stats["skipped_g"] == 0)
+    assert updated[-1] and (all(updated) if precision == "bf16" else not updated[0])
