@@ -257,7 +257,7 @@ def make_nets(m: ModelConfig) -> tuple[nn.Module, nn.Module]:
         )
     if m.num_classes < 1:
         raise ValueError("model.num_classes is 0: a conditional run sets it from the shards' classes at start")
-    generator = ConditionalGenerator(arch.generator(2 * m.nz, m.ngf, m.channels, m.image_size), m.num_classes, m.nz)
+    generator = ConditionalGenerator(arch.generator(m.nz, m.ngf, m.channels, m.image_size), m.num_classes, m.nz)
     discriminator = ProjectionDiscriminator(arch.discriminator(m.ndf, m.channels, m.image_size), m.num_classes)
     return generator, discriminator
 
