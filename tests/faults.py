@@ -91,11 +91,11 @@ def nan_input(kind: str, args: list[str], rank: int) -> None:
     (first_step,) = (int(a) for a in args)
     real_step, calls = train_step.gan_step, [0]
 
-    def nan_input_step(state, g_train, d_train, real, *a, **kw):
+    def nan_input_step(state, g_train, d_train, reals, *a, **kw):
         calls[0] += 1
-        if calls[0] >= first_step:
-            real = torch.full_like(real, float("nan"))
-        return real_step(state, g_train, d_train, real, *a, **kw)
+        if calls[0] >= first_step:  # a batch or a step's batches (optim.d_steps)
+            reals = [torch.full_like(r, float("nan")) for r in ([reals] if torch.is_tensor(reals) else reals)]
+        return real_step(state, g_train, d_train, reals, *a, **kw)
 
     train_step.gan_step = nan_input_step
 

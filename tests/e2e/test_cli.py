@@ -100,9 +100,9 @@ def test_help_lists_every_key_with_its_type_default_and_meaning():
         assert columns[2] == as_yaml(value), f"{key}: default {columns[2]!r}, expected {as_yaml(value)!r}"
         meaning = columns[3] if len(columns) > 3 else lines[rows[0] + 1].strip()
         assert meaning and not meaning.startswith("(no meaning"), key
-    sections = [line.split(".  ")[0] for line in lines if re.match(r"^[a-z.]+\.  \S", line)]
-    assert sections == ["data", "data.augment", "model", "optim", "optim.g", "optim.d", "train", "log", "wandb",
-                        "checkpoint", "eval"]  # fmt: skip
+    sections = [line.split(".  ")[0] for line in lines if re.match(r"^[a-z_.]+\.  \S", line)]
+    assert sections == ["data", "data.augment", "model", "optim", "optim.g", "optim.d", "loss", "d_augment", "train",
+                        "log", "wandb", "checkpoint", "eval"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- --print-config
