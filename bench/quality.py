@@ -236,11 +236,19 @@ def loss_variants(names: list[str] | None = None) -> dict[str, list[str]]:
     return variants
 
 
-def augment_study(args, overrides: list[str], out_dir: Path) -> int:
+def chosen_variants(table, args) -> dict[str, list[str]] | None:
+    """--variants looked up in ``table`` (augment_variants or loss_variants); None, said in
+    one line, when a name is unknown."""
     try:
-        variants = augment_variants(None if args.variants == "all" else args.variants.split(","))
+        return table(None if args.variants == "all" else args.variants.split(","))
     except KeyError as e:
         print(f"bench.quality: {e.args[0]}", file=sys.stderr)
+        return None
+
+
+def augment_study(args, overrides: list[str], out_dir: Path) -> int:
+    variants = chosen_variants(augment_variants, args)
+    if variants is None:
         return 2
     data = small_data(args.small_data, out_dir / "data") if args.small_data else []
     what = f"{args.small_data} Fashion-MNIST training images" if args.small_data else "the config's shards"
@@ -248,10 +256,8 @@ def augment_study(args, overrides: list[str], out_dir: Path) -> int:
 
 
 def losses_study(args, overrides: list[str], out_dir: Path) -> int:
-    try:
-        variants = loss_variants(None if args.variants == "all" else args.variants.split(","))
-    except KeyError as e:
-        print(f"bench.quality: {e.args[0]}", file=sys.stderr)
+    variants = chosen_variants(loss_variants, args)
+    if variants is None:
         return 2
     cfg = load_config(args.config, overrides)
     features = Path(cfg.eval.features or Path(cfg.data.shards) / DEFAULT_FEATURES_NAME)
