@@ -206,23 +206,18 @@ class Evaluator:
         latents = sample_latent(n, nz, generator=torch.Generator().manual_seed(self.cfg.seed))
         labels = evaluation_labels(n, num_classes, self.cfg.seed, label)
         parts = distributed.gather_objects(self._generated(sample, latents, labels), self.dist)  # sample order
-        result: tuple[dict | None, str | None] = (None, None)
-        if self.dist.is_main:
-            try:
-                fake = torch.cat([f for f, _ in parts])
-                scores = quality_scores(self.real_features, fake, seed=self.cfg.seed)
-                why = degenerate_reason(PixelStats.merge([p for _, p in parts]), self.real_features, fake)
-                scores["degenerate"], scores["degenerate_reason"] = int(why is not None), why
-                scores["eval_seconds"] = time.perf_counter() - t0
-                if self.protocol is not None:
-                    scores["protocol"] = self.protocol
-                result = (scores, None)
-            except Exception as e:  # every rank must learn of it, or the others wait forever
-                result = (None, f"{type(e).__name__}: {e}")
-        scores, error = distributed.broadcast_object(result, self.dist)
-        if error is not None:
-            raise RuntimeError(f"evaluation failed on rank 0: {error}")
-        return scores
+
+        def score() -> dict:
+            fake = torch.cat([f for f, _ in parts])
+            scores = quality_scores(self.real_features, fake, seed=self.cfg.seed)
+            why = degenerate_reason(PixelStats.merge([p for _, p in parts]), self.real_features, fake)
+            scores["degenerate"], scores["degenerate_reason"] = int(why is not None), why
+            scores["eval_seconds"] = time.perf_counter() - t0
+            if self.protocol is not None:
+                scores["protocol"] = self.protocol
+            return scores
+
+        return on_rank_0(score, "evaluation", self.dist)
 
     def _generated(
         self, sample: Callable[..., torch.Tensor], latents: torch.Tensor, labels: torch.Tensor | None
@@ -279,24 +274,16 @@ class Evaluator:
         latents = sample_latent(per_class, nz, generator=torch.Generator().manual_seed(self.cfg.seed))
         mine = [self._generated(sample, latents, torch.full((per_class,), k))[0] for k in scored]
         parts = distributed.gather_objects(mine, self.dist)  # [rank][class] -> features
-        result: tuple[dict | None, str | None] = (None, None)
-        if self.dist.is_main:
-            try:
-                fids: list[float | None] = [None] * num_classes
-                for j, k in enumerate(scored):
-                    fids[k] = fid_score(features[labels == k], torch.cat([p[j] for p in parts]))
-                mean = sum(fids[k] for k in scored) / len(scored) if scored else None
-                skipped = [k for k in range(num_classes) if k not in scored]
-                result = (
-                    {"intra_fid": mean, "fid": fids, "real": counts, "generated": per_class, "skipped": skipped},
-                    None,
-                )
-            except Exception as e:  # every rank must learn of it, or the others wait forever
-                result = (None, f"{type(e).__name__}: {e}")
-        scores, error = distributed.broadcast_object(result, self.dist)
-        if error is not None:
-            raise RuntimeError(f"intra-class FID failed on rank 0: {error}")
-        return scores
+
+        def score() -> dict:
+            fids: list[float | None] = [None] * num_classes
+            for j, k in enumerate(scored):
+                fids[k] = fid_score(features[labels == k], torch.cat([p[j] for p in parts]))
+            mean = sum(fids[k] for k in scored) / len(scored) if scored else None
+            skipped = [k for k in range(num_classes) if k not in scored]
+            return {"intra_fid": mean, "fid": fids, "real": counts, "generated": per_class, "skipped": skipped}
+
+        return on_rank_0(score, "intra-class FID", self.dist)
 
     def due(self, step: int, last_step: int) -> bool:
         """An evaluation every eval.every steps while training, and one at the last step."""
@@ -334,6 +321,21 @@ def score_protocol(
     }
     log.info("eval protocol: %s", describe_protocol(protocol))
     return protocol
+
+
+def on_rank_0(compute: Callable[[], dict], what: str, dist: DistInfo) -> dict:
+    """Collective: ``compute()`` on rank 0 and its result on every rank; its error, too, is
+    raised on every rank (else the others would wait forever for a result)."""
+    result: tuple[dict | None, str | None] = (None, None)
+    if dist.is_main:
+        try:
+            result = (compute(), None)
+        except Exception as e:
+            result = (None, f"{type(e).__name__}: {e}")
+    scores, error = distributed.broadcast_object(result, dist)
+    if error is not None:
+        raise RuntimeError(f"{what} failed on rank 0: {error}")
+    return scores
 
 
 def evaluation_labels(n: int, num_classes: int, seed: int, label: int | None = None) -> torch.Tensor | None:
