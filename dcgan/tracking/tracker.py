@@ -157,7 +157,9 @@ class Tracker:
             if labels is None:
                 self.sample_grid(step, sample(noise))
             else:
-                self.sample_grid(step, sample(noise, labels), nrow=int((labels == labels[0]).sum()))
+                self.sample_grid(
+                    step, sample(noise, labels), nrow=len(labels) // self.cfg.model.num_classes
+                )  # a row a class
 
     def scores(self, step: int, scores: dict[str, float], state: TrainState, improved: bool) -> None:
         """An evaluation's line and metrics (state: after the evaluator updated the best FID)."""
