@@ -4,15 +4,12 @@ uninterrupted run (one process, and two ranks under torchrun), ADA's p included;
 metrics line carries p and the statistic. The transforms and ADA's rule: tests/unit/test_d_augment.py."""
 
 import json
-import os
-import signal
 
 import pytest
 import torch
-from test_resume import assert_bitwise_equal, final_state, last_logged_step, resumed_at, wait_until, worker_pids
+from test_resume import assert_bitwise_equal, final_state, stop_and_resume
 
-from conftest import run_module, start_python, write_config
-from dcgan.base.exits import EXIT_PREEMPTED
+from conftest import run_module, write_config
 
 STEPS, EVERY = 48, 20
 AUGMENTED = {
@@ -56,16 +53,7 @@ def test_stopped_mid_interval_and_resumed_is_bitwise_exact(reference, tmp_path):
     nproc, config, expected = reference
     name = "stopped"
     run_dir = config.parent / "runs" / name
-    log = tmp_path / "stopped.log"
-    proc = start_python("-m", "dcgan.train", "--config", str(config), f"train.name={name}", nproc=nproc, log=log)
-    wait_until(lambda: last_logged_step(run_dir) >= 8, proc, "step 8")
-    os.kill(worker_pids(proc.pid)[1] if nproc else proc.pid, signal.SIGTERM)  # rank 1: it must tell rank 0
-    proc.wait(timeout=120)
-    text = log.read_text()
-    assert (proc.returncode == EXIT_PREEMPTED) if not nproc else text.count(f"exitcode  : {EXIT_PREEMPTED} ") == 2, text
-    again = run_module("dcgan.train", "--config", str(config), f"train.name={name}", nproc=nproc)
-    assert again.returncode == 0, again.stderr
-    stop = resumed_at(again.stderr)
+    stop = stop_and_resume(config, nproc, name, 8, tmp_path / "stopped.log")
     assert 8 <= stop < STEPS and stop % EVERY != 0
     assert_bitwise_equal(expected, final_state(run_dir, STEPS))
     # The metrics lines too: p as applied and r_t at every step, across the stop.

@@ -100,6 +100,22 @@ def resumed_at(log_text: str) -> int:
     return int(re.search(r"resumed from \S+ at step (\d+)", log_text).group(1))
 
 
+def stop_and_resume(config: Path, nproc: int, name: str, after_step: int, log: Path) -> int:
+    """Run ``config`` as ``name``, SIGTERM it once it has logged ``after_step`` (rank 1 under
+    torchrun: it must tell rank 0), check it stopped preempted, run it again to the end;
+    returns the step it resumed from."""
+    run_dir = config.parent / "runs" / name
+    proc = start_python("-m", "dcgan.train", "--config", str(config), f"train.name={name}", nproc=nproc, log=log)
+    wait_until(lambda: last_logged_step(run_dir) >= after_step, proc, f"step {after_step}")
+    os.kill(worker_pids(proc.pid)[1] if nproc else proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    text = log.read_text()
+    assert (proc.returncode == EXIT_PREEMPTED) if not nproc else text.count(f"exitcode  : {EXIT_PREEMPTED} ") == 2, text
+    again = run_module("dcgan.train", "--config", str(config), f"train.name={name}", nproc=nproc)
+    assert again.returncode == 0, again.stderr
+    return resumed_at(again.stderr)
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
